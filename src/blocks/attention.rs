@@ -1,0 +1,222 @@
+//! Softmax attention, Llama style (Vaswani et al. 2017; Touvron et al. 2023): bias-free q/k/v/o
+//! projections, GQA (Ainslie et al. 2023), optional per-head QK-norm before RoPE (Dehghani et al.
+//! 2023), RoPE in the half-split layout, causal softmax in f32.
+//! Reference: fla `fla/layers/attn.py`, `fla/ops/attn/naive.py`; `../shared/reference/mixers.md` §1.
+//!
+//! Forms: [`Attention::forward`] is the parallel training form (core op [`crate::ops::attn::attn`]);
+//! [`Attention::step`] is the token-by-token decode form with a KV cache, the reference the
+//! tests compare against.
+//!
+//! Parameters (weights stored `[in, out]`): wq d×(H·D), wk d×(Hkv·D), wv d×(Hkv·D), wo (H·D)×d,
+//! plus q_norm, k_norm `[D]` when `qk_norm`. Forward FLOPs per token: 2·(params) for the
+//! projections + 4·T·H·D for scores and value mixing over a full (non-causal-halved) context,
+//! the PaLM convention (Chowdhery et al. 2022, App. B).
+
+use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
+use crate::model::params::ParamBuilder;
+use crate::ops::{attn::attn, norm::rms_norm, rope::Rope};
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub const ENTRY: BlockEntry = BlockEntry {
+    name: "attention",
+    about: "causal softmax attention (RoPE half-split, GQA, optional QK-norm)",
+    defaults: super::defaults_of::<AttentionConfig>,
+    normalize: super::normalize_with::<AttentionConfig>,
+    build: |v, dims, pb| Ok(Box::new(Attention::new(&super::parse(v)?, dims, pb)?)),
+};
+
+/// Options of `blocks.attention` (every option has a default).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttentionConfig {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA); null = num_heads (multi-head attention).
+    pub num_kv_heads: Option<usize>,
+    /// Head dimension; null = d_model / num_heads.
+    pub head_dim: Option<usize>,
+    /// Per-head RMSNorm on q and k (learned gain [head_dim]) before RoPE.
+    pub qk_norm: bool,
+    /// RoPE base θ (Llama-3 uses 500000).
+    pub rope_theta: f64,
+    /// Epsilon of the QK-norm.
+    pub norm_eps: f64,
+}
+
+impl Default for AttentionConfig {
+    fn default() -> Self {
+        Self { num_heads: 4, num_kv_heads: None, head_dim: None, qk_norm: false, rope_theta: 10000.0, norm_eps: 1e-6 }
+    }
+}
+
+impl AttentionConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_kv_heads.unwrap_or(self.num_heads)
+    }
+    pub fn head_dim(&self, d_model: usize) -> usize {
+        self.head_dim.unwrap_or(d_model / self.num_heads.max(1))
+    }
+}
+
+impl BlockConfig for AttentionConfig {
+    fn check(&self, d_model: usize) -> std::result::Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((k.to_string(), m));
+        if self.num_heads == 0 {
+            return err("num_heads", "must be at least 1".into());
+        }
+        if self.head_dim.is_none() && d_model % self.num_heads != 0 {
+            return err("num_heads", format!("d_model {d_model} is not divisible by num_heads {}", self.num_heads));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_heads % kv != 0 {
+            return err("num_kv_heads", format!("must divide num_heads {}; got {kv}", self.num_heads));
+        }
+        let hd = self.head_dim(d_model);
+        if hd == 0 || hd % 2 != 0 {
+            return err("head_dim", format!("must be even (RoPE rotates pairs); got {hd}"));
+        }
+        if !(self.rope_theta > 0.0) || !(self.norm_eps > 0.0) {
+            return err("rope_theta", "rope_theta and norm_eps must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+pub struct Attention {
+    cfg: AttentionConfig,
+    d_model: usize,
+    head_dim: usize,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    rope: Rope,
+}
+
+/// Keys and values seen so far, `[B, t, Hkv, D]` each (rotated keys).
+#[derive(Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl Attention {
+    pub fn new(cfg: &AttentionConfig, dims: &BlockDims, pb: &mut ParamBuilder) -> Result<Self> {
+        let d = dims.d_model;
+        let hd = cfg.head_dim(d);
+        let (h, hkv) = (cfg.num_heads, cfg.kv_heads());
+        let wq = pb.normal("wq", &[d, h * hd], dims.init_std)?;
+        let wk = pb.normal("wk", &[d, hkv * hd], dims.init_std)?;
+        let wv = pb.normal("wv", &[d, hkv * hd], dims.init_std)?;
+        let wo = pb.normal("wo", &[h * hd, d], dims.out_std)?;
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (Some(pb.constant("q_norm", &[hd], 1.0)?), Some(pb.constant("k_norm", &[hd], 1.0)?))
+        } else {
+            (None, None)
+        };
+        let rope = Rope::new(dims.max_seq_len, hd, cfg.rope_theta, pb.dtype, &pb.device)?;
+        Ok(Self { cfg: cfg.clone(), d_model: d, head_dim: hd, wq, wk, wv, wo, q_norm, k_norm, rope })
+    }
+
+    /// Projections + QK-norm for x `[B, T, d]` → (q `[B,T,H,D]`, k, v `[B,T,Hkv,D]`), before RoPE.
+    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, d) = x.dims3()?;
+        let x2 = x.reshape((b * t, d))?;
+        let (h, hkv, hd) = (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim);
+        let mut q = x2.matmul(&self.wq)?.reshape((b, t, h, hd))?;
+        let mut k = x2.matmul(&self.wk)?.reshape((b, t, hkv, hd))?;
+        let v = x2.matmul(&self.wv)?.reshape((b, t, hkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = rms_norm(&q, qn, self.cfg.norm_eps)?;
+            k = rms_norm(&k, kn, self.cfg.norm_eps)?;
+        }
+        Ok((q, k, v))
+    }
+
+    fn out(&self, o: &Tensor) -> Result<Tensor> {
+        let (b, t, h, hd) = o.dims4()?;
+        o.reshape((b * t, h * hd))?.matmul(&self.wo)?.reshape((b, t, self.d_model))
+    }
+
+    /// Decode form: one token x_t `[B, d]` at position `cache length`, appending to `cache`.
+    pub fn step(&self, x_t: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let pos = cache.k.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
+        let (q, k, v) = self.qkv(&x_t.unsqueeze(1)?)?;
+        let rope_at = |x: &Tensor| -> Result<Tensor> {
+            // Rotate with the table row of position `pos`.
+            let r = Rope { cos: self.rope.cos.narrow(0, pos, 1)?, sin: self.rope.sin.narrow(0, pos, 1)? };
+            r.apply(x)
+        };
+        let (q, k) = (rope_at(&q)?, rope_at(&k)?);
+        let k_all = match &cache.k { Some(c) => Tensor::cat(&[c, &k], 1)?, None => k };
+        let v_all = match &cache.v { Some(c) => Tensor::cat(&[c, &v], 1)?, None => v };
+        // Attention of the newest query over every cached position (all are in its past).
+        let (b, _t, hkv, hd) = k_all.dims4()?;
+        let g = self.cfg.num_heads / hkv;
+        let qh = q.reshape((b, hkv, g, hd))?; // [B, Hkv, g, D]
+        let kh = k_all.permute((0, 2, 3, 1))?.contiguous()?; // [B, Hkv, D, t]
+        let s = (qh.matmul(&kh)? / (hd as f64).sqrt())?; // [B, Hkv, g, t]
+        let p = crate::ops::softmax::softmax_last_dim(&s)?;
+        let vh = v_all.transpose(1, 2)?.contiguous()?; // [B, Hkv, t, D]
+        let o = p.matmul(&vh)?.reshape((b, 1, self.cfg.num_heads, hd))?;
+        cache.k = Some(k_all);
+        cache.v = Some(v_all);
+        self.out(&o)?.squeeze(1)
+    }
+}
+
+impl Mixer for Attention {
+    fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x)?;
+        let (q, k) = (self.rope.apply(&q)?, self.rope.apply(&k)?);
+        self.out(&attn(&q, &k, &v)?)
+    }
+
+    fn flops_per_token(&self, seq_len: usize) -> f64 {
+        let (d, h, hkv, hd) = (self.d_model, self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim);
+        let proj = d * h * hd * 2 + d * hkv * hd * 2;
+        2.0 * proj as f64 + 4.0 * (seq_len * h * hd) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::ParamStore;
+    use crate::testing::{assert_close, check_block_grads, rand_tensor};
+    use candle_core::{DType, Device};
+
+    fn build(cfg: &AttentionConfig, d: usize, t: usize, store: &mut ParamStore) -> Attention {
+        let dims = BlockDims { d_model: d, max_seq_len: t, n_layers: 2, layer_idx: 0, init_std: 0.3, out_std: 0.3 };
+        let mut pb = ParamBuilder::new(store, 7, DType::F64, &Device::Cpu);
+        Attention::new(cfg, &dims, &mut pb).unwrap()
+    }
+
+    /// Parallel form == token-by-token decode with a KV cache, in f64, for GQA + QK-norm.
+    #[test]
+    fn parallel_matches_step_b2_t13_h4_kv2() {
+        for qk_norm in [false, true] {
+            let cfg = AttentionConfig { num_heads: 4, num_kv_heads: Some(2), head_dim: Some(6), qk_norm, ..Default::default() };
+            let mut store = ParamStore::default();
+            let a = build(&cfg, 12, 13, &mut store);
+            let x = rand_tensor(&[2, 13, 12], 1.0, 3);
+            let par = a.forward(&x, &mut ForwardCtx::default()).unwrap();
+            let mut cache = KvCache::default();
+            let steps: Vec<Tensor> = (0..13).map(|i| a.step(&x.narrow(1, i, 1).unwrap().squeeze(1).unwrap(), &mut cache).unwrap()).collect();
+            let seq = Tensor::stack(&steps, 1).unwrap();
+            assert_close("attention parallel vs step", &par, &seq, 1e-12);
+        }
+    }
+
+    /// Finite-difference check of the whole layer w.r.t. its input and every parameter.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let cfg = AttentionConfig { num_heads: 2, num_kv_heads: Some(1), qk_norm: true, ..Default::default() };
+        let mut store = ParamStore::default();
+        let a = build(&cfg, 8, 5, &mut store);
+        check_block_grads(&a, &store, &[2, 5, 8]);
+    }
+}

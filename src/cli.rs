@@ -1,0 +1,186 @@
+//! Command-line interface (clap). Library types stay clap-free; this file maps arguments to
+//! library calls and results to output.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mixscale::blocks;
+use mixscale::config::{RunSpec, YamlDoc};
+use mixscale::train::{self, bench, record::Status, Outcome, TrainOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "mixscale", version, about = "LLM token-mixer architectures and scaling laws on candle")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train one model described by an architecture YAML.
+    Train {
+        config: PathBuf,
+        /// Override a config value by dotted key path, e.g. --set model.d_model=256 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run folder (default runs/<config file stem>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from the run folder's last checkpoint (bit-exact).
+        #[arg(long)]
+        resume: bool,
+        /// Delete an existing run folder first.
+        #[arg(long)]
+        overwrite: bool,
+        /// Stop after this many steps with a checkpoint, as if interrupted (resume later).
+        #[arg(long)]
+        stop_at_step: Option<usize>,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List every token-mixer block with its options and defaults.
+    Blocks,
+    /// Check an architecture YAML (with overrides) without running anything.
+    Check {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Run a core op on named tensors (see ../shared/reference/ops.md for names and layouts).
+    Op {
+        /// Op name (`mixscale op --list` to list).
+        name: Option<String>,
+        #[arg(long)]
+        inputs: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        list: bool,
+    },
+    /// Training throughput of an architecture (and PyTorch eager, when bench/.venv has torch).
+    Bench {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Threads for both implementations (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value = "bench/.venv/bin/python")]
+        torch_python: PathBuf,
+    },
+}
+
+/// Loads an architecture file with overrides, checks it and resolves block options.
+pub fn load_run(path: &Path, sets: &[String]) -> mixscale::Result<RunSpec> {
+    let mut doc = YamlDoc::load(path)?;
+    for s in sets {
+        doc.apply_override(s)?;
+    }
+    let mut spec = RunSpec::from_doc(&doc)?;
+    blocks::resolve_blocks(&doc, &mut spec.model)?;
+    Ok(spec)
+}
+
+pub fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Train { config, sets, out, resume, overwrite, stop_at_step, quiet } => {
+            let spec = load_run(&config, &sets)?;
+            let stem = config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+            let out = out.unwrap_or_else(|| Path::new("runs").join(stem));
+            let opts = TrainOptions {
+                out: out.clone(),
+                resume,
+                overwrite,
+                stop_at_step,
+                progress: !quiet,
+                device: candle_core::Device::Cpu,
+                dtype: candle_core::DType::F32,
+                config_file: config.display().to_string(),
+            };
+            match train::train(&spec, &opts)? {
+                Outcome::Stopped { step } => {
+                    println!("stopped at step {step}; continue with --resume --out {}", out.display());
+                    Ok(0)
+                }
+                Outcome::Finished(s) => {
+                    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+                    println!("run folder: {}", out.display());
+                    println!("status: {:?}{}", s.status, s.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
+                    println!("steps: {}/{}  tokens: {}  wall: {:.1}s", s.steps, s.steps_planned, s.tokens, s.wall_time_s);
+                    println!(
+                        "params: {} total, {} non-embedding  FLOPs/token: {:.4e}  compute C: {:.4e}",
+                        s.accounting.params_total, s.accounting.params_non_embedding, s.accounting.flops_per_token, s.compute
+                    );
+                    println!(
+                        "train loss: {}  val loss: {} nats ({} bits/token)  entropy floor: {} nats ({} bits/token)",
+                        f(s.train_loss),
+                        f(s.val_loss),
+                        f(s.val_bits_per_token),
+                        f(s.entropy_floor),
+                        f(s.entropy_floor_bits)
+                    );
+                    Ok(if s.status == Status::Diverged { 3 } else { 0 })
+                }
+            }
+        }
+        Cmd::Check { config, sets } => {
+            let spec = load_run(&config, &sets)?;
+            print!("{}", serde_yaml_ng::to_string(&spec)?);
+            Ok(0)
+        }
+        Cmd::Blocks => {
+            for b in blocks::REGISTRY {
+                println!("{}: {}", b.name, b.about);
+                for line in serde_yaml_ng::to_string(&(b.defaults)())?.lines() {
+                    println!("    {line}");
+                }
+            }
+            println!("ffn kinds: swiglu, relu2 (model.ffn.kind)");
+            Ok(0)
+        }
+        Cmd::Op { name, inputs, out, list } => {
+            if list || name.is_none() {
+                for o in mixscale::ops::OPS {
+                    println!("{}: {} (inputs: {}; optional: {})", o.name, o.about, o.inputs.join(", "), o.optional.join(", "));
+                }
+                return Ok(0);
+            }
+            let (Some(i), Some(o)) = (inputs, out) else {
+                anyhow::bail!(mixscale::Error::Input("op needs --inputs IN.safetensors and --out OUT.safetensors".into()));
+            };
+            mixscale::ops::run_op_files(name.as_deref().unwrap_or_default(), &i, &o)?;
+            println!("wrote {}", o.display());
+            Ok(0)
+        }
+        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python } => {
+            let spec = load_run(&config, &sets)?;
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            // candle's CPU kernels read the same variable as rayon; set before the first op.
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python };
+            let r = bench::bench(&spec, &opts).context("benchmark")?;
+            r.check()?;
+            println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps", config.display());
+            println!("{:<10} {:>12} {:>10} {:>14}", "impl", "tokens/s", "step ms", "model GFLOP/s");
+            println!("{:<10} {:>12.0} {:>10.1} {:>14.2}", "mixscale", r.tokens_per_s, r.step_ms, r.model_flops_per_s / 1e9);
+            match r.torch_tokens_per_s {
+                Some(t) => {
+                    println!("{:<10} {:>12.0}", "pytorch", t);
+                    println!("ratio mixscale/pytorch: {:.2}x ({})", r.tokens_per_s / t, r.torch_note);
+                }
+                None => println!("pytorch: skipped ({})", r.torch_note),
+            }
+            Ok(0)
+        }
+    }
+}

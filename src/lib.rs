@@ -1,0 +1,18 @@
+//! mixscale: a research harness for LLM token-mixer architectures and scaling laws, on candle.
+//!
+//! Data flow, one folder per stage:
+//! `config` (YAML → specs) → `blocks` (token mixers, registry) → `model` (language model,
+//! parameters, accounting) → `train` (loop, optimizer, schedule, checkpoints, records).
+//! `data` provides token streams; `ops` the core ops with exact autograd.
+
+pub mod blocks;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod ops;
+pub mod train;
+
+pub mod testing;
+
+pub use error::{Error, Result};

@@ -1,0 +1,15 @@
+//! The `mixscale` command line. Exit codes: 0 success; 1 runtime error; 2 bad input (config,
+//! CLI values, files); 3 the training run diverged (recorded in summary.json).
+
+mod cli;
+
+fn main() {
+    let code = match cli::run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            e.downcast_ref::<mixscale::Error>().map(|m| m.exit_code()).unwrap_or(1)
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,109 @@
+//! Core token-mixing ops with exact autograd, and the `mixscale op` runner that applies one to
+//! named tensors from a safetensors file (for cross-checking against other implementations).
+//! Semantics and layouts: `../shared/reference/ops.md`.
+
+pub mod attn;
+pub mod norm;
+pub mod rope;
+pub mod softmax;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One op the CLI can run: required and optional float inputs, and the forward function
+/// (returns named outputs; the first is the one `dO` refers to).
+pub struct OpEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub inputs: &'static [&'static str],
+    pub optional: &'static [&'static str],
+    pub forward: fn(&HashMap<String, Tensor>) -> candle_core::Result<Vec<(String, Tensor)>>,
+}
+
+/// Every op `mixscale op` knows. New ops add one line here.
+pub static OPS: &[OpEntry] = &[OpEntry {
+    name: "attn",
+    about: "causal softmax attention with GQA; q [B,T,Hq,D], k, v [B,T,Hkv,D] -> o",
+    inputs: &["q", "k", "v"],
+    optional: &[],
+    forward: |t| {
+        attn::check_shapes(&t["q"], &t["k"], &t["v"])?;
+        Ok(vec![("o".into(), attn::attn(&t["q"], &t["k"], &t["v"])?)])
+    },
+}];
+
+pub fn find_op(name: &str) -> Result<&'static OpEntry> {
+    OPS.iter().find(|o| o.name == name).ok_or_else(|| Error::UnknownName {
+        kind: "op",
+        name: name.to_string(),
+        known: OPS.iter().map(|o| o.name.to_string()).collect(),
+    })
+}
+
+/// Runs op `name` on the tensors in `inputs` and writes `out`: the outputs, plus `grad_<x>` for
+/// every float input when the inputs hold `dO` (gradient of `sum(o · dO)`). Computes in f32.
+pub fn run_op_files(name: &str, inputs: &Path, out: &Path) -> Result<()> {
+    let op = find_op(name)?;
+    let dev = Device::Cpu;
+    let raw = candle_core::safetensors::load(inputs, &dev)
+        .map_err(|e| Error::Input(format!("{}: cannot read safetensors: {e}", inputs.display())))?;
+    let outputs = run_op(op, raw)?;
+    let tmp = out.with_extension("tmp.safetensors");
+    candle_core::safetensors::save(&outputs, &tmp)?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(())
+}
+
+/// In-memory form of [`run_op_files`].
+pub fn run_op(op: &OpEntry, raw: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    for need in op.inputs {
+        if !raw.contains_key(*need) {
+            return Err(Error::Input(format!(
+                "op {}: missing input `{need}` (needs {}; optional {})",
+                op.name,
+                op.inputs.join(", "),
+                if op.optional.is_empty() { "none".to_string() } else { op.optional.join(", ") }
+            )));
+        }
+    }
+    let d_out = raw.get("dO").map(|t| t.to_dtype(DType::F32)).transpose()?;
+    let mut vars: Vec<(String, Var)> = Vec::new();
+    let mut tensors = HashMap::new();
+    for (k, t) in raw {
+        if k == "dO" {
+            continue;
+        }
+        let is_float = matches!(t.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64);
+        let is_input = op.inputs.contains(&k.as_str()) || op.optional.contains(&k.as_str());
+        if is_float && is_input {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            tensors.insert(k.clone(), v.as_tensor().clone());
+            vars.push((k, v));
+        } else {
+            tensors.insert(k, t);
+        }
+    }
+    let outs = (op.forward)(&tensors).map_err(|e| Error::Input(format!("op {}: {e}", op.name)))?;
+    let mut result: HashMap<String, Tensor> = HashMap::new();
+    if let Some(d_o) = d_out {
+        let o = &outs[0].1;
+        if o.dims() != d_o.dims() {
+            return Err(Error::Input(format!("op {}: dO has shape {:?}, output {} has {:?}", op.name, d_o.dims(), outs[0].0, o.dims())));
+        }
+        let loss = (o * &d_o)?.sum_all()?;
+        let grads = loss.backward()?;
+        for (k, v) in &vars {
+            let g = match grads.get(v.as_tensor()) {
+                Some(g) => g.clone(),
+                None => v.as_tensor().zeros_like()?,
+            };
+            result.insert(format!("grad_{k}"), g);
+        }
+    }
+    for (k, t) in outs {
+        result.insert(k, t.detach());
+    }
+    Ok(result)
+}

@@ -1,0 +1,76 @@
+//! Test helpers shared by unit and integration tests: seeded random tensors, a relative
+//! closeness assertion, and finite-difference gradient checks in f64.
+
+use crate::blocks::{ForwardCtx, Mixer};
+use crate::data::rng::Rng;
+use crate::model::params::ParamStore;
+use candle_core::{DType, Device, Tensor, Var};
+
+/// f64 tensor with N(0, std²) entries from `seed`.
+pub fn rand_tensor(shape: &[usize], std: f64, seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut r = Rng::new(seed);
+    Tensor::from_vec((0..n).map(|_| r.normal() * std).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+}
+
+/// Flattened values as f64.
+pub fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Asserts `max|a − b| ≤ tol · max(max|a|, 1e-30)` and equal shapes; prints the ratio.
+pub fn assert_close(name: &str, reference: &Tensor, other: &Tensor, tol: f64) {
+    assert_eq!(reference.dims(), other.dims(), "{name}: shapes differ");
+    let a = to_vec(reference);
+    let b = to_vec(other);
+    let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    let ratio = diff / scale;
+    assert!(ratio <= tol && ratio.is_finite(), "{name}: max|diff|/max|ref| = {ratio:e} > {tol:e}");
+}
+
+/// Central-difference check of d loss / d var for up to `samples` entries of each var.
+/// `loss` must recompute the scalar loss from the current var values (f64).
+/// Passes when |numeric − analytic| ≤ 1e-6·max(1, |analytic|) for every probed entry.
+pub fn check_grads(name: &str, vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, samples: usize) {
+    let l = loss();
+    let grads = l.backward().unwrap();
+    let h = 1e-5;
+    let mut rng = Rng::new(0xfd);
+    for (vname, var) in vars {
+        let n = var.elem_count();
+        let analytic: Vec<f64> = match grads.get(var.as_tensor()) {
+            Some(g) => to_vec(g),
+            None => panic!("{name}: `{vname}` received no gradient"),
+        };
+        let base = to_vec(var.as_tensor());
+        let shape = var.dims().to_vec();
+        let idx: Vec<usize> = if n <= samples { (0..n).collect() } else { (0..samples).map(|_| rng.below(n as u64) as usize).collect() };
+        for i in idx {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let num = (eval(h) - eval(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(base.clone(), shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            let ana = analytic[i];
+            assert!(
+                (num - ana).abs() <= 1e-6 * ana.abs().max(1.0),
+                "{name}: d/d {vname}[{i}]: finite difference {num:e} vs autograd {ana:e}"
+            );
+        }
+    }
+}
+
+/// Finite-difference check of a mixer (built in f64) w.r.t. its input and all its parameters,
+/// with loss `sum(y · w)` for a fixed random `w`.
+pub fn check_block_grads(block: &dyn Mixer, store: &ParamStore, x_shape: &[usize]) {
+    let x = Var::from_tensor(&rand_tensor(x_shape, 1.0, 11)).unwrap();
+    let w = rand_tensor(x_shape, 1.0, 12);
+    let mut vars: Vec<(String, Var)> = store.params.iter().map(|(k, p)| (k.clone(), p.var.clone())).collect();
+    vars.push(("input".into(), x.clone()));
+    let loss = || (block.forward(x.as_tensor(), &mut ForwardCtx::default()).unwrap() * &w).unwrap().sum_all().unwrap();
+    check_grads("block", &vars, &loss, 12);
+}

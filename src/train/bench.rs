@@ -1,0 +1,138 @@
+//! `mixscale bench`: training throughput (tokens/s, model FLOP/s) of one architecture at a
+//! given batch and sequence length, and — when `bench/.venv` holds PyTorch — the same model in
+//! PyTorch eager (`bench/torch_lm.py`) timed in the same run, with the ratio.
+
+use super::{clip_grads, compute_grads, global_norm, optim::AdamW};
+use crate::config::RunSpec;
+use crate::data::DataSource;
+use crate::error::{Error, Result};
+use crate::model::count::Accounting;
+use crate::model::LanguageModel;
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: usize,
+    /// Python with torch; skipped when it does not exist.
+    pub torch_python: std::path::PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    pub model_flops_per_s: f64,
+    pub params_total: usize,
+    pub torch_tokens_per_s: Option<f64>,
+    pub torch_note: String,
+}
+
+pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
+    let dev = Device::Cpu;
+    let model = LanguageModel::new(&spec.model, o.seq_len, spec.train.seed, DType::F32, &dev)?;
+    let acc = Accounting::of(&model, o.seq_len);
+    let data = DataSource::new(&spec.data, spec.train.seed, o.seq_len)?;
+    let mut opt = AdamW::new(&spec.train.optimizer, &model.params)?;
+    let batches: Vec<_> = (0..o.warmup + o.steps).map(|i| data.train_batch((i * o.batch) as u64, o.batch, &dev)).collect::<Result<_>>()?;
+    let mut elapsed = 0.0;
+    for (i, b) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        let (_loss, mut grads) = compute_grads(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None }))?;
+        let n = global_norm(&grads)?;
+        clip_grads(&mut grads, n, spec.train.grad_clip)?;
+        opt.step(&model.params, &grads, spec.train.optimizer.lr)?;
+        if i >= o.warmup {
+            elapsed += t0.elapsed().as_secs_f64();
+        }
+    }
+    let tokens = (o.steps * o.batch * o.seq_len) as f64;
+    let tps = tokens / elapsed;
+    let (torch_tokens_per_s, torch_note) = run_torch(spec, o, acc.params_total);
+    Ok(BenchReport {
+        tokens_per_s: tps,
+        step_ms: 1000.0 * elapsed / o.steps as f64,
+        model_flops_per_s: tps * acc.flops_per_token,
+        params_total: acc.params_total,
+        torch_tokens_per_s,
+        torch_note,
+    })
+}
+
+/// Runs `bench/torch_lm.py` with the same model and batch, when possible.
+fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, String) {
+    let m = &spec.model;
+    if m.layer_pattern.iter().any(|b| b != "attention") {
+        return (None, "no PyTorch reference for this architecture yet".into());
+    }
+    if !o.torch_python.exists() {
+        return (None, format!("{} not found; run bench/setup_torch.sh to compare with PyTorch", o.torch_python.display()));
+    }
+    let a: crate::blocks::attention::AttentionConfig = match crate::blocks::parse(&m.blocks["attention"]) {
+        Ok(a) => a,
+        Err(e) => return (None, e.to_string()),
+    };
+    let ffn = match m.ffn.kind {
+        crate::config::model::FfnKind::Swiglu => "swiglu",
+        crate::config::model::FfnKind::Relu2 => "relu2",
+    };
+    let mut cmd = std::process::Command::new(&o.torch_python);
+    cmd.arg(Path::new("bench").join("torch_lm.py"));
+    let args: Vec<String> = vec![
+        "--vocab".into(), m.vocab_size.to_string(),
+        "--d-model".into(), m.d_model.to_string(),
+        "--n-layers".into(), m.n_layers.to_string(),
+        "--n-heads".into(), a.num_heads.to_string(),
+        "--n-kv-heads".into(), a.kv_heads().to_string(),
+        "--head-dim".into(), a.head_dim(m.d_model).to_string(),
+        "--ffn-hidden".into(), m.ffn.hidden(m.d_model).to_string(),
+        "--ffn".into(), ffn.into(),
+        "--rope-theta".into(), a.rope_theta.to_string(),
+        "--seq-len".into(), o.seq_len.to_string(),
+        "--batch".into(), o.batch.to_string(),
+        "--warmup".into(), o.warmup.to_string(),
+        "--steps".into(), o.steps.to_string(),
+        "--threads".into(), o.threads.to_string(),
+        "--lr".into(), spec.train.optimizer.lr.to_string(),
+    ];
+    cmd.args(&args);
+    if a.qk_norm {
+        cmd.arg("--qk-norm");
+    }
+    if !m.tied_embeddings {
+        cmd.arg("--untied");
+    }
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) => return (None, format!("could not run PyTorch reference: {e}")),
+    };
+    if !out.status.success() {
+        return (None, format!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(v) => {
+            let tps = v["tokens_per_s"].as_f64();
+            let tp = v["params_total"].as_u64().unwrap_or(0) as usize;
+            let note = if tp != params { format!("parameter counts differ: torch {tp} vs mixscale {params}") } else { format!("torch {}", v["torch_version"].as_str().unwrap_or("?")) };
+            (tps, note)
+        }
+        Err(e) => (None, format!("unreadable PyTorch output ({e}): {line}")),
+    }
+}
+
+impl BenchReport {
+    pub fn check(&self) -> Result<()> {
+        if !self.tokens_per_s.is_finite() {
+            return Err(Error::Other("benchmark produced no timing".into()));
+        }
+        Ok(())
+    }
+}

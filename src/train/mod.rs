@@ -1,0 +1,305 @@
+//! The training loop: `mixscale train`.
+//!
+//! Per optimizer step: the global batch (`train.batch_size` sequences) is split into
+//! micro-batches whose mean losses, each scaled by 1/accumulation, are backpropagated and their
+//! gradients summed (so the update equals one pass over the whole batch); then global-norm
+//! clipping and AdamW. Evaluation on a fixed validation set every `eval_every` steps and at the
+//! end; checkpoints every `checkpoint_every` steps and at the end. A non-finite loss or gradient,
+//! or a loss above `divergence_factor` × the first step's loss, ends the run as `diverged`.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod optim;
+pub mod record;
+pub mod schedule;
+
+use crate::config::RunSpec;
+use crate::data::DataSource;
+use crate::error::{Error, Result};
+use crate::model::count::Accounting;
+use crate::model::LanguageModel;
+use candle_core::{DType, Device, Tensor};
+use checkpoint::TrainState;
+use optim::AdamW;
+use record::{MetricsRow, MetricsWriter, Status, Summary};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// How to run (not part of the run's identity).
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub out: PathBuf,
+    /// Continue from the folder's checkpoint (a fresh start when it has none).
+    pub resume: bool,
+    /// Delete an existing folder first.
+    pub overwrite: bool,
+    /// Stop (with a checkpoint, no summary) after this many steps, as if interrupted.
+    pub stop_at_step: Option<usize>,
+    /// Draw a progress bar on stderr (only on a terminal).
+    pub progress: bool,
+    pub device: Device,
+    pub dtype: DType,
+    /// The architecture file, recorded in the summary.
+    pub config_file: String,
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Completed or diverged; `summary.json` was written.
+    Finished(Summary),
+    /// Stopped at `--stop-at-step` with a checkpoint; resumable.
+    Stopped { step: usize },
+}
+
+/// Mean cross-entropy of `model` on validation sequences `0..n` (micro-batches of `mb`), and the
+/// mean true −ln p of the same targets when the source knows it.
+pub fn evaluate(model: &LanguageModel, data: &DataSource, n: usize, mb: usize, dev: &Device) -> Result<(f64, Option<f64>)> {
+    let (mut sum, mut count, mut floor) = (0.0, 0usize, Some(0.0));
+    let mut start = 0;
+    while start < n {
+        let k = mb.min(n - start);
+        let b = data.val_batch(start as u64, k, dev)?;
+        let each = model.loss_each(&b.inputs, &b.targets)?.to_dtype(DType::F64)?;
+        sum += each.sum_all()?.to_scalar::<f64>()?;
+        count += each.elem_count();
+        floor = match (floor, &b.true_nlp) {
+            (Some(f), Some(p)) => Some(f + p.iter().sum::<f64>()),
+            _ => None,
+        };
+        start += k;
+    }
+    Ok((sum / count as f64, floor.map(|f| f / count as f64)))
+}
+
+/// Trains `spec` (blocks already resolved) into `opts.out`.
+pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
+    let t = &spec.train;
+    let out = &opts.out;
+    let config_text = serde_yaml_ng::to_string(spec).expect("spec serializes");
+    let config_path = out.join("config.yaml");
+    let summary_path = out.join("summary.json");
+    if out.exists() && opts.overwrite {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    let occupied = out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if occupied {
+        if !opts.resume {
+            return Err(Error::Input(format!(
+                "run folder {} already exists; pass --resume to continue it or --overwrite to start over",
+                out.display()
+            )));
+        }
+        match std::fs::read_to_string(&config_path) {
+            Ok(old) if old != config_text => {
+                return Err(Error::Input(format!(
+                    "{}: the config differs from this run's; resume with the same config or use another --out",
+                    config_path.display()
+                )))
+            }
+            _ => {}
+        }
+        if let Ok(s) = std::fs::read_to_string(&summary_path) {
+            let summary: Summary = serde_json::from_str(&s).map_err(|e| Error::Input(format!("{}: {e}", summary_path.display())))?;
+            return Ok(Outcome::Finished(summary));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    checkpoint::write_atomic(&config_path, config_text.as_bytes())?;
+
+    let dev = &opts.device;
+    let model = LanguageModel::new(&spec.model, t.seq_len, t.seed, opts.dtype, dev)?;
+    let acc = Accounting::of(&model, t.seq_len);
+    let data = DataSource::new(&spec.data, t.seed, t.seq_len)?;
+    let mut opt = AdamW::new(&t.optimizer, &model.params)?;
+    let mut state = TrainState { step: 0, tokens: 0, data_position: 0, adam_t: 0, first_loss: None, seed: t.seed };
+    let resumed = opts.resume && checkpoint::exists(out);
+    if resumed {
+        let ck = checkpoint::load(out, dev)?;
+        for (name, p) in &model.params.params {
+            let w = ck.weights.get(name).ok_or_else(|| Error::Input(format!("checkpoint lacks weight `{name}`")))?;
+            p.var.set(&w.to_dtype(opts.dtype)?)?;
+        }
+        opt.load_state(ck.state.adam_t, &ck.optim)?;
+        state = ck.state;
+    }
+    let mut metrics = MetricsWriter::open(out, resumed.then_some(state.step))?;
+
+    let total = t.total_steps();
+    let end = opts.stop_at_step.unwrap_or(total).min(total);
+    let mb = t.micro_batch();
+    let accum = t.accumulation();
+    let started = Instant::now();
+    let floor = data.val_floor(t.eval_sequences);
+    eprintln!(
+        "mixscale: {} params ({} non-embedding), {:.3e} FLOPs/token, {} steps × {} tokens{}",
+        acc.params_total,
+        acc.params_non_embedding,
+        acc.flops_per_token,
+        total,
+        t.tokens_per_step(),
+        floor.map(|f| format!(", entropy floor {f:.4} nats/token")).unwrap_or_default()
+    );
+    let bar = progress_bar(opts.progress, total, state.step);
+
+    let mut last = (None, None); // (train_loss, val_loss)
+    let mut window = (0u64, 0f64); // tokens and seconds since the last metrics row
+    let mut diverged: Option<String> = None;
+    for step in state.step..end {
+        let lr = t.optimizer.lr * schedule::lr_factor(&t.schedule, step, total);
+        let t0 = Instant::now();
+        let pos = state.data_position;
+        let (train_loss, mut grads) = compute_grads(&model, accum, |m| data.train_batch(pos + (m * mb) as u64, mb, dev))?;
+        state.data_position += t.batch_size as u64;
+        let first = *state.first_loss.get_or_insert(train_loss);
+        let grad_norm = global_norm(&grads)?;
+        if !train_loss.is_finite() {
+            diverged = Some(format!("non-finite training loss at step {}", step + 1));
+        } else if !grad_norm.is_finite() {
+            diverged = Some(format!("non-finite gradient norm at step {}", step + 1));
+        } else if train_loss > t.divergence_factor * first {
+            diverged = Some(format!(
+                "training loss {train_loss:.4} at step {} exceeds {} × the first loss {first:.4}",
+                step + 1,
+                t.divergence_factor
+            ));
+        }
+        if diverged.is_some() {
+            state.step = step + 1;
+            state.tokens += t.tokens_per_step();
+            metrics.write(&MetricsRow { step: step + 1, tokens: state.tokens, lr, train_loss, val_loss: None, grad_norm, tokens_per_s: 0.0 })?;
+            last.0 = Some(train_loss);
+            break;
+        }
+        clip_grads(&mut grads, grad_norm, t.grad_clip)?;
+        opt.step(&model.params, &grads, lr)?;
+        state.step = step + 1;
+        state.adam_t = opt.t;
+        state.tokens += t.tokens_per_step();
+        let dt = t0.elapsed().as_secs_f64();
+        window.0 += t.tokens_per_step();
+        window.1 += dt;
+        last.0 = Some(train_loss);
+
+        let is_last = state.step == total;
+        let do_eval = is_last || (t.eval_every > 0 && state.step % t.eval_every == 0);
+        let val = if do_eval { Some(evaluate(&model, &data, t.eval_sequences, mb, dev)?.0) } else { None };
+        if val.is_some() {
+            last.1 = val;
+        }
+        if do_eval || is_last || state.step % t.log_every.max(1) == 0 {
+            let tps = window.0 as f64 / window.1.max(1e-9);
+            metrics.write(&MetricsRow { step: state.step, tokens: state.tokens, lr, train_loss, val_loss: val, grad_norm, tokens_per_s: tps })?;
+            window = (0, 0.0);
+            if let Some(v) = val {
+                bar.println(format!(
+                    "step {:>6}  train {:.4}  val {:.4}{}",
+                    state.step,
+                    train_loss,
+                    v,
+                    floor.map(|f| format!("  floor {f:.4}")).unwrap_or_default()
+                ));
+            }
+        }
+        bar.set_position(state.step as u64);
+        bar.set_message(format!(
+            "loss {train_loss:.4}{} | {:.0} tok/s",
+            last.1.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+            t.tokens_per_step() as f64 / dt
+        ));
+        let ckpt_due = t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0;
+        if ckpt_due || state.step == end {
+            checkpoint::save(out, &state, &model.params.tensors(), &opt.state_tensors())?;
+        }
+    }
+    bar.finish_and_clear();
+    if diverged.is_none() && state.step < total {
+        return Ok(Outcome::Stopped { step: state.step });
+    }
+    let status = if diverged.is_some() { Status::Diverged } else { Status::Completed };
+    let summary = Summary {
+        status,
+        reason: diverged,
+        steps: state.step,
+        steps_planned: total,
+        tokens: state.tokens,
+        train_loss: last.0,
+        val_loss: last.1,
+        val_bits_per_token: last.1.map(|v| v / std::f64::consts::LN_2),
+        entropy_floor: floor,
+        entropy_floor_bits: floor.map(|f| f / std::f64::consts::LN_2),
+        compute: acc.compute(state.tokens),
+        accounting: acc,
+        seed: t.seed,
+        wall_time_s: started.elapsed().as_secs_f64(),
+        git_revision: record::git_revision(),
+        mixscale_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: opts.config_file.clone(),
+    };
+    checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary).expect("summary").as_bytes())?;
+    Ok(Outcome::Finished(summary))
+}
+
+/// Mean loss over `accum` micro-batches and the summed gradients of loss/accum, by parameter
+/// name (parameters that received no gradient are absent).
+pub fn compute_grads(
+    model: &LanguageModel,
+    accum: usize,
+    batch: impl Fn(usize) -> Result<crate::data::Batch>,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut loss_sum = 0.0;
+    for m in 0..accum {
+        let b = batch(m)?;
+        let loss = model.loss(&b.inputs, &b.targets)?;
+        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let g = (loss / accum as f64)?.backward()?;
+        for (name, p) in &model.params.params {
+            if let Some(gi) = g.get(p.var.as_tensor()) {
+                let sum = match grads.remove(name) {
+                    Some(prev) => (prev + gi)?,
+                    None => gi.clone(),
+                };
+                grads.insert(name.clone(), sum);
+            }
+        }
+    }
+    Ok((loss_sum / accum as f64, grads))
+}
+
+/// Global L2 norm of all gradients (in f64).
+pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    let mut norm2 = 0.0;
+    for g in grads.values() {
+        norm2 += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(norm2.sqrt())
+}
+
+/// Global-norm clipping as PyTorch's `clip_grad_norm_`: scale by max/(norm + 1e-6) when < 1.
+pub fn clip_grads(grads: &mut BTreeMap<String, Tensor>, norm: f64, max: f64) -> Result<()> {
+    if max > 0.0 {
+        let coef = max / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.values_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, total: usize, pos: usize) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(pos as u64);
+    bar
+}

@@ -1,0 +1,118 @@
+//! What a run writes besides checkpoints: `metrics.csv` (one row per logged step) and
+//! `summary.json` (written once, when the run ends as completed or diverged — a folder without
+//! it is a run that has not finished).
+
+use crate::error::{Error, Result};
+use crate::model::count::Accounting;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const METRICS_HEADER: &str = "step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_s";
+
+/// One metrics row; `val_loss` is empty when no evaluation happened at that step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsRow {
+    pub step: usize,
+    pub tokens: u64,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+}
+
+impl MetricsRow {
+    pub fn to_csv(&self) -> String {
+        let val = self.val_loss.map(|v| format!("{v:.6}")).unwrap_or_default();
+        format!(
+            "{},{},{:.6e},{:.6},{},{:.6},{:.1}",
+            self.step, self.tokens, self.lr, self.train_loss, val, self.grad_norm, self.tokens_per_s
+        )
+    }
+}
+
+/// Appends rows to `metrics.csv`, flushing each row.
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: fs::File,
+}
+
+impl MetricsWriter {
+    /// Opens `run_dir/metrics.csv`. With `keep_until = Some(step)` (resume), rows after `step`
+    /// are dropped first (they belong to work after the checkpoint, which will be redone).
+    pub fn open(run_dir: &Path, keep_until: Option<usize>) -> Result<Self> {
+        let path = run_dir.join("metrics.csv");
+        let mut text = format!("{METRICS_HEADER}\n");
+        if let (Some(step), Ok(old)) = (keep_until, fs::read_to_string(&path)) {
+            for line in old.lines().skip(1) {
+                let s: Option<usize> = line.split(',').next().and_then(|x| x.parse().ok());
+                if matches!(s, Some(s) if s <= step) {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        super::checkpoint::write_atomic(&path, text.as_bytes())?;
+        let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self { path, file })
+    }
+
+    pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
+        writeln!(self.file, "{}", row.to_csv()).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Final status of a run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Completed,
+    Diverged,
+}
+
+/// `summary.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub status: Status,
+    /// Why the run diverged (non-finite loss, blow-up), when it did.
+    pub reason: Option<String>,
+    pub steps: usize,
+    pub steps_planned: usize,
+    pub tokens: u64,
+    pub train_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub val_bits_per_token: Option<f64>,
+    /// Mean true −ln p of the validation targets under the data generator (the loss floor).
+    pub entropy_floor: Option<f64>,
+    pub entropy_floor_bits: Option<f64>,
+    #[serde(flatten)]
+    pub accounting: Accounting,
+    /// Training compute C = flops_per_token · tokens.
+    pub compute: f64,
+    pub seed: u64,
+    pub wall_time_s: f64,
+    pub git_revision: String,
+    pub mixscale_version: String,
+    pub config: String,
+}
+
+/// `git rev-parse HEAD` of the current directory, with `-dirty` when the tree has changes.
+pub fn git_revision() -> String {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "HEAD"]) {
+        Some(rev) => {
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty()).unwrap_or(false);
+            if dirty { format!("{rev}-dirty") } else { rev }
+        }
+        None => "unknown".into(),
+    }
+}
