@@ -35,7 +35,12 @@ pub struct YamlDoc {
 impl YamlDoc {
     /// Reads and parses `path`. Syntax errors name the file and line.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            line: None,
+            key_path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
         Self::from_text(path, text)
     }
 

@@ -1,0 +1,15 @@
+//! One integration-test binary; one module per area.
+
+/// Shared helpers: tiny configs, temp folders, running the CLI.
+mod util;
+
+/// Finite-difference gradient checks of the norms, FFNs, ops and the whole model.
+mod grads;
+/// The `attn` core op against its f64 reference, and `mixscale op` file round trips.
+mod ops;
+/// Bad YAML and CLI input: messages name file, line and key path; nothing is left behind.
+mod config_errors;
+/// Training: determinism, bit-exact resume, accumulation, divergence, outputs.
+mod training;
+/// Every preset in architectures/ parses, resolves and builds.
+mod presets;
