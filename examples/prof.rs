@@ -1,32 +1,35 @@
+//! Rough per-phase timing of one training step of a preset (development aid).
 use candle_core::{DType, Device, Tensor};
+use mixscale::config::{RunSpec, YamlDoc};
+use mixscale::model::LanguageModel;
 use std::time::Instant;
 fn main() {
+    let path = std::env::args().nth(1).unwrap_or("architectures/attention.yaml".into());
+    let doc = YamlDoc::load(std::path::Path::new(&path)).unwrap();
+    let mut spec = RunSpec::from_doc(&doc).unwrap();
+    mixscale::blocks::resolve_blocks(&doc, &mut spec.model).unwrap();
     let dev = Device::Cpu;
-    for n in [256usize, 1024] {
-        let a = Tensor::randn(0f32, 1.0, (n, n), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (n, n), &dev).unwrap();
-        let _ = a.matmul(&b).unwrap();
-        let t = Instant::now();
-        for _ in 0..5 { let _ = a.matmul(&b).unwrap(); }
-        let s = t.elapsed().as_secs_f64() / 5.0;
-        println!("sgemm {n}: {:.1} GFLOP/s", 2.0 * (n as f64).powi(3) / s / 1e9);
+    let t = spec.train.seq_len;
+    let b = spec.train.batch_size;
+    let m = LanguageModel::new(&spec.model, t, 0, DType::F32, &dev).unwrap();
+    let data = mixscale::data::DataSource::new(&spec.data, 0, t).unwrap();
+    let batch = data.train_batch(0, b, &dev).unwrap();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let h = m.hidden(&batch.inputs).unwrap();
+        let t1 = Instant::now();
+        let loss = m.loss(&batch.inputs, &batch.targets).unwrap();
+        let t2 = Instant::now();
+        let g = loss.backward().unwrap();
+        let t3 = Instant::now();
+        let _ = (h, g);
+        println!("hidden fwd {:.0} ms | full fwd+loss {:.0} ms | backward {:.0} ms", (t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3, (t3 - t2).as_secs_f64() * 1e3);
     }
-    // Attention-like batched matmul [64, 256, 32] x [64, 32, 256]
-    let q = Tensor::randn(0f32, 1.0, (64, 256, 32), &dev).unwrap();
-    let k = Tensor::randn(0f32, 1.0, (64, 32, 256), &dev).unwrap();
-    let t = Instant::now();
-    for _ in 0..5 { let _ = q.matmul(&k).unwrap(); }
-    let s = t.elapsed().as_secs_f64() / 5.0;
-    println!("bmm qk: {:.1} ms {:.1} GFLOP/s", s * 1e3, 2.0 * 64.0 * 256.0 * 256.0 * 32.0 / s / 1e9);
-    let x = Tensor::randn(0f32, 1.0, (64, 256, 256), &dev).unwrap();
-    let t = Instant::now();
-    for _ in 0..5 { let _ = mixscale::ops::softmax::softmax_last_dim(&x).unwrap(); }
-    println!("softmax 64x256x256: {:.1} ms", t.elapsed().as_secs_f64() / 5.0 * 1e3);
-    let t = Instant::now();
-    for _ in 0..5 { let _ = x.exp().unwrap(); }
-    println!("exp 4M: {:.1} ms", t.elapsed().as_secs_f64() / 5.0 * 1e3);
-    let t = Instant::now();
-    for _ in 0..5 { let _ = (&x + &x).unwrap(); }
-    println!("add 4M: {:.1} ms", t.elapsed().as_secs_f64() / 5.0 * 1e3);
-    let _ = DType::F32;
+    let x = Tensor::randn(0f32, 1.0, (b, t, 4, 32), &dev).unwrap();
+    let t0 = Instant::now();
+    for _ in 0..4 { let _ = mixscale::ops::attn::attn(&x, &x, &x).unwrap(); }
+    println!("attn op fwd x4 layers: {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,5 +1,8 @@
 //! One integration-test binary; one module per area.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shared helpers: tiny configs, temp folders, running the CLI.
 mod util;
 
