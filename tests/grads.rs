@@ -144,3 +144,41 @@ fn f32_matches_f64_forward() {
     let lb = b.forward(&x).unwrap().to_dtype(DType::F64).unwrap();
     assert_close("f32 vs f64 logits", &la, &lb, 1e-5);
 }
+
+/// Fused CPU RMSNorm == composed reference, forward and gradients (x and gain), f64 and f32,
+/// for row counts that do and do not fill the parallel chunk.
+#[test]
+fn fused_rms_norm_matches_composed() {
+    for (shape, seed) in [(vec![3usize, 5, 7], 1u64), (vec![2, 97, 12], 2), (vec![1, 1, 130], 3)] {
+        let d = *shape.last().unwrap();
+        for dt in [DType::F64, DType::F32] {
+            let x = Var::from_tensor(&rand_tensor(&shape, 1.0, seed).to_dtype(dt).unwrap()).unwrap();
+            let g = Var::from_tensor(&rand_tensor(&[d], 1.0, seed + 10).to_dtype(dt).unwrap()).unwrap();
+            let w = rand_tensor(&shape, 1.0, seed + 20).to_dtype(dt).unwrap();
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            let yf = norm::rms_norm(x.as_tensor(), g.as_tensor(), 1e-6).unwrap();
+            let yc = norm::rms_norm_composed(x.as_tensor(), g.as_tensor(), 1e-6).unwrap();
+            assert_close("rms_norm fwd", &yc, &yf, tol);
+            let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_close("rms_norm dx", gc.get(x.as_tensor()).unwrap(), gf.get(x.as_tensor()).unwrap(), tol * 10.0);
+            assert_close("rms_norm dgain", gc.get(g.as_tensor()).unwrap(), gf.get(g.as_tensor()).unwrap(), tol * 10.0);
+        }
+    }
+}
+
+/// Fused CPU RoPE == composed reference (forward and gradient), also at a position offset.
+#[test]
+fn fused_rope_matches_composed() {
+    let rope = Rope::new(40, 10, 10000.0, DType::F64, &Device::Cpu).unwrap();
+    for (r, t) in [(rope.clone(), 37usize), (rope.at(5).unwrap(), 35)] {
+        let x = Var::from_tensor(&rand_tensor(&[2, t, 3, 10], 1.0, 4)).unwrap();
+        let w = rand_tensor(&[2, t, 3, 10], 1.0, 5);
+        let yf = r.apply(x.as_tensor()).unwrap();
+        let yc = r.apply_composed(x.as_tensor()).unwrap();
+        assert_close("rope fwd", &yc, &yf, 1e-12);
+        let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close("rope dx", gc.get(x.as_tensor()).unwrap(), gf.get(x.as_tensor()).unwrap(), 1e-12);
+    }
+}

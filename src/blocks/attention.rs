@@ -145,12 +145,8 @@ impl Attention {
     pub fn step(&self, x_t: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let pos = cache.k.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
         let (q, k, v) = self.qkv(&x_t.unsqueeze(1)?)?;
-        let rope_at = |x: &Tensor| -> Result<Tensor> {
-            // Rotate with the table row of position `pos`.
-            let r = Rope { cos: self.rope.cos.narrow(0, pos, 1)?, sin: self.rope.sin.narrow(0, pos, 1)? };
-            r.apply(x)
-        };
-        let (q, k) = (rope_at(&q)?, rope_at(&k)?);
+        let rope = self.rope.at(pos)?;
+        let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
         let k_all = match &cache.k { Some(c) => Tensor::cat(&[c, &k], 1)?, None => k };
         let v_all = match &cache.v { Some(c) => Tensor::cat(&[c, &v], 1)?, None => v };
         // Attention of the newest query over every cached position (all are in its past).

@@ -1,11 +1,27 @@
-//! RMSNorm (Zhang & Sennrich 2019) composed from primitive candle ops, so autograd is exact.
+//! RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467): `y = x / sqrt(mean(x², -1) + eps) · g`.
+//!
 //! candle 0.11's fused `candle_nn::ops::rms_norm` has no backward (gradients silently vanish).
+//! Two forms here: [`rms_norm_composed`] from primitive ops (exact autograd on every device; the
+//! reference), and a fused CPU CustomOp with a hand-written backward, used for f32/f64 on CPU:
+//! `x̂ = x·r`, `r = 1/sqrt(mean(x²)+eps)`; `dg = Σ_rows dy·x̂`;
+//! `dx = r·(dy·g − x̂·mean(dy·g·x̂))`. Row statistics are accumulated in f64.
 
-use candle_core::{DType, Result, Tensor, D};
+use super::cpu::{slice, ROW_CHUNK};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use rayon::prelude::*;
 
-/// `x / sqrt(mean(x², -1) + eps) * gain`, statistics in f32 (or f64 when x is f64).
-/// x `[..., d]`, gain `[d]`.
+/// RMSNorm over the last dim: x `[..., d]`, gain `[d]`. Fused on CPU (f32/f64), composed elsewhere.
 pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let fusable = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && gain.dtype() == x.dtype();
+    if fusable {
+        x.contiguous()?.apply_op2(&gain.contiguous()?, RmsNorm { eps })
+    } else {
+        rms_norm_composed(x, gain, eps)
+    }
+}
+
+/// Reference form from primitive ops (statistics in f32, or f64 for f64 inputs).
+pub fn rms_norm_composed(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -13,8 +29,107 @@ pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     xf.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(gain)
 }
 
-/// RMSNorm without a gain (the gain is applied by the caller, or there is none).
-pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)
+struct RmsNorm {
+    eps: f64,
+}
+
+fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
+    let ss: f64 = row.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+    1.0 / (ss / row.len() as f64 + eps).sqrt()
+}
+
+fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+            let r = inv_rms(xr, eps);
+            for i in 0..d {
+                yr[i] = T::from_f64(xr[i].to_f64() * r * g[i].to_f64());
+            }
+        }
+    });
+    y
+}
+
+/// Returns `[dx (len x) ++ dg (d)]`.
+fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
+    let n = x.len();
+    let mut out = vec![T::zero(); n + d];
+    let (dx, dg_out) = out.split_at_mut(n);
+    let partials: Vec<Vec<f64>> = dx
+        .par_chunks_mut(ROW_CHUNK * d)
+        .zip(x.par_chunks(ROW_CHUNK * d).zip(dy.par_chunks(ROW_CHUNK * d)))
+        .map(|(dxc, (xc, dyc))| {
+            let mut dg = vec![0f64; d];
+            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
+                let r = inv_rms(xr, eps);
+                let mut dot = 0.0;
+                for i in 0..d {
+                    let xh = xr[i].to_f64() * r;
+                    let dyv = dyr[i].to_f64();
+                    dg[i] += dyv * xh;
+                    dot += dyv * g[i].to_f64() * xh;
+                }
+                let mean = dot / d as f64;
+                for i in 0..d {
+                    let xh = xr[i].to_f64() * r;
+                    dxr[i] = T::from_f64(r * (dyr[i].to_f64() * g[i].to_f64() - xh * mean));
+                }
+            }
+            dg
+        })
+        .collect();
+    for (i, slot) in dg_out.iter_mut().enumerate() {
+        *slot = T::from_f64(partials.iter().map(|p| p[i]).sum());
+    }
+    out
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l1.dims()[l1.dims().len() - 1];
+        if l2.dims() != [d] {
+            candle_core::bail!("rms_norm: gain shape {:?} does not match last dim {d}", l2.dims());
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(fwd(slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?, d, self.eps)),
+            CpuStorage::F64(_) => CpuStorage::F64(fwd(slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?, d, self.eps)),
+            _ => candle_core::bail!("rms_norm: fused CPU form supports f32/f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, g: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = g.elem_count();
+        let packed = x.apply_op3_no_bwd(g, &dy.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dg = packed.narrow(0, n, d)?;
+        Ok((Some(dx), Some(dg)))
+    }
+}
+
+struct RmsNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms_norm_bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l2.dims()[0];
+        let n = l1.shape().elem_count();
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(bwd(slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?, slice::<f32>(s3, l3)?, d, self.eps)),
+            CpuStorage::F64(_) => CpuStorage::F64(bwd(slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?, slice::<f64>(s3, l3)?, d, self.eps)),
+            _ => candle_core::bail!("rms_norm_bwd: f32/f64 only"),
+        };
+        Ok((out, Shape::from(n + d)))
+    }
 }

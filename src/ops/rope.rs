@@ -1,37 +1,75 @@
 //! Rotary position embedding (Su et al. 2021, arXiv:2104.09864) in the half-split layout
-//! (NeoX / HF `rotate_half`: dimension i pairs with i + D/2), composed from primitive ops.
-//! candle 0.11's fused `rotary_emb::rope` has no backward.
+//! (NeoX / HF `rotate_half`: dimension i pairs with i + D/2).
+//!
+//! candle 0.11's fused `rotary_emb::rope` has no backward. Two forms here: [`Rope::apply_composed`]
+//! from primitive ops (the reference, any device) and a CPU CustomOp (f32/f64) whose backward
+//! is the inverse rotation (RoPE is orthogonal: dx = Rᵀ dy).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use super::cpu::slice;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType, D};
+use rayon::prelude::*;
+use std::sync::Arc;
 
 /// cos/sin tables `[T, D/2]` for positions 0..T with θ_i = base^(−2i/D).
 #[derive(Clone, Debug)]
 pub struct Rope {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The same tables in f64, row-major `[T, D/2]`, for the fused CPU op.
+    table: Arc<(Vec<f64>, Vec<f64>)>,
+    /// First table row used (position offset; the decode form rotates at one position).
+    offset: usize,
 }
 
 impl Rope {
     pub fn new(seq_len: usize, head_dim: usize, base: f64, dtype: DType, dev: &Device) -> Result<Self> {
-        assert!(head_dim % 2 == 0, "RoPE needs an even head dim");
+        if head_dim % 2 != 0 {
+            candle_core::bail!("RoPE needs an even head dim; got {head_dim}");
+        }
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(seq_len * half);
         let mut sin = Vec::with_capacity(seq_len * half);
         for p in 0..seq_len {
             for i in 0..half {
-                let theta = base.powf(-2.0 * i as f64 / head_dim as f64);
-                let phi = p as f64 * theta;
+                let phi = p as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
                 cos.push(phi.cos());
                 sin.push(phi.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (seq_len, half), dev)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (seq_len, half), dev)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let c = Tensor::from_vec(cos.clone(), (seq_len, half), dev)?.to_dtype(dtype)?;
+        let s = Tensor::from_vec(sin.clone(), (seq_len, half), dev)?.to_dtype(dtype)?;
+        Ok(Self { cos: c, sin: s, table: Arc::new((cos, sin)), offset: 0 })
     }
 
-    /// Rotates x `[B, T, H, D]` (T ≤ table length): `[a, b] → [a cos − b sin, a sin + b cos]`.
+    /// The same rotation starting at position `pos` (x's time index 0 is rotated as `pos`).
+    pub fn at(&self, pos: usize) -> Result<Self> {
+        let n = self.cos.dim(0)?;
+        if pos > n {
+            candle_core::bail!("RoPE position {pos} beyond table length {n}");
+        }
+        Ok(Self {
+            cos: self.cos.narrow(0, pos, n - pos)?,
+            sin: self.sin.narrow(0, pos, n - pos)?,
+            table: self.table.clone(),
+            offset: self.offset + pos,
+        })
+    }
+
+    /// Rotates x `[B, T, H, D]` (T ≤ table length). Fused on CPU for f32/f64.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if t > self.cos.dim(0)? {
+            candle_core::bail!("RoPE: sequence length {t} beyond table length {}", self.cos.dim(0)?);
+        }
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            x.contiguous()?.apply_op1(RopeOp { table: self.table.clone(), offset: self.offset, inverse: false })
+        } else {
+            self.apply_composed(x)
+        }
+    }
+
+    /// Reference form: `[a, b] → [a cos − b sin, a sin + b cos]` from primitive ops.
+    pub fn apply_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (_b, t, _h, d) = x.dims4()?;
         let half = d / 2;
         let cos = self.cos.narrow(0, 0, t)?.unsqueeze(1)?; // [T, 1, D/2]
@@ -41,5 +79,61 @@ impl Rope {
         let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
         let rb = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
         Tensor::cat(&[ra, rb], D::Minus1)
+    }
+}
+
+/// Rotation by +φ (or −φ when `inverse`) of a contiguous `[B, T, H, D]` tensor.
+struct RopeOp {
+    table: Arc<(Vec<f64>, Vec<f64>)>,
+    offset: usize,
+    inverse: bool,
+}
+
+impl RopeOp {
+    fn run<T: WithDType>(&self, x: &[T], t: usize, h: usize, d: usize) -> Vec<T> {
+        let half = d / 2;
+        let (cos, sin) = (&self.table.0, &self.table.1);
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![T::zero(); x.len()];
+        // One task per (batch, position): rows of H·D values sharing one table row.
+        y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(bt, (yr, xr))| {
+            let p = bt % t + self.offset;
+            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            for hh in 0..h {
+                let (xo, yo) = (&xr[hh * d..(hh + 1) * d], &mut yr[hh * d..(hh + 1) * d]);
+                for i in 0..half {
+                    let (a, b) = (xo[i].to_f64(), xo[i + half].to_f64());
+                    let si = sign * s[i];
+                    yo[i] = T::from_f64(a * c[i] - b * si);
+                    yo[i + half] = T::from_f64(a * si + b * c[i]);
+                }
+            }
+        });
+        y
+    }
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope_half_split"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() != 4 {
+            candle_core::bail!("rope: expected [B, T, H, D], got {dims:?}");
+        }
+        let (t, h, d) = (dims[1], dims[2], dims[3]);
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(slice::<f32>(s, l)?, t, h, d)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(slice::<f64>(s, l)?, t, h, d)),
+            _ => candle_core::bail!("rope: fused CPU form supports f32/f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let inv = RopeOp { table: self.table.clone(), offset: self.offset, inverse: !self.inverse };
+        Ok(Some(dy.contiguous()?.apply_op1(inv)?))
     }
 }
