@@ -38,6 +38,9 @@ enum Cmd {
         /// Hide the progress bar.
         #[arg(long)]
         quiet: bool,
+        /// cpu, cuda or cuda:N (CUDA needs a binary built with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// List every token-mixer block with its options and defaults.
     Blocks,
@@ -76,6 +79,9 @@ enum Cmd {
         threads: Option<usize>,
         #[arg(long, default_value = "bench/.venv/bin/python")]
         torch_python: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -93,8 +99,9 @@ pub fn load_run(path: &Path, sets: &[String]) -> mixscale::Result<RunSpec> {
 pub fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Train { config, sets, out, resume, overwrite, stop_at_step, quiet } => {
+        Cmd::Train { config, sets, out, resume, overwrite, stop_at_step, quiet, device } => {
             let spec = load_run(&config, &sets)?;
+            let device = mixscale::device::parse(&device)?;
             let stem = config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
             let out = out.unwrap_or_else(|| Path::new("runs").join(stem));
             let opts = TrainOptions {
@@ -103,7 +110,7 @@ pub fn run() -> Result<i32> {
                 overwrite,
                 stop_at_step,
                 progress: !quiet,
-                device: candle_core::Device::Cpu,
+                device,
                 dtype: candle_core::DType::F32,
                 config_file: config.display().to_string(),
             };
@@ -162,15 +169,16 @@ pub fn run() -> Result<i32> {
             println!("wrote {}", o.display());
             Ok(0)
         }
-        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python } => {
+        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device } => {
             let spec = load_run(&config, &sets)?;
+            let device = mixscale::device::parse(&device)?;
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python };
+            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, device };
             let r = bench::bench(&spec, &opts).context("benchmark")?;
             r.check()?;
-            println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps", config.display());
+            println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps, {}", config.display(), mixscale::device::describe(&opts.device));
             println!("{:<10} {:>12} {:>10} {:>14}", "impl", "tokens/s", "step ms", "model GFLOP/s");
             println!("{:<10} {:>12.0} {:>10.1} {:>14.2}", "mixscale", r.tokens_per_s, r.step_ms, r.model_flops_per_s / 1e9);
             match r.torch_tokens_per_s {

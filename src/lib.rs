@@ -8,6 +8,7 @@
 pub mod blocks;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod ops;

@@ -22,6 +22,7 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Python with torch; skipped when it does not exist.
     pub torch_python: std::path::PathBuf,
+    pub device: Device,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -35,7 +36,7 @@ pub struct BenchReport {
 }
 
 pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
-    let dev = Device::Cpu;
+    let dev = o.device.clone();
     let model = LanguageModel::new(&spec.model, o.seq_len, spec.train.seed, DType::F32, &dev)?;
     let acc = Accounting::of(&model, o.seq_len);
     let data = DataSource::new(&spec.data, spec.train.seed, o.seq_len)?;
@@ -48,6 +49,7 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
         let n = global_norm(&grads)?;
         clip_grads(&mut grads, n, spec.train.grad_clip)?;
         opt.step(&model.params, &grads, spec.train.optimizer.lr)?;
+        o.device.synchronize()?;
         if i >= o.warmup {
             elapsed += t0.elapsed().as_secs_f64();
         }
@@ -68,6 +70,9 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
 /// Runs `bench/torch_lm.py` with the same model and batch, when possible.
 fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, String) {
     let m = &spec.model;
+    if !o.device.is_cpu() {
+        return (None, "the PyTorch reference runs on the CPU only".into());
+    }
     if m.layer_pattern.iter().any(|b| b != "attention") {
         return (None, "no PyTorch reference for this architecture yet".into());
     }
