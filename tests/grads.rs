@@ -182,3 +182,26 @@ fn fused_rope_matches_composed() {
         assert_close("rope dx", gc.get(x.as_tensor()).unwrap(), gf.get(x.as_tensor()).unwrap(), 1e-12);
     }
 }
+
+/// Fused CPU cross-entropy == composed log-softmax + gather, values and logits gradient.
+#[test]
+fn fused_cross_entropy_matches_composed() {
+    for (n, v) in [(130usize, 513usize), (1, 7), (64, 64)] {
+        for dt in [DType::F64, DType::F32] {
+            let x = Var::from_tensor(&rand_tensor(&[n, v], 3.0, 7).to_dtype(dt).unwrap()).unwrap();
+            let mut r = mixscale::data::rng::Rng::new(1);
+            let t = Tensor::from_vec((0..n).map(|_| r.below(v as u64) as u32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
+            let w = rand_tensor(&[n], 1.0, 8).to_dtype(dt).unwrap();
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            let lf = softmax::cross_entropy_each(x.as_tensor(), &t).unwrap();
+            let lc = softmax::cross_entropy_each_composed(x.as_tensor(), &t).unwrap();
+            assert_close("ce fwd", &lc, &lf, tol);
+            let gf = (lf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (lc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            assert_close("ce dlogits", gc.get(x.as_tensor()).unwrap(), gf.get(x.as_tensor()).unwrap(), tol * 10.0);
+        }
+    }
+    let bad = Tensor::new(&[9u32], &Device::Cpu).unwrap();
+    let err = softmax::cross_entropy_each(&rand_tensor(&[1, 7], 1.0, 1), &bad).unwrap_err().to_string();
+    assert!(err.contains("target 9"), "{err}");
+}
