@@ -16,3 +16,5 @@ mod config_errors;
 mod training;
 /// Every preset in architectures/ parses, resolves and builds.
 mod presets;
+/// CPU vs CUDA parity (skipped without a GPU).
+mod gpu;
