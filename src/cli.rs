@@ -61,6 +61,29 @@ enum Cmd {
         #[arg(long)]
         list: bool,
     },
+    /// Fit a scaling law to a CSV of points (columns N, D, C, loss, lr, batch_tokens, S, run, step)
+    /// and write DIR/fit.json.
+    Fit {
+        input: PathBuf,
+        /// chinchilla (L = E + A/N^alpha + B/D^beta), power (y = E + A x^-alpha), steplaw.
+        #[arg(long)]
+        law: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Fit options as YAML (keys of mixscale::fit::FitOptions; e.g. delta, drop_highest,
+        /// bootstrap: {resamples, seed, level}, budgets, x, y, band, columns).
+        #[arg(long)]
+        options: Option<PathBuf>,
+        /// Column naming of a known public file: chinchilla_svg or steplaw.
+        #[arg(long)]
+        columns: Option<String>,
+        /// Drop the k highest losses (Besiroglu et al. 2024 drop 5).
+        #[arg(long)]
+        drop_highest: Option<usize>,
+        /// Bootstrap resamples (by run) for confidence intervals.
+        #[arg(long)]
+        bootstrap: Option<usize>,
+    },
     /// Training throughput of an architecture (and PyTorch eager, when bench/.venv has torch).
     Bench {
         config: PathBuf,
@@ -168,6 +191,40 @@ pub fn run() -> Result<i32> {
             mixscale::ops::run_op_files(name.as_deref().unwrap_or_default(), &i, &o)?;
             println!("wrote {}", o.display());
             Ok(0)
+        }
+        Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap } => {
+            use mixscale::fit::{points::ColumnMap, run_fit, FitOptions};
+            let mut opts: FitOptions = match &options {
+                Some(p) => YamlDoc::load(p)?.deserialize()?,
+                None => FitOptions::default(),
+            };
+            match columns.as_deref() {
+                None => {}
+                Some("chinchilla_svg") => opts.columns = ColumnMap::chinchilla_svg(),
+                Some("steplaw") => opts.columns = ColumnMap::steplaw(),
+                Some(other) => anyhow::bail!(mixscale::Error::UnknownName {
+                    kind: "column preset",
+                    name: other.into(),
+                    known: vec!["chinchilla_svg".into(), "steplaw".into()],
+                }),
+            }
+            if let Some(k) = drop_highest {
+                opts.drop_highest = k;
+            }
+            if let Some(n) = bootstrap {
+                opts.bootstrap.resamples = n;
+            }
+            let r = run_fit(&input, &law, &out, &opts).map_err(|e| mixscale::Error::Input(e.to_string()))?;
+            println!("law: {}  points: {}  objective: {:.6e}  grad norm: {:.2e}  converged: {}", r.law, r.n_points, r.objective, r.grad_norm, r.converged);
+            for (k, v) in &r.params {
+                let ci = r.ci.get(k).map(|[lo, hi]| format!("  [{lo:.4}, {hi:.4}]")).unwrap_or_default();
+                println!("  {k:>8} = {v:.6}{ci}");
+            }
+            for e in &r.exclusions {
+                println!("  excluded: {e}");
+            }
+            println!("wrote {}", out.join("fit.json").display());
+            Ok(if r.converged { 0 } else { 4 })
         }
         Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device } => {
             let spec = load_run(&config, &sets)?;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fit;
 pub mod model;
 pub mod ops;
 pub mod train;

@@ -18,3 +18,5 @@ mod training;
 mod presets;
 /// CPU vs CUDA parity (skipped without a GPU).
 mod gpu;
+/// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
+mod fit;

@@ -1,0 +1,195 @@
+//! Scaling-law fitting engine.
+//!
+//! * [`points`]: CSV points with named columns, exclusions recorded ([`csv`] underneath).
+//! * [`lbfgs`]: L-BFGS with a strong-Wolfe line search and an honest `converged` flag.
+//! * [`huber`]: Huber loss and the log-space LSE objective (Hoffmann et al. 2022,
+//!   arXiv:2203.15556; Besiroglu et al. 2024, arXiv:2404.10102).
+//! * [`laws::chinchilla`]: L = E + A/N^α + B/D^β, Approach 3 with the 4,500-start grid.
+//! * [`laws::power`]: y = E + A·x^−α for any metric against any column.
+//! * [`laws::steplaw`]: Step Law hyper-parameter laws (Li et al. 2025, arXiv:2503.04715).
+//! * [`bootstrap`]: by-run bootstrap with percentile CIs, seeded ([`crate::data::rng`]).
+//!
+//! Entry point: [`run_fit`], which writes `fit.json` (a serialised [`FitResult`]) atomically.
+
+// NaN-safe comparisons (`!(x > 0.0)`) are deliberate throughout.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+pub mod bootstrap;
+pub mod csv;
+pub mod error;
+pub mod huber;
+pub mod laws;
+pub mod lbfgs;
+pub mod ols;
+pub mod points;
+
+pub use bootstrap::BootstrapOptions;
+pub use error::FitError;
+pub use points::{ColumnMap, Points};
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Names accepted by [`run_fit`].
+pub const KNOWN_LAWS: &[&str] = &["chinchilla", "power", "steplaw"];
+
+/// Result of a fit, serialised to `fit.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FitResult {
+    /// Law name (one of [`KNOWN_LAWS`]).
+    pub law: String,
+    /// Point estimates under the papers' symbols (e.g. `E`, `A`, `B`, `alpha`, `beta`).
+    pub params: BTreeMap<String, f64>,
+    /// Bootstrap percentile intervals (empty without a bootstrap).
+    pub ci: BTreeMap<String, [f64; 2]>,
+    /// The paper's objective at the estimate (Σ Huber for the Huber laws, residual sum of
+    /// squares for the Step Law regressions).
+    pub objective: f64,
+    /// Gradient norm in the optimiser's parameterisation (see each law; 0 for closed-form OLS).
+    pub grad_norm: f64,
+    /// True only if the optimiser met its gradient tolerance with a last step that made progress
+    /// (see [`lbfgs`]); true for closed-form least squares.
+    pub converged: bool,
+    /// Every excluded row and exclusion rule, in order.
+    pub exclusions: Vec<String>,
+    /// Points used in the fit (after exclusions).
+    pub n_points: usize,
+    /// Law-specific details (allocations, per-cell optima, optimiser diagnostics, bootstrap).
+    pub extra: serde_json::Value,
+}
+
+/// Which starting points the Huber laws use.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum StartGrid {
+    /// The law's default grid (Chinchilla: the 4,500-start Hoffmann/Epoch grid).
+    #[default]
+    Default,
+    /// No grid: only [`FitOptions::extra_starts`].
+    None,
+    /// These starts, in the law's paper parameterisation (see each law).
+    Custom(Vec<Vec<f64>>),
+}
+
+/// Options of [`run_fit`]. Fields a law does not use are ignored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FitOptions {
+    /// Column renames/scales (e.g. [`ColumnMap::chinchilla_svg`], [`ColumnMap::steplaw`]).
+    pub columns: ColumnMap,
+    /// Huber δ on log residuals (Hoffmann et al. 2022: 1e-3).
+    pub delta: f64,
+    /// Drop the k rows with the highest target value (Besiroglu et al. 2024: k = 5 losses).
+    pub drop_highest: usize,
+    /// Start grid of the Huber laws.
+    pub grid: StartGrid,
+    /// Extra starts appended to the grid (paper parameterisation of the law).
+    pub extra_starts: Vec<Vec<f64>>,
+    /// L-BFGS iteration limit per start.
+    pub max_iter: usize,
+    /// L-BFGS gradient tolerance on ‖∇(Σ Huber/(δ n))‖_∞ in centred log parameters.
+    pub gtol: f64,
+    /// L-BFGS relative objective-change stop (never counts as convergence); 0 disables.
+    pub ftol: f64,
+    pub bootstrap: BootstrapOptions,
+    /// Compute budgets (FLOPs) at which the Chinchilla allocation is reported.
+    pub budgets: Vec<f64>,
+    /// Power law: the regressor column and the target column.
+    pub x: String,
+    pub y: String,
+    /// Step Law near-optimal band: keep runs with |loss/min − 1| < band (Li et al.: 0.0025).
+    pub band: f64,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            columns: ColumnMap::default(),
+            delta: 1e-3,
+            drop_highest: 0,
+            grid: StartGrid::Default,
+            extra_starts: vec![],
+            max_iter: 2000,
+            gtol: 1e-8,
+            ftol: 0.0,
+            bootstrap: BootstrapOptions::default(),
+            budgets: vec![5.76e23],
+            x: "C".into(),
+            y: "loss".into(),
+            band: 0.0025,
+        }
+    }
+}
+
+impl FitOptions {
+    /// The L-BFGS options implied by these fit options.
+    pub fn lbfgs(&self) -> lbfgs::LbfgsOptions {
+        lbfgs::LbfgsOptions { max_iter: self.max_iter, gtol: self.gtol, ftol: self.ftol, ..Default::default() }
+    }
+    pub(crate) fn check(&self) -> Result<(), FitError> {
+        if !(self.delta > 0.0 && self.delta.is_finite()) {
+            return Err(FitError::Option(format!("delta must be positive and finite, got {}", self.delta)));
+        }
+        if !(self.gtol >= 0.0) || !(self.ftol >= 0.0) {
+            return Err(FitError::Option("gtol and ftol must be >= 0".into()));
+        }
+        if !(self.bootstrap.level > 0.0 && self.bootstrap.level < 1.0) {
+            return Err(FitError::Option(format!("bootstrap level must be in (0,1), got {}", self.bootstrap.level)));
+        }
+        if !(self.band > 0.0 && self.band.is_finite()) {
+            return Err(FitError::Option(format!("band must be positive, got {}", self.band)));
+        }
+        if self.budgets.iter().any(|c| !(*c > 0.0 && c.is_finite())) {
+            return Err(FitError::Option("budgets must be positive and finite".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Reads `input`, fits `law`, writes `out_dir/fit.json` (temp file + rename) and returns the
+/// result. `out_dir` is created if missing.
+pub fn run_fit(input: &Path, law: &str, out_dir: &Path, opts: &FitOptions) -> Result<FitResult, FitError> {
+    opts.check()?;
+    let result = match law {
+        "chinchilla" => {
+            let pts = Points::read(input, laws::chinchilla::NEEDED, &["run"], &opts.columns, law)?;
+            laws::chinchilla::fit(pts, opts)?
+        }
+        "power" => {
+            let pts = Points::read(input, &[opts.x.as_str(), opts.y.as_str()], &["run"], &opts.columns, law)?;
+            laws::power::fit(pts, opts)?
+        }
+        "steplaw" => {
+            let pts = laws::steplaw::read(input, opts)?;
+            laws::steplaw::fit(pts, opts)?
+        }
+        other => {
+            return Err(FitError::UnknownLaw { name: other.to_string(), known: KNOWN_LAWS.join(", ") });
+        }
+    };
+    write_json_atomic(&out_dir.join("fit.json"), &result)?;
+    Ok(result)
+}
+
+/// Writes `value` as pretty JSON to `path` via a temporary file in the same folder and a rename,
+/// so readers never see a partial file.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), FitError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let werr = |source| FitError::Write { path: path.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(werr)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("fit.json");
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::fs::write(&tmp, text).map_err(werr)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        werr(e)
+    })
+}
+
+/// NaN/inf-safe JSON number (JSON has no NaN: non-finite values become `null`).
+pub(crate) fn jnum(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+}
