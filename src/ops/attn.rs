@@ -2,13 +2,26 @@
 //! (semantics: `../shared/reference/ops.md` §1; reference fla `fla/ops/attn/naive.py::naive_parallel_attn`).
 //!
 //! `o[i] = Σ_{j≤i} softmax_j(q_i·k_j / √D) v_j`; query head h reads kv head `h / (Hq/Hkv)`
-//! (contiguous groups). [`attn`] is the parallel training form (materialises T×T scores per
-//! head; composed ops, exact autograd); [`attn_reference`] is a plain f64 loop used by tests.
+//! (contiguous groups). [`attn`] is the parallel training form: on the CPU in f32/f64 it runs the
+//! fused kernel [`crate::ops::attn_fused::attn_fused`], elsewhere [`attn_composed`] (materialises
+//! T×T scores per head; composed ops, exact autograd). [`attn_reference`] is a plain f64 loop
+//! used by tests.
 
 use candle_core::{DType, Result, Tensor};
 
 /// Causal attention. q `[B,T,Hq,D]`, k/v `[B,T,Hkv,D]` → o `[B,T,Hq,D]`.
+/// Dispatches to the fused CPU kernel for CPU f32/f64 inputs, else to [`attn_composed`].
 pub fn attn(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let fusable = |x: &Tensor| x.device().is_cpu() && x.dtype() == q.dtype();
+    if matches!(q.dtype(), DType::F32 | DType::F64) && [q, k, v].into_iter().all(fusable) {
+        return crate::ops::attn_fused::attn_fused(q, k, v);
+    }
+    attn_composed(q, k, v)
+}
+
+/// Causal attention composed from candle primitives (materialises `[B,Hq,T,T]` scores; exact
+/// autograd through candle). Any device and float dtype; the reference the fused op is tested against.
+pub fn attn_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (_b, t, hq, d) = q.dims4()?;
     let hkv = k.dim(2)?;
     if hq % hkv != 0 {

@@ -3,6 +3,7 @@
 //! Semantics and layouts: `../shared/reference/ops.md`.
 
 pub mod attn;
+pub mod attn_fused;
 pub mod cpu;
 pub mod norm;
 pub mod rope;
