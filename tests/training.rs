@@ -183,3 +183,22 @@ fn outputs_and_learning() {
     let reloaded = mixscale::config::YamlDoc::load(&dir.path().join("config.yaml")).unwrap();
     assert_eq!(mixscale::config::RunSpec::from_doc(&reloaded).unwrap(), spec);
 }
+
+/// Gradients and optimizer state carry no autograd history: otherwise each step's state would
+/// reference the previous step's graph and memory would grow without bound (this leak once
+/// OOM-killed a 400-step run at 24 GB).
+#[test]
+fn training_state_holds_no_graph() {
+    use mixscale::train::{compute_grads, optim::AdamW};
+    let spec = spec_from(TINY, &[]).unwrap();
+    let dev = Device::Cpu;
+    let model = mixscale::model::LanguageModel::new(&spec.model, 16, 0, DType::F32, &dev).unwrap();
+    let data = mixscale::data::DataSource::new(&spec.data, 0, 16).unwrap();
+    let mut opt = AdamW::new(&spec.train.optimizer, &model.params).unwrap();
+    for step in 0..3u64 {
+        let (_, grads) = compute_grads(&model, 2, |m| data.train_batch(step * 4 + 2 * m as u64, 2, &dev)).unwrap();
+        assert!(grads.values().all(|g| !g.track_op()), "gradients keep the backward graph alive");
+        opt.step(&model.params, &grads, 1e-3).unwrap();
+        assert!(opt.state_is_detached(), "AdamW state keeps autograd history");
+    }
+}

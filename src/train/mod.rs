@@ -257,9 +257,12 @@ pub fn compute_grads(
         let g = (loss / accum as f64)?.backward()?;
         for (name, p) in &model.params.params {
             if let Some(gi) = g.get(p.var.as_tensor()) {
+                // Gradients are themselves graph nodes (they depend on the variables); detach
+                // them so nothing keeps this step's graph alive.
+                let gi = gi.detach();
                 let sum = match grads.remove(name) {
                     Some(prev) => (prev + gi)?,
-                    None => gi.clone(),
+                    None => gi,
                 };
                 grads.insert(name.clone(), sum);
             }

@@ -36,9 +36,12 @@ impl AdamW {
         let step_size = lr / bc1;
         for (k, p) in &params.params {
             let Some(g) = grads.get(k) else { continue };
-            let m = (self.m[k].affine(s.beta1, 0.0)? + g.affine(1.0 - s.beta1, 0.0)?)?;
-            let v = (self.v[k].affine(s.beta2, 0.0)? + g.sqr()?.affine(1.0 - s.beta2, 0.0)?)?;
-            let mut theta = p.var.as_tensor().clone();
+            // Everything here is detached from the autograd graph: a state tensor that kept
+            // its op history would chain every step's gradients together (a memory leak).
+            let g = g.detach();
+            let m = (self.m[k].affine(s.beta1, 0.0)? + g.affine(1.0 - s.beta1, 0.0)?)?.detach();
+            let v = (self.v[k].affine(s.beta2, 0.0)? + g.sqr()?.affine(1.0 - s.beta2, 0.0)?)?.detach();
+            let mut theta = p.var.as_tensor().detach();
             if p.decay && s.weight_decay > 0.0 {
                 theta = theta.affine(1.0 - lr * s.weight_decay, 0.0)?;
             }
@@ -49,6 +52,11 @@ impl AdamW {
             self.v.insert(k.clone(), v);
         }
         Ok(())
+    }
+
+    /// True when no state tensor holds autograd history (see `step`).
+    pub fn state_is_detached(&self) -> bool {
+        self.m.values().chain(self.v.values()).all(|t| !t.track_op())
     }
 
     /// Optimizer state as named tensors (`m.<param>`, `v.<param>`).
