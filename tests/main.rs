@@ -18,5 +18,7 @@ mod training;
 mod presets;
 /// CPU vs CUDA parity (skipped without a GPU).
 mod gpu;
+/// Token files and MQAR through the training loop: masked loss, accuracy, located errors.
+mod datasets;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;

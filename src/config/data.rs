@@ -1,5 +1,6 @@
-//! Data spec (`data:` section). For now the built-in synthetic language; file formats and
-//! synthetic tasks come with the data issue.
+//! Data spec (`data:` section): the built-in synthetic language, token files (llm.c shards or
+//! raw uint16/uint32 arrays) and the Zoology MQAR task. Readers and generators live in
+//! `src/data/`.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,48 @@ pub enum DataSpec {
         #[serde(default)]
         language_seed: u64,
     },
+    /// Pre-tokenized files (`src/data/shards.rs`), memory-mapped. Training windows are drawn
+    /// uniformly from every window of `seq_len + 1` tokens of the `train` files; validation is
+    /// the first `eval_sequences` consecutive windows of the `val` files.
+    Tokens {
+        /// Path of the training files; `*` and `?` allowed in the last component
+        /// (e.g. `data/fineweb_train_*.bin`). Relative paths are relative to the working directory.
+        train: String,
+        /// Path of the validation files (same rules).
+        val: String,
+        /// File format.
+        format: TokenFormat,
+        /// Every token id must be below this (≤ model.vocab_size); checked on every window read.
+        vocab_size: usize,
+    },
+    /// Zoology's multi-query associative recall (`src/data/mqar.rs`), generated on the fly.
+    /// `setting` names a standard configuration (`mqar::SETTINGS`); explicit fields override it.
+    /// Defaults are Zoology's: vocab 8192, 8 pairs, power_a 0.01, random non-queries.
+    Mqar {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setting: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vocab_size: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        num_kv_pairs: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        power_a: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        random_non_queries: Option<bool>,
+    },
+}
+
+/// Layout of a token file.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenFormat {
+    /// llm.c / modded-nanogpt shard: 256 × int32 header (magic, version, token count), then
+    /// uint16 tokens (magic 20240520, version 1) or uint32 tokens (magic 20240801, version 7).
+    Llmc,
+    /// Headerless little-endian uint16 array (nanoGPT `train.bin`).
+    U16,
+    /// Headerless little-endian uint32 array.
+    U32,
 }
 
 impl Default for DataSpec {

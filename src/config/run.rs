@@ -5,6 +5,7 @@ use super::data::DataSpec;
 use super::model::ModelSpec;
 use super::train::TrainSpec;
 use super::YamlDoc;
+use crate::data::mqar::MqarParams;
 use crate::error::Result;
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +102,24 @@ impl RunSpec {
                     return Err(doc.error(
                         "data.vocab_size",
                         format!("the language has {vocab_size} tokens but model.vocab_size is {}", m.vocab_size),
+                    ));
+                }
+            }
+            DataSpec::Tokens { vocab_size, .. } => {
+                if *vocab_size == 0 || *vocab_size > m.vocab_size {
+                    return Err(doc.error(
+                        "data.vocab_size",
+                        format!("must be in 1..=model.vocab_size ({}); got {vocab_size}", m.vocab_size),
+                    ));
+                }
+            }
+            DataSpec::Mqar { setting, vocab_size, num_kv_pairs, power_a, random_non_queries } => {
+                let p = MqarParams::resolve(setting.as_deref(), *vocab_size, *num_kv_pairs, *power_a, *random_non_queries, t.seq_len)
+                    .map_err(|(k, msg)| doc.error(k, msg))?;
+                if p.vocab_size > m.vocab_size {
+                    return Err(doc.error(
+                        "data.vocab_size",
+                        format!("MQAR uses {} tokens but model.vocab_size is {}", p.vocab_size, m.vocab_size),
                     ));
                 }
             }

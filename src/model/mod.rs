@@ -102,6 +102,16 @@ impl LanguageModel {
         let logits = self.logits_flat(&self.hidden(inputs)?)?;
         cross_entropy_each(&logits.to_dtype(promote(logits.dtype()))?, &targets.flatten_all()?)
     }
+
+    /// Per-position cross-entropy `[B·T]` (as [`Self::loss_each`]) and whether the argmax of the
+    /// logits equals the target `[B·T]` (u8), from one forward pass.
+    pub fn loss_and_correct_each(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        let logits = self.logits_flat(&self.hidden(inputs)?)?;
+        let t = targets.flatten_all()?;
+        let each = cross_entropy_each(&logits.to_dtype(promote(logits.dtype()))?, &t)?;
+        let correct = logits.argmax(candle_core::D::Minus1)?.eq(&t)?;
+        Ok((each, correct))
+    }
 }
 
 fn promote(dt: DType) -> DType {

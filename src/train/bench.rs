@@ -45,7 +45,7 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
     let mut elapsed = 0.0;
     for (i, b) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let (_loss, mut grads) = compute_grads(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None }))?;
+        let (_loss, mut grads) = compute_grads(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
         let n = global_norm(&grads)?;
         clip_grads(&mut grads, n, spec.train.grad_clip)?;
         opt.step(&model.params, &grads, spec.train.optimizer.lr)?;

@@ -53,24 +53,69 @@ pub enum Outcome {
     Stopped { step: usize },
 }
 
-/// Mean cross-entropy of `model` on validation sequences `0..n` (micro-batches of `mb`), and the
-/// mean true −ln p of the same targets when the source knows it.
-pub fn evaluate(model: &LanguageModel, data: &DataSource, n: usize, mb: usize, dev: &Device) -> Result<(f64, Option<f64>)> {
-    let (mut sum, mut count, mut floor) = (0.0, 0usize, Some(0.0));
+/// Result of [`evaluate`].
+#[derive(Clone, Copy, Debug)]
+pub struct Eval {
+    /// Mean cross-entropy over the scored targets (all targets without a mask).
+    pub loss: f64,
+    /// Mean true −ln p of the same targets, when the source knows it.
+    pub floor: Option<f64>,
+    /// Fraction of scored targets equal to the argmax of the logits.
+    pub accuracy: f64,
+}
+
+/// Evaluates `model` on validation sequences `0..n` (micro-batches of `mb`). With a mask
+/// (MQAR) only the scored positions count, as Zoology's `ignore_index = -100`; its accuracy
+/// pools all scored positions (Zoology averages per example first, the same number when every
+/// example has `num_kv_pairs` scored positions).
+pub fn evaluate(model: &LanguageModel, data: &DataSource, n: usize, mb: usize, dev: &Device) -> Result<Eval> {
+    let (mut sum, mut count, mut correct, mut floor) = (0.0, 0.0, 0.0, Some(0.0));
     let mut start = 0;
     while start < n {
         let k = mb.min(n - start);
         let b = data.val_batch(start as u64, k, dev)?;
-        let each = model.loss_each(&b.inputs, &b.targets)?.to_dtype(DType::F64)?;
-        sum += each.sum_all()?.to_scalar::<f64>()?;
-        count += each.elem_count();
+        let (each, ok) = model.loss_and_correct_each(&b.inputs, &b.targets)?;
+        let (each, ok) = (each.to_dtype(DType::F64)?, ok.to_dtype(DType::F64)?);
+        match &b.mask {
+            None => {
+                sum += each.sum_all()?.to_scalar::<f64>()?;
+                count += each.elem_count() as f64;
+                correct += ok.sum_all()?.to_scalar::<f64>()?;
+            }
+            Some(m) => {
+                let w = m.flatten_all()?.to_dtype(DType::F64)?;
+                sum += (each * &w)?.sum_all()?.to_scalar::<f64>()?;
+                count += w.sum_all()?.to_scalar::<f64>()?;
+                correct += (ok * &w)?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
         floor = match (floor, &b.true_nlp) {
             (Some(f), Some(p)) => Some(f + p.iter().sum::<f64>()),
             _ => None,
         };
         start += k;
     }
-    Ok((sum / count as f64, floor.map(|f| f / count as f64)))
+    if count == 0.0 {
+        return Err(Error::Other("evaluation: no scored validation positions".into()));
+    }
+    Ok(Eval { loss: sum / count, floor: floor.map(|f| f / count), accuracy: correct / count })
+}
+
+/// Training loss of one batch: the model's mean cross-entropy, or with a mask the mean over
+/// the scored positions only.
+pub fn batch_loss(model: &LanguageModel, b: &crate::data::Batch) -> Result<Tensor> {
+    match &b.mask {
+        None => Ok(model.loss(&b.inputs, &b.targets)?),
+        Some(m) => {
+            let each = model.loss_each(&b.inputs, &b.targets)?;
+            let w = m.flatten_all()?.to_dtype(each.dtype())?;
+            let n = m.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            if n == 0.0 {
+                return Err(Error::Other("training batch has no scored positions".into()));
+            }
+            Ok(((each * w)?.sum_all()? / n)?)
+        }
+    }
 }
 
 /// Trains `spec` (blocks already resolved) into `opts.out`.
@@ -112,6 +157,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
     let model = LanguageModel::new(&spec.model, t.seq_len, t.seed, opts.dtype, dev)?;
     let acc = Accounting::of(&model, t.seq_len);
     let data = DataSource::new(&spec.data, t.seed, t.seq_len)?;
+    data.check_val(t.eval_sequences)?;
     let mut opt = AdamW::new(&t.optimizer, &model.params)?;
     let mut state = TrainState { step: 0, tokens: 0, data_position: 0, adam_t: 0, first_loss: None, seed: t.seed };
     let resumed = opts.resume && checkpoint::exists(out);
@@ -124,7 +170,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         opt.load_state(ck.state.adam_t, &ck.optim)?;
         state = ck.state;
     }
-    let mut metrics = MetricsWriter::open(out, resumed.then_some(state.step))?;
+    let mut metrics = MetricsWriter::open(out, resumed.then_some(state.step), data.is_masked())?;
 
     let total = t.total_steps();
     let end = opts.stop_at_step.unwrap_or(total).min(total);
@@ -143,7 +189,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
     );
     let bar = progress_bar(opts.progress, total, state.step);
 
-    let mut last = (None, None); // (train_loss, val_loss)
+    let mut last: (Option<f64>, Option<Eval>) = (None, None); // (train_loss, last evaluation)
     let mut window = (0u64, 0f64); // tokens and seconds since the last metrics row
     let mut diverged: Option<String> = None;
     for step in state.step..end {
@@ -168,7 +214,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         if diverged.is_some() {
             state.step = step + 1;
             state.tokens += t.tokens_per_step();
-            metrics.write(&MetricsRow { step: step + 1, tokens: state.tokens, lr, train_loss, val_loss: None, grad_norm, tokens_per_s: 0.0 })?;
+            metrics.write(&MetricsRow { step: step + 1, tokens: state.tokens, lr, train_loss, val_loss: None, grad_norm, tokens_per_s: 0.0, val_accuracy: None })?;
             last.0 = Some(train_loss);
             break;
         }
@@ -184,28 +230,29 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
 
         let is_last = state.step == total;
         let do_eval = is_last || (t.eval_every > 0 && state.step % t.eval_every == 0);
-        let val = if do_eval { Some(evaluate(&model, &data, t.eval_sequences, mb, dev)?.0) } else { None };
+        let val = if do_eval { Some(evaluate(&model, &data, t.eval_sequences, mb, dev)?) } else { None };
         if val.is_some() {
             last.1 = val;
         }
         if do_eval || is_last || state.step % t.log_every.max(1) == 0 {
             let tps = window.0 as f64 / window.1.max(1e-9);
-            metrics.write(&MetricsRow { step: state.step, tokens: state.tokens, lr, train_loss, val_loss: val, grad_norm, tokens_per_s: tps })?;
+            metrics.write(&MetricsRow { step: state.step, tokens: state.tokens, lr, train_loss, val_loss: val.map(|e| e.loss), grad_norm, tokens_per_s: tps, val_accuracy: val.map(|e| e.accuracy) })?;
             window = (0, 0.0);
             if let Some(v) = val {
                 bar.println(format!(
-                    "step {:>6}  train {:.4}  val {:.4}{}",
+                    "step {:>6}  train {:.4}  val {:.4}{}{}",
                     state.step,
                     train_loss,
-                    v,
-                    floor.map(|f| format!("  floor {f:.4}")).unwrap_or_default()
+                    v.loss,
+                    floor.map(|f| format!("  floor {f:.4}")).unwrap_or_default(),
+                    if data.is_masked() { format!("  acc {:.4}", v.accuracy) } else { String::new() }
                 ));
             }
         }
         bar.set_position(state.step as u64);
         bar.set_message(format!(
             "loss {train_loss:.4}{} | {:.0} tok/s",
-            last.1.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+            last.1.map(|v| format!(" val {:.4}", v.loss)).unwrap_or_default(),
             t.tokens_per_step() as f64 / dt
         ));
         let ckpt_due = t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0;
@@ -225,8 +272,9 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         steps_planned: total,
         tokens: state.tokens,
         train_loss: last.0,
-        val_loss: last.1,
-        val_bits_per_token: last.1.map(|v| v / std::f64::consts::LN_2),
+        val_loss: last.1.map(|e| e.loss),
+        val_bits_per_token: last.1.map(|e| e.loss / std::f64::consts::LN_2),
+        val_accuracy: last.1.map(|e| e.accuracy),
         entropy_floor: floor,
         entropy_floor_bits: floor.map(|f| f / std::f64::consts::LN_2),
         compute: acc.compute(state.tokens),
@@ -242,7 +290,9 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
 }
 
 /// Mean loss over `accum` micro-batches and the summed gradients of loss/accum, by parameter
-/// name (parameters that received no gradient are absent).
+/// name (parameters that received no gradient are absent). With masks this is the mean of the
+/// micro-batches' masked means, which equals the whole batch's masked mean when every
+/// micro-batch has the same number of scored positions (MQAR: `num_kv_pairs` per sequence).
 pub fn compute_grads(
     model: &LanguageModel,
     accum: usize,
@@ -252,7 +302,7 @@ pub fn compute_grads(
     let mut loss_sum = 0.0;
     for m in 0..accum {
         let b = batch(m)?;
-        let loss = model.loss(&b.inputs, &b.targets)?;
+        let loss = batch_loss(model, &b)?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let g = (loss / accum as f64)?.backward()?;
         for (name, p) in &model.params.params {

@@ -10,8 +10,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const METRICS_HEADER: &str = "step,tokens,lr,train_loss,val_loss,grad_norm,tokens_per_s";
+/// Extra last column of tasks that score only some positions (MQAR): accuracy on the scored
+/// validation positions. Other sources keep the header above unchanged.
+pub const ACCURACY_COLUMN: &str = "val_accuracy";
 
-/// One metrics row; `val_loss` is empty when no evaluation happened at that step.
+/// One metrics row; `val_loss` (and `val_accuracy`) are empty when no evaluation happened at
+/// that step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricsRow {
     pub step: usize,
@@ -21,15 +25,22 @@ pub struct MetricsRow {
     pub val_loss: Option<f64>,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    pub val_accuracy: Option<f64>,
 }
 
 impl MetricsRow {
-    pub fn to_csv(&self) -> String {
+    /// The row; with `accuracy` the `val_accuracy` column is appended.
+    pub fn to_csv(&self, accuracy: bool) -> String {
         let val = self.val_loss.map(|v| format!("{v:.6}")).unwrap_or_default();
-        format!(
+        let mut row = format!(
             "{},{},{:.6e},{:.6},{},{:.6},{:.1}",
             self.step, self.tokens, self.lr, self.train_loss, val, self.grad_norm, self.tokens_per_s
-        )
+        );
+        if accuracy {
+            row.push(',');
+            row.push_str(&self.val_accuracy.map(|a| format!("{a:.6}")).unwrap_or_default());
+        }
+        row
     }
 }
 
@@ -37,14 +48,16 @@ impl MetricsRow {
 pub struct MetricsWriter {
     path: PathBuf,
     file: fs::File,
+    accuracy: bool,
 }
 
 impl MetricsWriter {
     /// Opens `run_dir/metrics.csv`. With `keep_until = Some(step)` (resume), rows after `step`
     /// are dropped first (they belong to work after the checkpoint, which will be redone).
-    pub fn open(run_dir: &Path, keep_until: Option<usize>) -> Result<Self> {
+    /// With `accuracy` the header and rows end with the [`ACCURACY_COLUMN`].
+    pub fn open(run_dir: &Path, keep_until: Option<usize>, accuracy: bool) -> Result<Self> {
         let path = run_dir.join("metrics.csv");
-        let mut text = format!("{METRICS_HEADER}\n");
+        let mut text = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}\n") } else { format!("{METRICS_HEADER}\n") };
         if let (Some(step), Ok(old)) = (keep_until, fs::read_to_string(&path)) {
             for line in old.lines().skip(1) {
                 let s: Option<usize> = line.split(',').next().and_then(|x| x.parse().ok());
@@ -56,11 +69,11 @@ impl MetricsWriter {
         }
         super::checkpoint::write_atomic(&path, text.as_bytes())?;
         let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, file })
+        Ok(Self { path, file, accuracy })
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
-        writeln!(self.file, "{}", row.to_csv()).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{}", row.to_csv(self.accuracy)).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -84,6 +97,10 @@ pub struct Summary {
     pub train_loss: Option<f64>,
     pub val_loss: Option<f64>,
     pub val_bits_per_token: Option<f64>,
+    /// Fraction of scored validation targets the model's argmax predicts (every target for
+    /// unmasked sources; only the answer positions for MQAR). Absent in older summaries.
+    #[serde(default)]
+    pub val_accuracy: Option<f64>,
     /// Mean true −ln p of the validation targets under the data generator (the loss floor).
     pub entropy_floor: Option<f64>,
     pub entropy_floor_bits: Option<f64>,
