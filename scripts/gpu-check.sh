@@ -8,14 +8,14 @@
 # model FLOP/s, MFU against the chip's dense bf16 peak), and a short training run on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT"
+CHECK_DIR=${CHECK_DIR:-/tmp/gpu-check}
+mkdir -p "$CHECK_DIR"
 BIN=${MIXSCALE_BIN:-target-cuda/release/mixscale}
 TESTS=${MIXSCALE_TESTS:-$(ls -t target-cuda/release/deps/main-* 2>/dev/null | grep -v '\.d$' | head -1)}
 # shellcheck source=/dev/null
 source scripts/gpu-run-env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-GPU_NAME=$(head -1 "$OUT/gpu.txt")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$CHECK_DIR/gpu.txt"
+GPU_NAME=$(head -1 "$CHECK_DIR/gpu.txt")
 # Dense bf16 peak (TFLOP/s) of the chip, for MFU.
 case "$GPU_NAME" in
   *H100*|*H200*) PEAK=989 ;;
@@ -25,8 +25,8 @@ esac
 
 echo "== parity tests (CPU vs CUDA)"
 if [ -n "$TESTS" ] && [ -x "$TESTS" ]; then
-  timeout 120 "$TESTS" gpu --nocapture 2>&1 | tee "$OUT/parity.txt" | tail -5
-  PARITY=$(grep -E "^test result" "$OUT/parity.txt" | head -1)
+  timeout 120 "$TESTS" gpu --nocapture 2>&1 | tee "$CHECK_DIR/parity.txt" | tail -5
+  PARITY=$(grep -E "^test result" "$CHECK_DIR/parity.txt" | head -1)
 else
   PARITY="test binary not found"
 fi
@@ -37,21 +37,21 @@ for arch in architectures/*.yaml; do
   name=$(basename "$arch" .yaml)
   timeout 150 "$BIN" bench "$arch" --device cuda:0 --batch 8 --seq-len 1024 --steps 5 --warmup 2 \
     --set model.d_model=768 --set model.n_layers=12 --set model.vocab_size=50304 \
-    --set model.blocks.attention.num_heads=12 > "$OUT/bench-$name.txt" 2>&1
-  line=$(grep -E "^mixscale " "$OUT/bench-$name.txt")
+    --set model.blocks.attention.num_heads=12 > "$CHECK_DIR/bench-$name.txt" 2>&1
+  line=$(grep -E "^mixscale " "$CHECK_DIR/bench-$name.txt")
   if [ -n "$line" ]; then
     tps=$(echo "$line" | awk '{print $2}'); gf=$(echo "$line" | awk '{print $4}')
     mfu=$(awk -v g="$gf" -v p="$PEAK" 'BEGIN { if (p > 0) printf "%.1f%%", 100 * g / 1000 / p; else print "-" }')
     ROWS+=$(printf "%-22s %12s %14s %8s" "$name" "$tps" "$gf" "$mfu")$'\n'
   else
-    ROWS+=$(printf "%-22s failed: %s" "$name" "$(tail -1 "$OUT/bench-$name.txt")")$'\n'
+    ROWS+=$(printf "%-22s failed: %s" "$name" "$(tail -1 "$CHECK_DIR/bench-$name.txt")")$'\n'
   fi
 done
 
 echo "== training the attention preset on the GPU"
-timeout 180 "$BIN" train architectures/attention.yaml --device cuda:0 --out "$OUT/run-attention" --overwrite --quiet \
-  > "$OUT/train.txt" 2>&1
-TRAIN=$(grep -E "^(status|train loss|steps)" "$OUT/train.txt" | tr '\n' ' ')
+timeout 180 "$BIN" train architectures/attention.yaml --device cuda:0 --out "$CHECK_DIR/run-attention" --overwrite --quiet \
+  > "$CHECK_DIR/train.txt" 2>&1
+TRAIN=$(grep -E "^(status|train loss|steps)" "$CHECK_DIR/train.txt" | tr '\n' ' ')
 
 echo
 echo "================ gpu-check: $GPU_NAME"
