@@ -26,6 +26,7 @@ pub fn assert_close(name: &str, reference: &Tensor, other: &Tensor, tol: f64) {
     let scale = a.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
     let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
     let ratio = diff / scale;
+    eprintln!("{name}: max|diff|/max|ref| = {ratio:.3e}");
     assert!(ratio <= tol && ratio.is_finite(), "{name}: max|diff|/max|ref| = {ratio:e} > {tol:e}");
 }
 

@@ -10,6 +10,8 @@ mod util;
 mod grads;
 /// The `attn` core op against its f64 reference, and `mixscale op` file round trips.
 mod ops;
+/// Gated DeltaNet core op: chunked vs token loop vs f64 loop (values, gradients), CLI round trip.
+mod gdn;
 /// Bad YAML and CLI input: messages name file, line and key path; nothing is left behind.
 mod config_errors;
 /// Training: determinism, bit-exact resume, accumulation, divergence, outputs.

@@ -5,6 +5,7 @@
 //! tests; registering it is one line in [`REGISTRY`].
 
 pub mod attention;
+pub mod gated_deltanet;
 
 use crate::config::model::ModelSpec;
 use crate::config::{join_path, YamlDoc};
@@ -62,7 +63,7 @@ pub struct BlockEntry {
 }
 
 /// Every block mixscale knows. Adding a block: one file plus one line here.
-pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY];
+pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY];
 
 pub fn known_names() -> Vec<String> {
     REGISTRY.iter().map(|b| b.name.to_string()).collect()

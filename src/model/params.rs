@@ -93,10 +93,21 @@ impl<'a> ParamBuilder<'a> {
 
     /// N(0, std²) entries; weight-decayed when 2-D or more.
     pub fn normal(&mut self, name: &str, shape: &[usize], std: f64) -> Result<Tensor> {
+        self.normal_with_decay(name, shape, std, shape.len() >= 2)
+    }
+
+    /// N(0, std²) entries with an explicit decay flag (e.g. short-conv weights: no decay).
+    pub fn normal_with_decay(&mut self, name: &str, shape: &[usize], std: f64, decay: bool) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let mut rng = Rng::new(mix(self.seed, name_hash(&self.full(name))));
+        let mut rng = self.rng_for(name);
         let v = (0..n).map(|_| rng.normal() * std).collect();
-        self.insert(name, v, shape, shape.len() >= 2)
+        self.insert(name, v, shape, decay)
+    }
+
+    /// The generator [`Self::normal`] uses for parameter `name`, seeded by (run seed, full
+    /// name): for special inits passed to [`Self::values`].
+    pub fn rng_for(&self, name: &str) -> Rng {
+        Rng::new(mix(self.seed, name_hash(&self.full(name))))
     }
 
     /// Constant entries (norm gains: ones); never weight-decayed.

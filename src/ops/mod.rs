@@ -5,6 +5,7 @@
 pub mod attn;
 pub mod attn_fused;
 pub mod cpu;
+pub mod gated_delta_rule;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
@@ -25,16 +26,29 @@ pub struct OpEntry {
 }
 
 /// Every op `mixscale op` knows. New ops add one line here.
-pub static OPS: &[OpEntry] = &[OpEntry {
-    name: "attn",
-    about: "causal softmax attention with GQA; q [B,T,Hq,D], k, v [B,T,Hkv,D] -> o",
-    inputs: &["q", "k", "v"],
-    optional: &[],
-    forward: |t| {
-        attn::check_shapes(&t["q"], &t["k"], &t["v"])?;
-        Ok(vec![("o".into(), attn::attn(&t["q"], &t["k"], &t["v"])?)])
+pub static OPS: &[OpEntry] = &[
+    OpEntry {
+        name: "attn",
+        about: "causal softmax attention with GQA; q [B,T,Hq,D], k, v [B,T,Hkv,D] -> o",
+        inputs: &["q", "k", "v"],
+        optional: &[],
+        forward: |t| {
+            attn::check_shapes(&t["q"], &t["k"], &t["v"])?;
+            Ok(vec![("o".into(), attn::attn(&t["q"], &t["k"], &t["v"])?)])
+        },
     },
-}];
+    OpEntry {
+        name: "gated_delta_rule",
+        about: "gated delta rule (chunked, C=64); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H], initial_state [B,H,K,V] -> o, final_state",
+        inputs: &["q", "k", "v", "g", "beta"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = gated_delta_rule::gdr_chunked(&t["q"], &t["k"], &t["v"], &t["g"], &t["beta"], s0, gated_delta_rule::DEFAULT_CHUNK)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+];
 
 pub fn find_op(name: &str) -> Result<&'static OpEntry> {
     OPS.iter().find(|o| o.name == name).ok_or_else(|| Error::UnknownName {
