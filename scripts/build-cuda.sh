@@ -26,6 +26,7 @@
 #      and prints where the binary is and which CUDA libraries it needs.
 #
 # Usage:   scripts/build-cuda.sh [extra cargo args]
+#          CARGO_SUBCOMMAND=test scripts/build-cuda.sh --no-run --test main   (the test binary, for gpu-check.sh)
 # Env:     CUDA_VENV, CARGO_TARGET_DIR, CUDA_COMPUTE_CAP, CUDARC_CUDA_VERSION, PYTHON (venv creator),
 #          NICE_LEVEL (default 19; the dev machines are shared), CUDA_SKIP_BUILD=1 (only set up the toolchain).
 # Cost:    ~1.2 GB venv; a cold build is ~20+ minutes on 2 cores, mostly nvcc compiling candle-kernels.
@@ -116,7 +117,7 @@ fi
 log "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 log "RUSTFLAGS=$RUSTFLAGS"
 start=$(date +%s)
-"${NICE[@]}" cargo build --release --features cuda "$@"
+"${NICE[@]}" cargo "${CARGO_SUBCOMMAND:-build}" --release --features cuda "$@"
 log "cargo build took $(( $(date +%s) - start )) s"
 
 BIN=$CARGO_TARGET_DIR/release/mixscale
