@@ -76,7 +76,7 @@ fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, S
     if m.layer_pattern.iter().any(|b| b != "attention") {
         return (None, "no PyTorch reference for this architecture yet".into());
     }
-    if !o.torch_python.exists() {
+    if !python_exists(&o.torch_python) {
         return (None, format!("{} not found; run bench/setup_torch.sh to compare with PyTorch", o.torch_python.display()));
     }
     let a: crate::blocks::attention::AttentionConfig = match crate::blocks::parse(&m.blocks["attention"]) {
@@ -131,6 +131,14 @@ fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, S
         }
         Err(e) => (None, format!("unreadable PyTorch output ({e}): {line}")),
     }
+}
+
+/// A path that exists, or a bare program name found on PATH (e.g. `python3`).
+fn python_exists(p: &Path) -> bool {
+    if p.components().count() > 1 || p.exists() {
+        return p.exists();
+    }
+    std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file())).unwrap_or(false)
 }
 
 impl BenchReport {
