@@ -1,23 +1,10 @@
-use crate::util::{mixscale, spec_from, tempdir, write, TINY};
+use crate::util::{mixscale, opts, spec_from, tempdir, write, TINY};
 use candle_core::{DType, Device, Tensor};
 use mixscale::data::shards::write_llmc;
 use mixscale::data::DataSource;
 use mixscale::model::LanguageModel;
-use mixscale::train::{batch_loss, evaluate, train, Outcome, TrainOptions};
+use mixscale::train::{batch_loss, evaluate, train, Outcome};
 use std::path::Path;
-
-fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out: out.to_path_buf(),
-        resume: false,
-        overwrite: false,
-        stop_at_step: None,
-        progress: false,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        config_file: "tiny.yaml".into(),
-    }
-}
 
 /// TINY with an MQAR data section (vocab 64 > seq_len 16, 2 pairs).
 fn mqar_text() -> String {

@@ -1,20 +1,7 @@
-use crate::util::{mixscale, spec_from, tempdir, write, TINY};
+use crate::util::{mixscale, opts, spec_from, tempdir, write, TINY};
 use candle_core::{DType, Device};
-use mixscale::train::{train, Outcome, TrainOptions};
+use mixscale::train::{train, Outcome};
 use std::path::Path;
-
-fn opts(out: &Path) -> TrainOptions {
-    TrainOptions {
-        out: out.to_path_buf(),
-        resume: false,
-        overwrite: false,
-        stop_at_step: None,
-        progress: false,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        config_file: "tiny.yaml".into(),
-    }
-}
 
 /// (step, train_loss, val_loss) columns of metrics.csv, as text (exact comparison).
 fn losses(dir: &Path) -> Vec<String> {

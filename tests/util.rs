@@ -1,5 +1,7 @@
 use mixscale::blocks;
+use candle_core::{DType, Device};
 use mixscale::config::{RunSpec, YamlDoc};
+use mixscale::train::TrainOptions;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -60,4 +62,18 @@ pub fn mixscale(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
+}
+
+/// Training options for a quiet CPU f32 run into `out`.
+pub fn opts(out: &Path) -> TrainOptions {
+    TrainOptions {
+        out: out.to_path_buf(),
+        resume: false,
+        overwrite: false,
+        stop_at_step: None,
+        progress: false,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        config_file: "tiny.yaml".into(),
+    }
 }

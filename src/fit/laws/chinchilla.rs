@@ -228,17 +228,7 @@ pub fn fit(points: Points, opts: &FitOptions) -> Result<FitResult, FitError> {
         "bootstrap": boot_json,
         "notes": points.notes,
     });
-    Ok(FitResult {
-        law: LAW.into(),
-        params,
-        ci,
-        objective: best.objective,
-        grad_norm: best.grad_norm,
-        converged: best.converged,
-        exclusions: points.exclusions.clone(),
-        n_points: points.len(),
-        extra,
-    })
+    Ok(best.into_result(LAW, params, ci, &points, extra))
 }
 
 pub(crate) fn optimizer_json(best: &MultiStart) -> serde_json::Value {

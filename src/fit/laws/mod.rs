@@ -83,3 +83,27 @@ pub fn range(lo: f64, hi: f64, step: f64) -> Vec<f64> {
     let n = ((hi - lo) / step + 1e-9).floor() as usize;
     (0..=n).map(|i| lo + step * i as f64).collect()
 }
+
+impl MultiStart {
+    /// The [`super::FitResult`] of a Huber law fitted by multi-start L-BFGS on `points`.
+    pub fn into_result(
+        &self,
+        law: &str,
+        params: std::collections::BTreeMap<String, f64>,
+        ci: std::collections::BTreeMap<String, [f64; 2]>,
+        points: &super::Points,
+        extra: serde_json::Value,
+    ) -> super::FitResult {
+        super::FitResult {
+            law: law.into(),
+            params,
+            ci,
+            objective: self.objective,
+            grad_norm: self.grad_norm,
+            converged: self.converged,
+            exclusions: points.exclusions.clone(),
+            n_points: points.len(),
+            extra,
+        }
+    }
+}

@@ -106,15 +106,5 @@ pub fn fit(mut points: Points, opts: &FitOptions) -> Result<FitResult, FitError>
         "bootstrap": boot_json,
         "notes": points.notes,
     });
-    Ok(FitResult {
-        law: LAW.into(),
-        params,
-        ci,
-        objective: best.objective,
-        grad_norm: best.grad_norm,
-        converged: best.converged,
-        exclusions: points.exclusions.clone(),
-        n_points: points.len(),
-        extra,
-    })
+    Ok(best.into_result(LAW, params, ci, &points, extra))
 }
