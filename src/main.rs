@@ -1,5 +1,6 @@
 //! The `mixscale` command line. Exit codes: 0 success; 1 runtime error; 2 bad input (config,
-//! CLI values, files); 3 the training run diverged (recorded in summary.json).
+//! CLI values, files); 3 the training run diverged (recorded in summary.json); 4 `fit`: the best
+//! fit did not converge (fit.json is still written, with `converged: false`).
 
 mod cli;
 
