@@ -35,9 +35,14 @@ echo "== bench at ~125M parameters (d_model 768, 12 layers, vocab 50304), batch 
 ROWS=""
 for arch in architectures/*.yaml; do
   name=$(basename "$arch" .yaml)
+  # 12 heads for every block of the preset's pattern that has a num_heads option.
+  heads=()
+  for block in attention gated_deltanet; do
+    "$BIN" check "$arch" 2>/dev/null | grep -q "^    $block:" && heads+=(--set "model.blocks.$block.num_heads=12")
+  done
   timeout 150 "$BIN" bench "$arch" --device cuda:0 --batch 8 --seq-len 1024 --steps 5 --warmup 2 \
     --set model.d_model=768 --set model.n_layers=12 --set model.vocab_size=50304 \
-    --set model.blocks.attention.num_heads=12 > "$CHECK_DIR/bench-$name.txt" 2>&1
+    "${heads[@]}" > "$CHECK_DIR/bench-$name.txt" 2>&1
   line=$(grep -E "^mixscale " "$CHECK_DIR/bench-$name.txt")
   if [ -n "$line" ]; then
     tps=$(echo "$line" | awk '{print $2}'); gf=$(echo "$line" | awk '{print $4}')
