@@ -10,8 +10,10 @@
 //! and evaluation then average over the scored positions only (see `train::batch_loss`).
 
 pub mod language;
+pub mod language_params;
 pub mod mqar;
 pub mod rng;
+pub mod zipf;
 pub mod shards;
 
 use crate::config::data::DataSpec;
