@@ -11,6 +11,7 @@ pub mod params;
 use crate::blocks::{self, BlockDims, ForwardCtx, Mixer};
 use crate::config::model::ModelSpec;
 use crate::ops::norm::rms_norm;
+use crate::ops::reduction_dtype;
 use crate::ops::softmax::{cross_entropy, cross_entropy_each};
 use candle_core::{DType, Device, Result, Tensor};
 use ffn::Ffn;
@@ -94,13 +95,13 @@ impl LanguageModel {
     /// Mean next-token cross-entropy; inputs and targets `[B, T]`.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logits = self.logits_flat(&self.hidden(inputs)?)?;
-        cross_entropy(&logits.to_dtype(promote(logits.dtype()))?, &targets.flatten_all()?)
+        cross_entropy(&logits.to_dtype(reduction_dtype(logits.dtype()))?, &targets.flatten_all()?)
     }
 
     /// Per-position cross-entropy `[B·T]` (nats), no gradient needed.
     pub fn loss_each(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logits = self.logits_flat(&self.hidden(inputs)?)?;
-        cross_entropy_each(&logits.to_dtype(promote(logits.dtype()))?, &targets.flatten_all()?)
+        cross_entropy_each(&logits.to_dtype(reduction_dtype(logits.dtype()))?, &targets.flatten_all()?)
     }
 
     /// Per-position cross-entropy `[B·T]` (as [`Self::loss_each`]) and whether the argmax of the
@@ -108,12 +109,9 @@ impl LanguageModel {
     pub fn loss_and_correct_each(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
         let logits = self.logits_flat(&self.hidden(inputs)?)?;
         let t = targets.flatten_all()?;
-        let each = cross_entropy_each(&logits.to_dtype(promote(logits.dtype()))?, &t)?;
+        let each = cross_entropy_each(&logits.to_dtype(reduction_dtype(logits.dtype()))?, &t)?;
         let correct = logits.argmax(candle_core::D::Minus1)?.eq(&t)?;
         Ok((each, correct))
     }
 }
 
-fn promote(dt: DType) -> DType {
-    if dt == DType::F64 { DType::F64 } else { DType::F32 }
-}

@@ -33,17 +33,9 @@ pub fn attn_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (d as f64).sqrt();
     let s = (q.matmul(&k.transpose(2, 3)?)? * scale)?; // [B,Hq,T,T]
     let s = s.broadcast_add(&causal_mask(t, s.dtype(), s.device())?)?;
-    let p = crate::ops::softmax::softmax_last_dim(&s.to_dtype(promote(s.dtype()))?)?.to_dtype(v.dtype())?;
+    let p = crate::ops::softmax::softmax_last_dim(&s.to_dtype(super::reduction_dtype(s.dtype()))?)?.to_dtype(v.dtype())?;
     let o = p.matmul(&v)?; // [B,Hq,T,D]
     o.transpose(1, 2)?.contiguous()
-}
-
-/// Softmax runs in f32 at least.
-fn promote(dt: DType) -> DType {
-    match dt {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
-    }
 }
 
 /// Repeats each kv head `groups` times: `[B,Hkv,T,D]` → `[B,Hkv·groups,T,D]`, head h ← h / groups.

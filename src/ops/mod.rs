@@ -11,6 +11,16 @@ pub mod rope;
 pub mod softmax;
 
 use crate::error::{Error, Result};
+
+/// The dtype reductions (softmax, norms, losses) run in: f64 for f64 inputs, else f32.
+pub fn reduction_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;

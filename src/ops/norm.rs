@@ -23,7 +23,7 @@ pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
 /// Reference form from primitive ops (statistics in f32, or f64 for f64 inputs).
 pub fn rms_norm_composed(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
-    let xf = if dt == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let xf = x.to_dtype(super::reduction_dtype(dt))?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (ms + eps)?.sqrt()?.recip()?;
     xf.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(gain)
