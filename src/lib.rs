@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod fit;
+pub mod fsutil;
 pub mod model;
 pub mod ops;
 pub mod train;

@@ -172,21 +172,15 @@ pub fn run_fit(input: &Path, law: &str, out_dir: &Path, opts: &FitOptions) -> Re
     Ok(result)
 }
 
-/// Writes `value` as pretty JSON to `path` via a temporary file in the same folder and a rename,
-/// so readers never see a partial file.
+/// Writes `value` as pretty JSON to `path` atomically ([`crate::fsutil::write_atomic`]), so
+/// readers never see a partial file.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), FitError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let werr = |source| FitError::Write { path: path.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(werr)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("fit.json");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    std::fs::write(&tmp, text).map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        werr(e)
-    })
+    crate::fsutil::write_atomic(path, text.as_bytes()).map_err(werr)
 }
 
 /// NaN/inf-safe JSON number (JSON has no NaN: non-finite values become `null`).

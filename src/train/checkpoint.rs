@@ -11,8 +11,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use crate::fsutil::sync_dir;
+use std::path::Path;
 
 /// Everything besides tensors needed to continue a run bit-exactly.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -37,29 +37,12 @@ struct Pointer {
 
 /// Writes a file and fsyncs it.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
+    crate::fsutil::write_synced(path, bytes).map_err(|e| Error::io(path, e))
 }
 
-/// Atomically replaces `path` with `bytes` (temp file + fsync + rename).
+/// Atomically replaces `path` with `bytes` (see [`crate::fsutil::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    crate::fsutil::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
