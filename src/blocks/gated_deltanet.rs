@@ -161,7 +161,7 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// softplus(x) = relu(x) + ln(1 + exp(−|x|)) (no overflow).
-fn softplus(x: &Tensor) -> Result<Tensor> {
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
@@ -275,7 +275,7 @@ impl GatedDeltaNet {
 }
 
 /// Causal depthwise conv `[B,T,C]` with weight `[C, cs]`: Σ_i w[:, i] · x shifted right by cs−1−i.
-fn short_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn short_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (_b, t, _c) = x.dims3()?;
     let cs = w.dim(1)?;
     let xp = x.pad_with_zeros(1, cs - 1, 0)?;
