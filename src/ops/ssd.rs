@@ -79,7 +79,7 @@ pub fn ssd_step(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, s
     let decay = dt.broadcast_mul(&a.to_dtype(ct)?)?.exp()?.reshape((b, h, 1, 1))?; // exp(dt·A)
     let xs = x.to_dtype(ct)?.broadcast_mul(&dt.unsqueeze(2)?)?.unsqueeze(3)?; // dt·x  [B,H,P,1]
     let bh = groups_to_heads(&bm.to_dtype(ct)?, h)?.unsqueeze(2)?; // [B,H,1,N]
-    let ch = groups_to_heads(&cm.to_dtype(ct)?, h)?.unsqueeze(3)?; // [B,H,N,1]
+    let ch = groups_to_heads(&cm.to_dtype(ct)?, h)?.contiguous()?.unsqueeze(3)?; // [B,H,N,1]
     let s = (state.to_dtype(ct)?.broadcast_mul(&decay)? + xs.broadcast_mul(&bh)?)?; // [B,H,P,N]
     let y = s.matmul(&ch)?.squeeze(3)?.to_dtype(xdt)?;
     Ok((y, s))
