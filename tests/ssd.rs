@@ -138,9 +138,10 @@ fn ssd_chunked_grads_match_finite_differences() {
 
 /// A "reset" token with dt·A ≈ −3000 in the middle of a chunk, small decays around it: the
 /// in-chunk cumulative sum jumps to −3000, so segment sums formed as f32 differences of it
-/// would carry ~2e-4 absolute error (relative error in exp(seg) near the diagonal) and exp of
-/// it as a ratio would underflow to 0/0. The chunked f32 form stays finite and within 1e-4 of
-/// the f64 loop, values and gradients.
+/// carry ~2e-4 absolute error (a relative error of exp(seg) near the diagonal; with the f32
+/// differences this test measured 1.2e-4 on y and failed), and exp of it as a ratio would
+/// underflow to 0/0. The chunked f32 form (f64 differences) stays finite and within 1e-4 of
+/// the f64 loop, values and gradients (measured ~2e-7).
 #[test]
 fn ssd_reset_token_is_stable_in_f32() {
     let shape = (1, 96, 2, 3, 1, 4);
