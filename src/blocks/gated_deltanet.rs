@@ -162,7 +162,7 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// softplus(x) = relu(x) + ln(1 + exp(−|x|)) (no overflow).
-fn softplus(x: &Tensor) -> Result<Tensor> {
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
