@@ -26,5 +26,7 @@ mod presets;
 mod gpu;
 /// Token files and MQAR through the training loop: masked loss, accuracy, located errors.
 mod datasets;
+/// The MAD suite through training: per-split masking, macro accuracy, located errors.
+mod mad;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;

@@ -16,7 +16,7 @@
 //! out  = y W_out                                                          [B,T,d]
 //! ```
 //! The norm is group-wise: statistics over each of the G groups of d_inner/G channels.
-//! The conv is a sum of shifted zero-padded slices ([`super::gated_deltanet::short_conv`];
+//! The conv is a sum of shifted zero-padded slices ([`crate::ops::short_conv::causal_conv`];
 //! candle's depthwise conv1d backward is slow), weight `[conv_dim, d_conv]` (PyTorch
 //! `[conv_dim, 1, d_conv]`), `y_t = Σ_i w[:, i] x_{t−(d_conv−1)+i}`.
 //!
@@ -32,7 +32,8 @@
 //! Forms: [`Mamba2::forward`] (chunked SSD, training) and [`Mamba2::step`] (decode: conv buffer
 //! and SSM state in [`Mamba2State`]); the tests tie them together.
 
-use super::gated_deltanet::{short_conv, softplus};
+use super::gated_deltanet::softplus;
+use crate::ops::short_conv::causal_conv;
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::norm::rms_norm;
@@ -329,7 +330,7 @@ impl Mixer for Mamba2 {
         let (b, t, d) = x.dims3()?;
         let di = self.dims.0;
         let (z, xbc, dt_raw) = self.split(&x.reshape((b * t, d))?.matmul(&self.in_proj)?)?;
-        let mut xbc = short_conv(&xbc.reshape((b, t, xbc.dim(1)?))?, &self.conv_w)?;
+        let mut xbc = causal_conv(&xbc.reshape((b, t, xbc.dim(1)?))?, &self.conv_w)?;
         if let Some(cb) = &self.conv_b {
             xbc = xbc.broadcast_add(cb)?;
         }

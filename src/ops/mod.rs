@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod gated_delta_rule;
 pub mod norm;
 pub mod rope;
+pub mod short_conv;
 pub mod softmax;
 pub mod ssd;
 pub mod ssd_chunked;
