@@ -102,3 +102,28 @@ fn init_ranges_shapes_and_checks() {
     assert_eq!(Mamba2Config { dt_min: 0.2, ..d.clone() }.check(128).unwrap_err().0, "dt_max");
     assert_eq!(Mamba2Config { a_init_range: [0.0, 16.0], ..d }.check(128).unwrap_err().0, "a_init_range");
 }
+
+/// Half-precision activations: a bf16 layer (same init, rounded) runs forward and backward,
+/// keeps dt, A and the SSM state in f32 (step state dtype), and stays within bf16 rounding of
+/// the f32 layer (2e-2 of max|y|).
+#[test]
+fn bf16_layer_tracks_f32() {
+    let c = Mamba2Config { a_init_range: [1.0, 4.0], ..cfg(4) };
+    let (mut s32, mut s16) = (ParamStore::default(), ParamStore::default());
+    let l32 = build(&c, 6, &mut s32, DType::F32);
+    let l16 = build(&c, 6, &mut s16, DType::BF16);
+    let x = rand_tensor(&[2, 11, 6], 1.0, 9);
+    let y32 = l32.forward(&x.to_dtype(DType::F32).unwrap(), &mut ForwardCtx::default()).unwrap();
+    let x16 = Var::from_tensor(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+    let y16 = l16.forward(x16.as_tensor(), &mut ForwardCtx::default()).unwrap();
+    assert_eq!(y16.dtype(), DType::BF16);
+    assert_close("bf16 vs f32", &y32, &y16, 2e-2);
+    let grads = y16.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, p) in &s16.params {
+        let g = to_vec(grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")));
+        assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|v| *v != 0.0), "{name}: bf16 gradient");
+    }
+    let mut st = Mamba2State::default();
+    l16.step(&x16.as_tensor().narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &mut st).unwrap();
+    assert_eq!(st.ssm.as_ref().unwrap().dtype(), DType::F32);
+}
