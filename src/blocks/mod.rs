@@ -5,7 +5,9 @@
 //! tests; registering it is one line in [`REGISTRY`].
 
 pub mod attention;
+pub mod fox;
 pub mod gated_deltanet;
+pub mod moba;
 
 use crate::config::model::ModelSpec;
 use crate::config::{join_path, YamlDoc};
@@ -63,7 +65,7 @@ pub struct BlockEntry {
 }
 
 /// Every block mixscale knows. Adding a block: one file plus one line here.
-pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY];
+pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, fox::ENTRY, moba::ENTRY];
 
 pub fn known_names() -> Vec<String> {
     REGISTRY.iter().map(|b| b.name.to_string()).collect()
