@@ -9,11 +9,11 @@
 //! q = x W_q [B,T,H,D];  k' = x W_k, v' = x W_v [B,T,Hkv,D]
 //! k/v shift (use_k_shift / use_v_shift, ShiftLinear): α = σ(x W_ks) [B,T,Hkv],
 //!     k_t = α_t ⊙ k'_{t−1} + (1 − α_t) ⊙ k'_t  (k'_{−1} = 0; same for v with W_vs)
-//! qk_norm: per-head RMSNorm over D with a separate gain per head ([H,D], [Hkv,D])
+//! qk_norm: per-head RMSNorm over D with a separate gain per head ([H,D], [Hkv,D]; eps 1e-5)
 //! use_rope: RoPE (half-split, θ = rope_theta) on q, k — OFF by default, as in FoX
 //! g = logsigmoid(x W_f + b_f)  [B,T,H]  (f32, or f64 for f64 models; one gate per query head)
 //! o = fox(q, k, v, g)  (softmax(q·k/√D + Σ_{t=j+1..i} g_t) v)
-//! use_output_norm: o = RMSNorm_D per head (gain [H,D])
+//! use_output_norm: o = RMSNorm_D per head (gain [H,D], eps norm_eps)
 //! use_output_gate: o = o ⊙ σ(x W_og)       (normalise, then gate: FusedGroupNormGated order)
 //! y = o W_o
 //! ```
@@ -31,6 +31,10 @@ use crate::ops::fox::{fox, log_sigmoid};
 use crate::ops::{norm::rms_norm, rope::Rope};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
+
+/// Epsilon of the QK-norm: the reference builds q_norm/k_norm as `GroupRMSNorm` without passing
+/// `norm_eps`, so they use that class's default 1e-5 (the output norm uses `norm_eps`).
+pub const QK_NORM_EPS: f64 = 1e-5;
 
 pub const ENTRY: BlockEntry = BlockEntry {
     name: "fox",
@@ -67,7 +71,7 @@ pub struct FoxConfig {
     pub use_k_shift: bool,
     /// Pro: token shift of v with a learned per-head mix.
     pub use_v_shift: bool,
-    /// Epsilon of the norms.
+    /// Epsilon of the output norm (the QK-norm uses [`QK_NORM_EPS`], as the reference).
     pub norm_eps: f64,
 }
 
@@ -195,8 +199,8 @@ impl Fox {
     }
 
     /// Per-head RMSNorm of x `[B,T,heads,D]` with gains `[heads,D]`.
-    fn head_norm(&self, x: &Tensor, gain: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.ones, self.cfg.norm_eps)?.broadcast_mul(gain)
+    fn head_norm(&self, x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+        rms_norm(x, &self.ones, eps)?.broadcast_mul(gain)
     }
 
     /// Shift mix `α = σ(x W_s)` `[B,T,Hkv,1]` for x2 `[B·T, d]`.
@@ -240,7 +244,7 @@ impl Fox {
     /// QK-norm (before RoPE, as attention).
     fn norm_qk(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
         match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => Ok((self.head_norm(&q, qn)?, self.head_norm(&k, kn)?)),
+            (Some(qn), Some(kn)) => Ok((self.head_norm(&q, qn, QK_NORM_EPS)?, self.head_norm(&k, kn, QK_NORM_EPS)?)),
             _ => Ok((q, k)),
         }
     }
@@ -249,7 +253,7 @@ impl Fox {
     fn out(&self, o: &Tensor, x: &Tensor) -> Result<Tensor> {
         let (b, t, h, hd) = o.dims4()?;
         let mut o = match &self.o_norm {
-            Some(on) => self.head_norm(o, on)?,
+            Some(on) => self.head_norm(o, on, self.cfg.norm_eps)?,
             None => o.clone(),
         }
         .reshape((b * t, h * hd))?;
