@@ -71,6 +71,7 @@ impl MobaConfig {
             qk_norm: self.qk_norm,
             rope_theta: self.rope_theta,
             norm_eps: self.norm_eps,
+            ..AttentionConfig::default()
         }
     }
 }

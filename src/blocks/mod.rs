@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod fox;
 pub mod gated_deltanet;
+pub mod mamba2;
 pub mod moba;
 
 use crate::config::model::ModelSpec;
@@ -65,7 +66,7 @@ pub struct BlockEntry {
 }
 
 /// Every block mixscale knows. Adding a block: one file plus one line here.
-pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, fox::ENTRY, moba::ENTRY];
+pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, mamba2::ENTRY, fox::ENTRY, moba::ENTRY];
 
 pub fn known_names() -> Vec<String> {
     REGISTRY.iter().map(|b| b.name.to_string()).collect()
