@@ -223,3 +223,22 @@ fn moba_matches_reference_golden_fixtures() {
         assert_close(&format!("{name} f64 loop vs reference"), &f["o"], &reference(&x64, attr("block_size"), attr("top_k")), 1e-5);
     }
 }
+
+/// A tiny hybrid of FoX Pro and MoBA layers (block 4, top-2 at seq_len 16: sparse) learns the
+/// built-in language through the real training loop.
+#[test]
+fn tiny_fox_pro_and_moba_model_learns() {
+    use mixscale::train::{train, Outcome};
+    let yaml = crate::util::TINY.replace("layer_pattern: [attention]", "layer_pattern: [fox, moba]").replace(
+        "    attention: {num_heads: 2}",
+        "    fox: {num_heads: 2, qk_norm: true, use_output_gate: true, use_output_norm: true, use_k_shift: true, use_v_shift: true}\n    moba: {num_heads: 2, block_size: 4, top_k: 2}",
+    );
+    let spec = crate::util::spec_from(&yaml, &["train.steps=80", "train.optimizer.lr=0.03", "train.eval_every=20", "train.eval_sequences=8"]).unwrap();
+    assert_eq!(spec.model.layer_pattern, ["fox", "moba"]);
+    let dir = tempdir();
+    let Outcome::Finished(s) = train(&spec, &crate::util::opts(dir.path())).unwrap() else { panic!("not finished") };
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let first: f64 = csv.lines().nth(1).unwrap().split(',').nth(3).unwrap().parse().unwrap();
+    let val = s.val_loss.unwrap();
+    assert!(val < first - 0.3, "val {val} vs first train loss {first}");
+}
