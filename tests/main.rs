@@ -10,6 +10,10 @@ mod util;
 mod grads;
 /// The `attn` core op against its f64 reference, and `mixscale op` file round trips.
 mod ops;
+/// Forgetting attention (FoX): fused vs composed vs f64 loop, gradients, golden fixtures, layer.
+mod fox;
+/// MoBA: fused (selected blocks only) vs masked composed vs f64 loop, gradients, golden fixtures, layer.
+mod moba;
 /// Gated DeltaNet core op: chunked vs token loop vs f64 loop (values, gradients), CLI round trip.
 mod gdn;
 /// Mamba-2 SSD core op: chunked vs token loop vs step vs f64 loop (values, gradients), CLI round trip.

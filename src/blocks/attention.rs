@@ -213,11 +213,19 @@ impl Attention {
     }
 }
 
-impl Mixer for Attention {
-    fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
+impl Attention {
+    /// The parallel form with another core op in place of [`attn`] (same projections, QK-norm,
+    /// RoPE, GQA): for blocks that change only how the heads mix tokens (e.g. MoBA).
+    pub fn forward_with(&self, x: &Tensor, core: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x, None)?;
         let (q, k) = (self.rope.apply(&q)?, self.rope.apply(&k)?);
-        self.out(&attn(&q, &k, &v)?)
+        self.out(&core(&q, &k, &v)?)
+    }
+}
+
+impl Mixer for Attention {
+    fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
+        self.forward_with(x, &attn)
     }
 
     fn flops_per_token(&self, seq_len: usize) -> f64 {

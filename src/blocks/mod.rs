@@ -5,8 +5,10 @@
 //! tests; registering it is one line in [`REGISTRY`].
 
 pub mod attention;
+pub mod fox;
 pub mod gated_deltanet;
 pub mod mamba2;
+pub mod moba;
 
 use crate::config::model::ModelSpec;
 use crate::config::{join_path, YamlDoc};
@@ -64,7 +66,7 @@ pub struct BlockEntry {
 }
 
 /// Every block mixscale knows. Adding a block: one file plus one line here.
-pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, mamba2::ENTRY];
+pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, mamba2::ENTRY, fox::ENTRY, moba::ENTRY];
 
 pub fn known_names() -> Vec<String> {
     REGISTRY.iter().map(|b| b.name.to_string()).collect()

@@ -17,6 +17,14 @@
 //! `dS = P ⊙ (dO Vᵀ − D)`, `dQ = dS K/√D`, `dK = dSᵀ Q/√D`, `dV = Pᵀ dO`; one task per
 //! (batch, kv head), which sums dK, dV over the query heads of its group (no races).
 //!
+//! Forgetting attention (FoX, Lin et al. 2025, arXiv:2503.02130; `../shared/reference/ops.md` §2)
+//! runs through the same kernel: [`fox_fused`] adds the bias `G_i − G_j` (`G = cumsum(g)`, the
+//! cumulative log forget gate per query head) to every logit. `G` is accumulated in f64 and each
+//! tile adds `(G_i − G_{j0}) + (G_{j0} − G_j)` with `j0` the tile's first key, so the f32 terms
+//! stay as small as the distance inside the tile allows (never `exp` of a raw cumsum). Its
+//! gradient: `dG_i = Σ_j dS_ij − Σ_j dS_ji` (row minus column sums of dS), `dg_t = Σ_{i≥t} dG_i`.
+//! To fit candle's three-input CustomOp, g travels as an extra last column of q (`[B,T,Hq,D+1]`).
+//!
 //! State: the op output is one packed buffer `[o (B·T·Hq·D) | L (B·Hq·T)]`; [`attn_fused`]
 //! returns a view of the `o` part. The backward gets the packed buffer back as `res`, so it
 //! reads `o` and `L` from there: nothing is stored in the op, and backpropagating the same
@@ -43,12 +51,34 @@ pub fn attn_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         }
     }
     let (b, t, hq, d) = q.dims4()?;
-    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn)?;
+    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn { fox: false })?;
+    packed.narrow(0, 0, b * t * hq * d)?.reshape((b, t, hq, d))
+}
+
+/// Fused forgetting attention: [`attn_fused`] with logits `q_i·k_j/√D + G_i − G_j`,
+/// `G = cumsum_t(g)`; g `[B,T,Hq]` is the log forget gate per query head (same dtype as q).
+/// Differentiable w.r.t. q, k, v and g.
+pub fn fox_fused(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Tensor> {
+    super::fox::check_shapes(q, k, v, g)?;
+    for (name, x) in [("q", q), ("k", k), ("v", v), ("g", g)] {
+        if !x.device().is_cpu() {
+            bail!("fox_fused: CPU only; `{name}` is on {:?}", x.device().location());
+        }
+        if !matches!(x.dtype(), DType::F32 | DType::F64) || x.dtype() != q.dtype() {
+            bail!("fox_fused: q, k, v, g must all be f32 or all f64; got {:?}, {:?}, {:?}, {:?}", q.dtype(), k.dtype(), v.dtype(), g.dtype());
+        }
+    }
+    let (b, t, hq, d) = q.dims4()?;
+    let qg = Tensor::cat(&[q, &g.unsqueeze(3)?], 3)?.contiguous()?;
+    let packed = qg.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn { fox: true })?;
     packed.narrow(0, 0, b * t * hq * d)?.reshape((b, t, hq, d))
 }
 
 /// The op: forward produces the packed `[o | L]` buffer, backward the three input gradients.
-struct FusedAttn;
+/// With `fox`, the first input is q with g as an extra last column.
+struct FusedAttn {
+    fox: bool,
+}
 
 /// Problem sizes, read from the argument shapes.
 #[derive(Clone, Copy)]
@@ -58,13 +88,18 @@ struct Dims {
     hq: usize,
     hkv: usize,
     d: usize,
+    /// Row width of the first input: d, or d + 1 when it carries g (FoX).
+    qw: usize,
 }
 
 impl Dims {
-    fn new(q: &Shape, k: &Shape) -> Result<Self> {
-        let (b, t, hq, d) = q.dims4()?;
-        let hkv = k.dims4()?.2;
-        Ok(Self { b, t, hq, hkv, d })
+    fn new(q: &Shape, k: &Shape, fox: bool) -> Result<Self> {
+        let (b, t, hq, qw) = q.dims4()?;
+        let (_, _, hkv, d) = k.dims4()?;
+        if qw != d + fox as usize {
+            bail!("attn_fused: q row width {qw} does not fit head dim {d} (fox: {fox})");
+        }
+        Ok(Self { b, t, hq, hkv, d, qw })
     }
     /// Query heads per kv head.
     fn groups(&self) -> usize {
@@ -79,7 +114,7 @@ impl Dims {
 }
 
 /// Element types the kernels run in.
-trait Elem: WithDType {
+pub(super) trait Elem: WithDType {
     const NEG_INF: Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -155,7 +190,7 @@ fn exp_f32(x: f32) -> f32 {
 }
 
 /// Sum with 8 independent accumulators (vectorisable; fixed order, so deterministic).
-fn sum<T: Elem>(x: &[T]) -> T {
+pub(super) fn sum<T: Elem>(x: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
@@ -168,7 +203,7 @@ fn sum<T: Elem>(x: &[T]) -> T {
 }
 
 /// Maximum of `init` and the elements, with 8 independent lanes.
-fn max<T: Elem>(x: &[T], init: T) -> T {
+pub(super) fn max<T: Elem>(x: &[T], init: T) -> T {
     let mx = |a: T, b: T| if b > a { b } else { a };
     let mut acc = [init; 8];
     let chunks = x.chunks_exact(8);
@@ -187,7 +222,7 @@ impl CustomOp3 for FusedAttn {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = Dims::new(l1.shape(), l2.shape())?;
+        let dims = Dims::new(l1.shape(), l2.shape(), self.fox)?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 CpuStorage::F32(forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?))
@@ -202,7 +237,7 @@ impl CustomOp3 for FusedAttn {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims = Dims::new(q.shape(), k.shape())?;
+        let dims = Dims::new(q.shape(), k.shape(), self.fox)?;
         // Only the `o` part of the packed output is ever exposed, so only its gradient counts.
         let d_o = grad_res.narrow(0, 0, dims.n_out())?.contiguous()?;
         let res = res.contiguous()?;
@@ -216,7 +251,7 @@ impl CustomOp3 for FusedAttn {
 }
 
 /// The contiguous elements a layout addresses.
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+pub(super) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
         None => bail!("attn_fused: expected contiguous inputs"),
@@ -224,7 +259,7 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
 }
 
 /// A CPU storage's contiguous elements as `&[T]`.
-fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+pub(super) fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
     match storage {
         Storage::Cpu(s) => contiguous(T::cpu_storage_as_slice(s)?, layout),
         _ => bail!("attn_fused: CPU only"),
@@ -232,26 +267,63 @@ fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<
 }
 
 /// Copies head `h` of batch `bb` out of `[B,T,H,D]` into a dense `[T,D]`.
-fn gather<T: Copy>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize) -> Vec<T> {
+pub(super) fn gather<T: Copy>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize) -> Vec<T> {
+    gather_w(x, bb, h, heads, t, d, 0, d)
+}
+
+/// Copies columns `c0..c0+d` of head `h` of batch `bb` out of `[B,T,H,W]` into a dense `[T,d]`.
+#[allow(clippy::too_many_arguments)]
+fn gather_w<T: Copy>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, w: usize, c0: usize, d: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(t * d);
     for i in 0..t {
-        let at = ((bb * t + i) * heads + h) * d;
+        let at = ((bb * t + i) * heads + h) * w + c0;
         out.extend_from_slice(&x[at..at + d]);
     }
     out
 }
 
 /// Writes a dense `[T,D]` head back into `[B,T,H,D]`.
-fn scatter<T: Copy>(dst: &mut [T], src: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize) {
+pub(super) fn scatter<T: Copy>(dst: &mut [T], src: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize) {
+    scatter_w(dst, src, bb, h, heads, t, d, 0, d)
+}
+
+/// Writes a dense `[T,d]` head into columns `c0..c0+d` of `[B,T,H,W]`.
+#[allow(clippy::too_many_arguments)]
+fn scatter_w<T: Copy>(dst: &mut [T], src: &[T], bb: usize, h: usize, heads: usize, t: usize, w: usize, c0: usize, d: usize) {
     for i in 0..t {
-        let at = ((bb * t + i) * heads + h) * d;
+        let at = ((bb * t + i) * heads + h) * w + c0;
         dst[at..at + d].copy_from_slice(&src[i * d..(i + 1) * d]);
+    }
+}
+
+/// Inclusive cumulative sum in f64 of column `d` (g) of head `h`, batch `bb` of `[B,T,H,D+1]`.
+fn cum_g<T: Elem>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize) -> Vec<f64> {
+    let mut acc = 0f64;
+    (0..t)
+        .map(|i| {
+            acc += x[((bb * t + i) * heads + h) * (d + 1) + d].to_f64();
+            acc
+        })
+        .collect()
+}
+
+/// Adds the FoX bias `G_{i0+r} − G_{j0+c}` to rows `0..rows`, columns `0..valid(r)` of a tile
+/// (row stride [`BLOCK`]), as `(G_i − G_{j0}) + (G_{j0} − G_j)`.
+fn add_bias<T: Elem>(s: &mut [T], cum: &[f64], i0: usize, j0: usize, rows: usize, cols: usize) {
+    let base = cum[j0];
+    let col: Vec<T> = (0..cols).map(|c| T::from_f64(base - cum[j0 + c])).collect();
+    for r in 0..rows {
+        let valid = if j0 == i0 { r + 1 } else { cols };
+        let a = T::from_f64(cum[i0 + r] - base);
+        for (x, &b) in s[r * BLOCK..r * BLOCK + valid].iter_mut().zip(&col) {
+            *x += a + b;
+        }
     }
 }
 
 /// A strided read-only matrix operand: element (r, c) is `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a, T> {
+pub(super) struct Mat<'a, T> {
     data: &'a [T],
     rs: usize,
     cs: usize,
@@ -259,18 +331,18 @@ struct Mat<'a, T> {
 
 impl<'a, T> Mat<'a, T> {
     /// Row-major with row stride `rs`, starting at row `r0`.
-    fn rows(data: &'a [T], rs: usize, r0: usize) -> Self {
+    pub(super) fn rows(data: &'a [T], rs: usize, r0: usize) -> Self {
         Self { data: &data[r0 * rs..], rs, cs: 1 }
     }
     /// The transpose of [`Mat::rows`].
-    fn rows_t(data: &'a [T], rs: usize, r0: usize) -> Self {
+    pub(super) fn rows_t(data: &'a [T], rs: usize, r0: usize) -> Self {
         Self { data: &data[r0 * rs..], rs: 1, cs: rs }
     }
 }
 
 /// `dst[m×n] (row stride ldd) = (accumulate ? dst : 0) + alpha · a[m×k] · b[k×n]`, single-threaded.
 #[allow(clippy::too_many_arguments)]
-fn mm<T: Elem>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T) {
+pub(super) fn mm<T: Elem>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T) {
     let last = |x: Mat<T>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs;
     assert!(m > 0 && n > 0 && k > 0);
     assert!((m - 1) * ldd + n <= dst.len() && last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len());
@@ -303,16 +375,17 @@ fn mm<T: Elem>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize, accumula
 
 /// Forward over all heads: the packed `[o | L]` buffer.
 fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-    let Dims { b, t, hq, hkv, d } = dims;
+    let Dims { b, t, hq, hkv, d, qw } = dims;
     let g = dims.groups();
     let heads: Vec<(Vec<T>, Vec<T>)> = (0..b * hq)
         .into_par_iter()
         .map(|bh| {
             let (bb, h) = (bh / hq, bh % hq);
-            let qh = gather(q, bb, h, hq, t, d);
+            let qh = gather_w(q, bb, h, hq, t, qw, 0, d);
             let kh = gather(k, bb, h / g, hkv, t, d);
             let vh = gather(v, bb, h / g, hkv, t, d);
-            forward_head(&qh, &kh, &vh, t, d, T::from_f64(dims.scale()))
+            let cum = (qw > d).then(|| cum_g(q, bb, h, hq, t, d));
+            forward_head(&qh, &kh, &vh, t, d, T::from_f64(dims.scale()), cum.as_deref())
         })
         .collect();
     let n_o = dims.n_out();
@@ -324,8 +397,9 @@ fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
     out
 }
 
-/// One head, dense `[T,D]` q, k, v: returns o `[T,D]` and the row log-sum-exps `L` `[T]`.
-fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T) -> (Vec<T>, Vec<T>) {
+/// One head, dense `[T,D]` q, k, v (and the FoX cumulative gate `G` `[T]`, if any): returns
+/// o `[T,D]` and the row log-sum-exps `L` `[T]`.
+fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T, cum: Option<&[f64]>) -> (Vec<T>, Vec<T>) {
     let mut o = vec![T::zero(); t * d];
     let mut lse = vec![T::zero(); t];
     let mut s = vec![T::zero(); BLOCK * BLOCK];
@@ -340,6 +414,9 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
         for j0 in (0..i0 + rows).step_by(BLOCK) {
             let cols = BLOCK.min(i0 + rows - j0);
             mm(rows, cols, d, &mut s, BLOCK, false, Mat::rows(q, d, i0), Mat::rows_t(k, d, j0), scale);
+            if let Some(cum) = cum {
+                add_bias(&mut s, cum, i0, j0, rows, cols);
+            }
             for r in 0..rows {
                 let valid = if j0 == i0 { r + 1 } else { cols };
                 let row = &mut s[r * BLOCK..r * BLOCK + cols];
@@ -378,12 +455,13 @@ fn backward_tensors<T: Elem>(dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, res
 /// Backward over all heads: dq `[B,T,Hq,D]`, dk, dv `[B,T,Hkv,D]` from q, k, v, the packed
 /// forward output `[o | L]` and dO.
 fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], res: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let Dims { b, t, hq, hkv, d } = dims;
+    let Dims { b, t, hq, hkv, d, qw } = dims;
     let g = dims.groups();
     let n_o = dims.n_out();
     let (o, lse) = res.split_at(n_o);
     let scale = T::from_f64(dims.scale());
-    let per_kv: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..b * hkv)
+    type PerKv<T> = (Vec<(Vec<T>, Vec<T>)>, Vec<T>, Vec<T>);
+    let per_kv: Vec<PerKv<T>> = (0..b * hkv)
         .into_par_iter()
         .map(|bk| {
             let (bb, kh) = (bk / hkv, bk % hkv);
@@ -393,13 +471,15 @@ fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], res: &[T], d_o: &[T]
             let mut dv = vec![T::zero(); t * d];
             let dqs = (kh * g..(kh + 1) * g)
                 .map(|h| {
+                    let cum = (qw > d).then(|| cum_g(q, bb, h, hq, t, d));
                     let head = Head {
-                        q: &gather(q, bb, h, hq, t, d),
+                        q: &gather_w(q, bb, h, hq, t, qw, 0, d),
                         k: &kd,
                         v: &vd,
                         o: &gather(o, bb, h, hq, t, d),
                         d_o: &gather(d_o, bb, h, hq, t, d),
                         lse: &lse[(bb * hq + h) * t..(bb * hq + h + 1) * t],
+                        cum: cum.as_deref(),
                     };
                     backward_head(&head, t, d, scale, &mut dk, &mut dv)
                 })
@@ -407,13 +487,16 @@ fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], res: &[T], d_o: &[T]
             (dqs, dk, dv)
         })
         .collect();
-    let mut dq = vec![T::zero(); n_o];
+    let mut dq = vec![T::zero(); b * t * hq * qw];
     let mut dk = vec![T::zero(); b * t * hkv * d];
     let mut dv = vec![T::zero(); b * t * hkv * d];
     for (bk, (dqs, dkh, dvh)) in per_kv.iter().enumerate() {
         let (bb, kh) = (bk / hkv, bk % hkv);
-        for (i, dqh) in dqs.iter().enumerate() {
-            scatter(&mut dq, dqh, bb, kh * g + i, hq, t, d);
+        for (i, (dqh, dgh)) in dqs.iter().enumerate() {
+            scatter_w(&mut dq, dqh, bb, kh * g + i, hq, t, qw, 0, d);
+            if qw > d {
+                scatter_w(&mut dq, dgh, bb, kh * g + i, hq, t, qw, d, 1);
+            }
         }
         scatter(&mut dk, dkh, bb, kh, hkv, t, d);
         scatter(&mut dv, dvh, bb, kh, hkv, t, d);
@@ -429,11 +512,16 @@ struct Head<'a, T> {
     o: &'a [T],
     d_o: &'a [T],
     lse: &'a [T],
+    /// FoX: cumulative log forget gate `G` `[T]`.
+    cum: Option<&'a [f64]>,
 }
 
-/// One query head: returns its dq `[T,D]` and adds its contributions into dk, dv `[T,D]`.
-fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T], dv: &mut [T]) -> Vec<T> {
+/// One query head: returns its dq `[T,D]` and (FoX) dg `[T]` (empty without FoX), and adds its
+/// contributions into dk, dv `[T,D]`.
+fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T], dv: &mut [T]) -> (Vec<T>, Vec<T>) {
     let mut dq = vec![T::zero(); t * d];
+    // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.
+    let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
     let dvec: Vec<T> = (0..t).map(|i| (0..d).fold(T::zero(), |a, c| a + x.d_o[i * d + c] * x.o[i * d + c])).collect();
     let mut p = vec![T::zero(); BLOCK * BLOCK];
     let mut ds = vec![T::zero(); BLOCK * BLOCK];
@@ -443,6 +531,9 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
             let cols = BLOCK.min(i0 + rows - j0);
             mm(rows, cols, d, &mut p, BLOCK, false, Mat::rows(x.q, d, i0), Mat::rows_t(x.k, d, j0), scale);
             mm(rows, cols, d, &mut ds, BLOCK, false, Mat::rows(x.d_o, d, i0), Mat::rows_t(x.v, d, j0), T::one());
+            if let Some(cum) = x.cum {
+                add_bias(&mut p, cum, i0, j0, rows, cols);
+            }
             for r in 0..rows {
                 let valid = if j0 == i0 { r + 1 } else { cols };
                 let (lr, dr) = (x.lse[i0 + r], dvec[i0 + r]);
@@ -454,13 +545,26 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
                 }
                 prow[valid..].fill(T::zero());
                 srow[valid..].fill(T::zero());
+                if x.cum.is_some() {
+                    d_cum[i0 + r] += srow[..valid].iter().fold(0f64, |a, v| a + v.to_f64());
+                    for (c, v) in srow[..valid].iter().enumerate() {
+                        d_cum[j0 + c] -= v.to_f64();
+                    }
+                }
             }
             mm(cols, d, rows, &mut dv[j0 * d..], d, true, Mat::rows_t(&p, BLOCK, 0), Mat::rows(x.d_o, d, i0), T::one());
             mm(rows, d, cols, &mut dq[i0 * d..], d, true, Mat::rows(&ds, BLOCK, 0), Mat::rows(x.k, d, j0), scale);
             mm(cols, d, rows, &mut dk[j0 * d..], d, true, Mat::rows_t(&ds, BLOCK, 0), Mat::rows(x.q, d, i0), scale);
         }
     }
-    dq
+    // dg_t = Σ_{i≥t} dG_i (G is the inclusive cumsum of g).
+    let mut acc = 0f64;
+    let mut dg = vec![T::zero(); d_cum.len()];
+    for i in (0..d_cum.len()).rev() {
+        acc += d_cum[i];
+        dg[i] = T::from_f64(acc);
+    }
+    (dq, dg)
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 pub mod attn;
 pub mod attn_fused;
 pub mod cpu;
+pub mod fox;
 pub mod gated_delta_rule;
+pub mod moba;
+pub mod moba_fused;
 pub mod norm;
 pub mod rope;
 pub mod short_conv;
@@ -69,6 +72,29 @@ pub static OPS: &[OpEntry] = &[
         forward: |t| {
             let (y, s) = ssd::ssd_chunked(&t["x"], &t["dt"], &t["A"], &t["Bm"], &t["Cm"], t.get("initial_state"), ssd::DEFAULT_CHUNK)?;
             Ok(vec![("y".into(), y), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "fox",
+        about: "forgetting attention (FoX) with GQA; q [B,T,Hq,D], k, v [B,T,Hkv,D], g [B,T,Hq] (log forget gate) -> o",
+        inputs: &["q", "k", "v", "g"],
+        optional: &[],
+        forward: |t| Ok(vec![("o".into(), fox::fox(&t["q"], &t["k"], &t["v"], &t["g"])?)]),
+    },
+    OpEntry {
+        name: "moba",
+        about: "MoBA block-sparse attention; q [B,T,Hq,D], k, v [B,T,Hkv,D], block_size, top_k (0-d int64) -> o",
+        inputs: &["q", "k", "v", "block_size", "top_k"],
+        optional: &[],
+        forward: |t| {
+            let attr = |n: &str| -> candle_core::Result<usize> {
+                let x = t[n].flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+                match x.as_slice() {
+                    [v] if *v >= 1 => Ok(*v as usize),
+                    _ => candle_core::bail!("`{n}` must be one integer >= 1; got {x:?}"),
+                }
+            };
+            Ok(vec![("o".into(), moba::moba(&t["q"], &t["k"], &t["v"], attr("block_size")?, attr("top_k")?)?)])
         },
     },
 ];
