@@ -5,8 +5,8 @@ Reference: state-spaces/mamba, mamba_ssm/modules/ssd_minimal.py (`segsum`,
 `ssd_minimal_discrete`), https://github.com/state-spaces/mamba/blob/main/mamba_ssm/modules/ssd_minimal.py
 Copyright (c) 2024, Albert Gu and Tri Dao; Apache License 2.0. mamba_ssm cannot be installed on a
 CPU-only machine (its build needs CUDA and that file imports the triton kernel at the top), so the
-two functions are vendored below verbatim, minus that import. When mamba_ssm *is* importable the
-installed copy is used instead. Either way the fixture records which one in its metadata.
+script can also load that one file by path ($MAMBA_SSD_MINIMAL) without the triton import. The
+fixture records which source was used in its metadata.
 
 Semantics (../shared/reference/ops.md §5): y, final_state = ssd_minimal_discrete(x*dt, A*dt, B, C)
 with the optional initial state. ssd_minimal sums its einsums over the group axis, so it is
@@ -26,71 +26,32 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from safetensors.torch import save_file
 
-try:  # pragma: no cover - only on machines with mamba_ssm + triton
-    from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
+def _load_reference():
+    """mamba_ssm's `ssd_minimal_discrete`, from the installed package or from the file itself.
 
-    SOURCE = "mamba_ssm (installed)"
-except Exception:  # noqa: BLE001
-    SOURCE = "mamba_ssm/modules/ssd_minimal.py (vendored verbatim in make_ssd.py)"
+    mamba_ssm does not install on a CPU-only machine (its build needs CUDA), so without it the
+    script reads `mamba_ssm/modules/ssd_minimal.py` from the path in $MAMBA_SSD_MINIMAL — e.g.
+    from the sdist: `pip download --no-deps --no-binary :all: mamba-ssm` and unpack it — and
+    runs it with its top-level triton import removed (the two functions used are pure torch).
+    """
+    try:  # pragma: no cover - only on machines with mamba_ssm + triton
+        from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
 
-    # ---- vendored verbatim from state-spaces/mamba mamba_ssm/modules/ssd_minimal.py ----------
-    def segsum(x):
-        """More stable segment sum calculation."""
-        T = x.size(-1)
-        x = repeat(x, "... d -> ... d e", e=T)
-        mask = torch.tril(torch.ones(T, T, device=x.device, dtype=bool), diagonal=-1)
-        x = x.masked_fill(~mask, 0)
-        x_segsum = torch.cumsum(x, dim=-2)
-        mask = torch.tril(torch.ones(T, T, device=x.device, dtype=bool), diagonal=0)
-        x_segsum = x_segsum.masked_fill(~mask, -torch.inf)
-        return x_segsum
+        return ssd_minimal_discrete, "mamba_ssm (installed)"
+    except Exception:  # noqa: BLE001
+        path = os.environ.get("MAMBA_SSD_MINIMAL")
+        if not path:
+            raise SystemExit("mamba_ssm is not importable: set MAMBA_SSD_MINIMAL to mamba_ssm/modules/ssd_minimal.py")
+        src = "\n".join(l for l in open(path).read().splitlines() if "triton" not in l or not l.lstrip().startswith(("from", "import")))
+        ns = {}
+        exec(compile(src, path, "exec"), ns)
+        return ns["ssd_minimal_discrete"], f"mamba_ssm/modules/ssd_minimal.py ({path})"
 
-    def ssd_minimal_discrete(X, A, B, C, block_len, initial_states=None):
-        """
-        Arguments:
-            X: (batch, length, n_heads, d_head)
-            A: (batch, length, n_heads)
-            B: (batch, length, n_groups, d_state)
-            C: (batch, length, n_groups, d_state)
-        Return:
-            Y: (batch, length, n_heads, d_head)
-        """
-        assert X.dtype == A.dtype == B.dtype == C.dtype
-        assert X.shape[1] % block_len == 0
 
-        # Rearrange into blocks/chunks
-        X, A, B, C = [rearrange(x, "b (c l) ... -> b c l ...", l=block_len) for x in (X, A, B, C)]
-
-        A = rearrange(A, "b c l h -> b h c l")
-        A_cumsum = torch.cumsum(A, dim=-1)
-
-        # 1. Compute the output for each intra-chunk (diagonal blocks)
-        L = torch.exp(segsum(A))
-        Y_diag = torch.einsum("bclgn,bcsgn,bhcls,bcshp->bclhp", C, B, L, X)
-
-        # 2. Compute the state for each intra-chunk
-        # (right term of low-rank factorization of off-diagonal blocks; B terms)
-        decay_states = torch.exp((A_cumsum[:, :, :, -1:] - A_cumsum))
-        states = torch.einsum("bclgn,bhcl,bclhp->bcghpn", B, decay_states, X)
-
-        # 3. Compute the inter-chunk SSM recurrence; produces correct SSM states at chunk boundaries
-        # (middle term of factorization of off-diag blocks; A terms)
-        if initial_states is None:
-            initial_states = torch.zeros_like(states[:, :1])
-        states = torch.cat([initial_states, states], dim=1)
-        decay_chunk = torch.exp(segsum(F.pad(A_cumsum[:, :, :, -1], (1, 0))))
-        new_states = torch.einsum("bhzc,bcghpn->bzghpn", decay_chunk, states)
-        states, final_state = new_states[:, :-1], new_states[:, -1]
-
-        # 4. Compute state -> output conversion per chunk
-        # (left term of low-rank factorization of off-diagonal blocks; C terms)
-        state_decay_out = torch.exp(A_cumsum)
-        Y_off = torch.einsum("bclgn,bcghpn,bhcl->bclhp", C, states, state_decay_out)
-
-        # Add output of intra-chunk and inter-chunk terms (diagonal and off-diagonal blocks)
-        Y = rearrange(Y_diag + Y_off, "b c l h p -> b (c l) h p")
-        return Y, final_state
-    # ---- end of vendored code -----------------------------------------------------------------
+ssd_minimal_discrete, SOURCE = _load_reference()
+# Released mamba_ssm (≤ 2.3.x) takes B, C per head `(b, l, h, n)`; the GitHub main version adds a
+# group axis `(b, l, g, n)` (and sums its einsums over it). Detect which one was loaded.
+PER_HEAD = "n_groups" not in (ssd_minimal_discrete.__doc__ or "")
 
 
 def reference_ssd(x, dt, A, Bm, Cm, s0, block_len):
@@ -102,7 +63,12 @@ def reference_ssd(x, dt, A, Bm, Cm, s0, block_len):
     Ad = F.pad(A[None, None, :] * dt, (0, 0, 0, pad))
     Bp = F.pad(Bm, (0, 0, 0, 0, 0, pad))
     Cp = F.pad(Cm, (0, 0, 0, 0, 0, pad))
-    if g == 1:
+    if PER_HEAD:
+        rep = h // g  # head hh reads group hh // (h/g)
+        Bh, Ch = Bp.repeat_interleave(rep, dim=2), Cp.repeat_interleave(rep, dim=2)
+        init = None if s0 is None else s0[:, None]  # (b, 1 chunk, h, p, n)
+        y, fs = ssd_minimal_discrete(X, Ad, Bh, Ch, block_len, initial_states=init)
+    elif g == 1:
         init = None if s0 is None else s0[:, None, None]  # (b, 1 chunk, 1 group, h, p, n)
         y, fs = ssd_minimal_discrete(X, Ad, Bp, Cp, block_len, initial_states=init)
         fs = fs[:, 0]
