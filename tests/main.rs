@@ -24,3 +24,5 @@ mod gpu;
 mod datasets;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
+/// `data prepare` (text/JSONL → shards), tokenizers vs tiktoken, Megatron indexes, bits per byte.
+mod data_prepare;

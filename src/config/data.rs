@@ -31,6 +31,14 @@ pub enum DataSpec {
         format: TokenFormat,
         /// Every token id must be below this (≤ model.vocab_size); checked on every window read.
         vocab_size: usize,
+        /// `dataset.json` written by `mixscale data prepare`: gives the validation split's UTF-8
+        /// bytes per token, so evaluation also reports bits per byte. When absent, a
+        /// `dataset.json` beside the validation files is used if it lists exactly those files.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
+        /// Bytes of text per validation token, for data without a manifest (overrides it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        val_bytes_per_token: Option<f64>,
     },
     /// Zoology's multi-query associative recall (`src/data/mqar.rs`), generated on the fly.
     /// `setting` names a standard configuration (`mqar::SETTINGS`); explicit fields override it.
@@ -60,6 +68,8 @@ pub enum TokenFormat {
     U16,
     /// Headerless little-endian uint32 array.
     U32,
+    /// Megatron-LM indexed dataset, `PREFIX.bin` + `PREFIX.idx` (read-only; dtype from the index).
+    Megatron,
 }
 
 impl Default for DataSpec {
