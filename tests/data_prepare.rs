@@ -389,6 +389,17 @@ fn bits_per_byte_from_the_manifest() {
     std::fs::remove_file(out.join("dataset.json")).unwrap();
     let spec = spec_from(&tokens_yaml(&out, m.vocab_size, ""), &[]).unwrap();
     assert_eq!(mixscale::data::DataSource::new(&spec.data, 0, 16).unwrap().val_bytes_per_token(), None);
+    // `train:` may be a list of patterns: files in list order, each read once.
+    let yaml = tokens_yaml(&out, m.vocab_size, "").replace(
+        &format!("train: {}/train_*.bin", out.display()),
+        &format!("train: [{0}/train_000001.bin, {0}/train_*.bin]", out.display()),
+    );
+    let ds = mixscale::data::DataSource::new(&spec_from(&yaml, &[]).unwrap().data, 0, 16).unwrap();
+    assert!(ds.describe().starts_with(&format!("token files: {} train file(s), {} tokens", m.train.shards.len(), m.train.tokens)), "{}", ds.describe());
+    let (a, b) = (format!("{}/train_000001.bin", out.display()), format!("{}/train_*.bin", out.display()));
+    let f = TokenFiles::open_many(&[&a, &b], "data.train", TokenFormat::Llmc, m.vocab_size, 17).unwrap();
+    let names: Vec<String> = f.shards().iter().map(|s| s.path().file_name().unwrap().to_string_lossy().to_string()).collect();
+    assert_eq!(names[..3], ["train_000001.bin", "train_000000.bin", "train_000002.bin"]);
 }
 
 /// Stopping and resuming a run on token files gives the uninterrupted run's losses: the

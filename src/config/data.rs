@@ -22,11 +22,12 @@ pub enum DataSpec {
     /// uniformly from every window of `seq_len + 1` tokens of the `train` files; validation is
     /// the first `eval_sequences` consecutive windows of the `val` files.
     Tokens {
-        /// Path of the training files; `*` and `?` allowed in the last component
-        /// (e.g. `data/fineweb_train_*.bin`). Relative paths are relative to the working directory.
-        train: String,
-        /// Path of the validation files (same rules).
-        val: String,
+        /// Path of the training files, or a list of paths; `*` and `?` allowed in the last
+        /// component (e.g. `data/fineweb_train_*.bin`). Relative paths are relative to the
+        /// working directory. Files are read in list order, each pattern's matches sorted.
+        train: Paths,
+        /// Path(s) of the validation files (same rules).
+        val: Paths,
         /// File format.
         format: TokenFormat,
         /// Every token id must be below this (≤ model.vocab_size); checked on every window read.
@@ -55,6 +56,23 @@ pub enum DataSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         random_non_queries: Option<bool>,
     },
+}
+
+/// One path pattern or a list of them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Paths {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Paths {
+    pub fn patterns(&self) -> Vec<&str> {
+        match self {
+            Paths::One(p) => vec![p.as_str()],
+            Paths::Many(v) => v.iter().map(|p| p.as_str()).collect(),
+        }
+    }
 }
 
 /// Layout of a token file.

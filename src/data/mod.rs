@@ -64,8 +64,8 @@ impl DataSource {
             }
             DataSpec::Tokens { train, val, format, vocab_size, manifest, val_bytes_per_token } => {
                 let w = seq_len + 1;
-                let train = TokenFiles::open(train, "data.train", *format, *vocab_size, w)?;
-                let val = TokenFiles::open(val, "data.val", *format, *vocab_size, w)?;
+                let train = TokenFiles::open_many(&train.patterns(), "data.train", *format, *vocab_size, w)?;
+                let val = TokenFiles::open_many(&val.patterns(), "data.val", *format, *vocab_size, w)?;
                 let files: Vec<_> = val.shards().iter().map(|s| s.path().to_path_buf()).collect();
                 let bpt = manifest::val_bytes_per_token(*val_bytes_per_token, manifest.as_deref(), &files)?;
                 Source::Tokens { train, val, vocab: *vocab_size, bpt }

@@ -323,9 +323,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
         return Err(Error::Input("data prepare: no input files given".into()));
     }
     let mut files: Vec<PathBuf> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for pat in &opts.inputs {
         for p in expand(pat, "input")? {
-            if !files.contains(&p) {
+            if seen.insert(p.clone()) {
                 files.push(p);
             }
         }

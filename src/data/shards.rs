@@ -274,12 +274,27 @@ impl TokenFiles {
     /// Opens the files `pattern` matches (`key` names the config field in errors) for windows of
     /// `window` ≥ 2 tokens.
     pub fn open(pattern: &str, key: &str, format: TokenFormat, vocab: usize, window: usize) -> Result<Self> {
+        Self::open_many(&[pattern], key, format, vocab, window)
+    }
+
+    /// [`TokenFiles::open`] for several patterns: their files in pattern order (each pattern's
+    /// matches sorted), a file matched twice read once.
+    pub fn open_many(patterns: &[&str], key: &str, format: TokenFormat, vocab: usize, window: usize) -> Result<Self> {
         assert!(window >= 2, "a window holds at least one input and one target");
-        let mut paths = expand(pattern, key)?;
-        if format == TokenFormat::Megatron {
-            // A pattern may match both files of a pair (or only the .idx): read each .bin once.
-            paths = paths.iter().map(|p| super::megatron::pair(p).0).collect();
-            paths.dedup();
+        if patterns.is_empty() {
+            return Err(Error::Input(format!("{key}: no file pattern given")));
+        }
+        let pattern = patterns.join("`, `");
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in patterns {
+            for f in expand(p, key)? {
+                // A Megatron pattern may match both files of a pair (or only the .idx): read each .bin once.
+                let f = if format == TokenFormat::Megatron { super::megatron::pair(&f).0 } else { f };
+                if seen.insert(f.clone()) {
+                    paths.push(f);
+                }
+            }
         }
         let shards = paths.iter().map(|p| Shard::open(p, format)).collect::<Result<Vec<_>>>()?;
         if shards.iter().all(|s| s.is_empty()) {

@@ -5,7 +5,11 @@
 //!   encoded with `encode_ordinary`, as llm.c's `fineweb.py` does: a literal `<|endoftext|>` in
 //!   the text is ordinary text, never the special token.
 //! * a local `tokenizer.json`: Hugging Face `tokenizers` (no hub access; the crate is built
-//!   without its `http` feature). Its truncation and padding settings are switched off.
+//!   without its `http` feature, with the pure-Rust `fancy-regex` backend instead of the `onig`
+//!   C library). Its truncation and padding settings are switched off and no special tokens
+//!   are added (`add_special_tokens = false`). Unlike tiktoken's `encode_ordinary`, `tokenizers`
+//!   always matches added tokens in the text, so a document containing the literal end-of-text
+//!   string gets the end-of-text id there (this also holds for `bpe:V` below).
 //! * `bpe:V`: a byte-level BPE of at most `V` ids trained on the training documents with the
 //!   `tokenizers` BPE trainer (GPT-2's pre-tokenizer regex and byte alphabet, no prefix space,
 //!   `<|endoftext|>` as id 0), saved as `tokenizer.json` beside the shards; encoding then goes
