@@ -151,6 +151,10 @@ fn prepare_round_trips_text() {
     let mut names: Vec<String> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
     names.sort();
     assert_eq!(names, ["a.txt", "again", "b.txt", "data", "other"]);
+    // A trailing slash on --out names the same folder.
+    let slash = PathBuf::from(format!("{}/", d.path().join("slash").display()));
+    prepare(&PrepareOptions { out: slash, ..o.clone() }).unwrap();
+    assert!(d.path().join("slash/dataset.json").is_file());
     // Line split: one document per non-blank line.
     let lines = prepare(&PrepareOptions { doc_split: DocSplit::Line, val_fraction: 0.0, out: d.path().join("lines"), ..o.clone() }).unwrap();
     assert_eq!(lines.train.documents as usize, TEXT_A.lines().filter(|l| !l.trim().is_empty()).count() + 120);

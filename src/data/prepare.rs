@@ -331,7 +331,11 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
             }
         }
     }
-    let out = &opts.out;
+    // Normalized (`data/x/` → `data/x`), so the staging folder is a sibling, not a child.
+    let out: &PathBuf = &opts.out.components().collect();
+    if out.as_os_str().is_empty() || out.file_name().is_none() {
+        return Err(Error::Input(format!("--out {}: name a new folder", opts.out.display())));
+    }
     if out.exists() && !opts.overwrite {
         return Err(Error::Input(format!("{} already exists; pass --overwrite to replace it", out.display())));
     }
