@@ -8,6 +8,8 @@ use mixscale::config::{RunSpec, YamlDoc};
 use mixscale::train::{self, bench, record::Status, Outcome, TrainOptions};
 use std::path::{Path, PathBuf};
 
+mod data_cmd;
+
 #[derive(Parser)]
 #[command(name = "mixscale", version, about = "LLM token-mixer architectures and scaling laws on candle")]
 struct Cli {
@@ -42,6 +44,9 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Token data: `data prepare` tokenizes text/JSONL into shards.
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
     /// List every token-mixer block with its options and defaults.
     Blocks,
     /// Check an architecture YAML (with overrides) without running anything.
@@ -159,6 +164,9 @@ pub fn run() -> Result<i32> {
                         f(s.entropy_floor),
                         f(s.entropy_floor_bits)
                     );
+                    if let Some(b) = s.val_bits_per_byte {
+                        println!("val bits per byte: {b:.4} (at {:.4} bytes/token)", s.val_bytes_per_token.unwrap_or(f64::NAN));
+                    }
                     Ok(if s.status == Status::Diverged { 3 } else { 0 })
                 }
             }
@@ -168,6 +176,7 @@ pub fn run() -> Result<i32> {
             print!("{}", serde_yaml_ng::to_string(&spec)?);
             Ok(0)
         }
+        Cmd::Data(cmd) => data_cmd::run(cmd),
         Cmd::Blocks => {
             for b in blocks::REGISTRY {
                 println!("{}: {}", b.name, b.about);

@@ -34,3 +34,5 @@ mod datasets;
 mod mad;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
+/// `data prepare` (text/JSONL → shards), tokenizers vs tiktoken, Megatron indexes, bits per byte.
+mod data_prepare;

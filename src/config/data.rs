@@ -22,15 +22,24 @@ pub enum DataSpec {
     /// uniformly from every window of `seq_len + 1` tokens of the `train` files; validation is
     /// the first `eval_sequences` consecutive windows of the `val` files.
     Tokens {
-        /// Path of the training files; `*` and `?` allowed in the last component
-        /// (e.g. `data/fineweb_train_*.bin`). Relative paths are relative to the working directory.
-        train: String,
-        /// Path of the validation files (same rules).
-        val: String,
+        /// Path of the training files, or a list of paths; `*` and `?` allowed in the last
+        /// component (e.g. `data/fineweb_train_*.bin`). Relative paths are relative to the
+        /// working directory. Files are read in list order, each pattern's matches sorted.
+        train: Paths,
+        /// Path(s) of the validation files (same rules).
+        val: Paths,
         /// File format.
         format: TokenFormat,
         /// Every token id must be below this (≤ model.vocab_size); checked on every window read.
         vocab_size: usize,
+        /// `dataset.json` written by `mixscale data prepare`: gives the validation split's UTF-8
+        /// bytes per token, so evaluation also reports bits per byte. When absent, a
+        /// `dataset.json` beside the validation files is used if it lists exactly those files.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
+        /// Bytes of text per validation token, for data without a manifest (overrides it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        val_bytes_per_token: Option<f64>,
     },
     /// Zoology's multi-query associative recall (`src/data/mqar.rs`), generated on the fly.
     /// `setting` names a standard configuration (`mqar::SETTINGS`); explicit fields override it.
@@ -112,6 +121,23 @@ impl DataSpec {
     }
 }
 
+/// One path pattern or a list of them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Paths {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Paths {
+    pub fn patterns(&self) -> Vec<&str> {
+        match self {
+            Paths::One(p) => vec![p.as_str()],
+            Paths::Many(v) => v.iter().map(|p| p.as_str()).collect(),
+        }
+    }
+}
+
 /// Layout of a token file.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -123,6 +149,8 @@ pub enum TokenFormat {
     U16,
     /// Headerless little-endian uint32 array.
     U32,
+    /// Megatron-LM indexed dataset, `PREFIX.bin` + `PREFIX.idx` (read-only; dtype from the index).
+    Megatron,
 }
 
 impl Default for DataSpec {

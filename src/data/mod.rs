@@ -1,5 +1,7 @@
 //! Token sources: the built-in synthetic language ([`language`]), token files ([`shards`]:
-//! llm.c shards and raw uint16/uint32 arrays) and Zoology's MQAR task ([`mqar`]).
+//! llm.c shards, raw uint16/uint32 arrays and Megatron indexed datasets ([`megatron`])) and
+//! Zoology's MQAR task ([`mqar`]). `mixscale data prepare` ([`prepare`], [`tokenizer`],
+//! [`manifest`]) turns text and JSONL into llm.c shards.
 //!
 //! A source serves sequence `i` of the training or validation stream as a pure function of
 //! `(seed, i)`, so the data position of a run is one integer (the next training sequence index):
@@ -12,7 +14,11 @@
 pub mod language;
 pub mod mad;
 pub mod language_params;
+pub mod manifest;
+pub mod megatron;
 pub mod mqar;
+pub mod prepare;
+pub mod tokenizer;
 pub mod rng;
 pub mod zipf;
 pub mod shards;
@@ -39,7 +45,8 @@ pub struct Batch {
 
 enum Source {
     Language(Language),
-    Tokens { train: TokenFiles, val: TokenFiles, vocab: usize },
+    /// `bpt`: UTF-8 bytes of text per validation token, when known (bits per byte).
+    Tokens { train: TokenFiles, val: TokenFiles, vocab: usize, bpt: Option<f64> },
     Mqar(Mqar),
     Mad(mad::Mad),
 }
@@ -57,11 +64,13 @@ impl DataSource {
                 let p = LanguageParams { vocab_size: *vocab_size, language_seed: *language_seed, ..Default::default() };
                 Source::Language(Language::new(&p).map_err(|e| Error::Input(format!("data: {e}")))?)
             }
-            DataSpec::Tokens { train, val, format, vocab_size } => {
+            DataSpec::Tokens { train, val, format, vocab_size, manifest, val_bytes_per_token } => {
                 let w = seq_len + 1;
-                let train = TokenFiles::open(train, "data.train", *format, *vocab_size, w)?;
-                let val = TokenFiles::open(val, "data.val", *format, *vocab_size, w)?;
-                Source::Tokens { train, val, vocab: *vocab_size }
+                let train = TokenFiles::open_many(&train.patterns(), "data.train", *format, *vocab_size, w)?;
+                let val = TokenFiles::open_many(&val.patterns(), "data.val", *format, *vocab_size, w)?;
+                let files: Vec<_> = val.shards().iter().map(|s| s.path().to_path_buf()).collect();
+                let bpt = manifest::val_bytes_per_token(*val_bytes_per_token, manifest.as_deref(), &files)?;
+                Source::Tokens { train, val, vocab: *vocab_size, bpt }
             }
             DataSpec::Mqar { setting, vocab_size, num_kv_pairs, power_a, random_non_queries } => {
                 let p = MqarParams::resolve(setting.as_deref(), *vocab_size, *num_kv_pairs, *power_a, *random_non_queries, seq_len)
@@ -95,6 +104,15 @@ impl DataSource {
         }
     }
 
+    /// UTF-8 bytes of text per validation token (from `dataset.json` or
+    /// `data.val_bytes_per_token`), which converts the loss to bits per byte; None when unknown.
+    pub fn val_bytes_per_token(&self) -> Option<f64> {
+        match &self.src {
+            Source::Tokens { bpt, .. } => *bpt,
+            _ => None,
+        }
+    }
+
     /// Whether batches carry a mask (only some positions are scored).
     pub fn is_masked(&self) -> bool {
         matches!(self.src, Source::Mqar(_) | Source::Mad(_))
@@ -108,13 +126,18 @@ impl DataSource {
     pub fn describe(&self) -> String {
         match &self.src {
             Source::Language(l) => l.describe(),
-            Source::Tokens { train, val, .. } => format!(
-                "token files: {} train file(s), {} tokens; {} val file(s), {} tokens ({} windows)",
+            Source::Tokens { train, val, bpt, .. } => format!(
+                "token files: {} train file(s), {} tokens; {} val file(s), {} tokens ({} windows){}{}",
                 train.shards().len(),
                 train.tokens(),
                 val.shards().len(),
                 val.tokens(),
-                val.val_windows()
+                val.val_windows(),
+                match train.short_files() + val.short_files() {
+                    0 => String::new(),
+                    k => format!("; {k} file(s) shorter than one window unused"),
+                },
+                bpt.map(|b| format!("; {b:.4} val bytes/token")).unwrap_or_default()
             ),
             Source::Mqar(m) => m.describe(),
             Source::Mad(m) => m.describe(),

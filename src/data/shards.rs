@@ -9,6 +9,9 @@
 //!   the file must hold exactly `count` tokens after the header.
 //! * `u16` / `u32` — headerless little-endian arrays (nanoGPT `prepare.py`'s `train.bin`, OLMo
 //!   `MemMapDataset`); the dtype cannot be detected, so the user gives it.
+//! * `megatron` — Megatron-LM indexed datasets (`PREFIX.bin` + `PREFIX.idx`, read-only; see
+//!   [`super::megatron`]): the pattern names the `.bin` files (or the `.idx`, or the prefix), the
+//!   dtype comes from the index, and the `.bin` is read as one stream of tokens.
 //!
 //! # Windows
 //! A window is `seq_len + 1` consecutive tokens of one file (windows never cross files): the
@@ -25,8 +28,9 @@
 //!
 //! # Checks
 //! At open: the path matches files, each file's header (magic, version, exact length) or its
-//! length (a whole number of tokens), the corpus is not empty, no file is shorter than one
-//! window. Token ids ≥ `vocab_size` are checked when a window is read (scanning multi-GB
+//! length (a whole number of tokens), the corpus is not empty and holds at least one window.
+//! A file shorter than one window contributes no window (as every file's last tokens short of
+//! a window contribute none: windows never cross files); `describe` counts such files. Token ids ≥ `vocab_size` are checked when a window is read (scanning multi-GB
 //! corpora at open would cost minutes); the error names the file and the token's position.
 //! The files must not change while mapped.
 
@@ -54,8 +58,10 @@ pub struct Shard {
     map: Option<Mmap>,
     /// Byte offset of the first token.
     start: usize,
-    /// Bytes per token (2 or 4).
+    /// Bytes per token (1, 2, 4 or 8).
     width: usize,
+    /// Signed element type (Megatron int8/16/32/64): negative ids are errors when read.
+    signed: bool,
     /// Number of tokens.
     len: usize,
 }
@@ -71,6 +77,7 @@ fn le_i32(b: &[u8], i: usize) -> i32 {
 impl Shard {
     /// Maps `path` and checks its header or length against `format`.
     pub fn open(path: &Path, format: TokenFormat) -> Result<Self> {
+        let mut signed = false;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let bytes = file.metadata().map_err(|e| Error::io(path, e))?.len() as usize;
         // SAFETY: read-only mapping; the module documents that files must not change while mapped.
@@ -118,8 +125,14 @@ impl Shard {
                 }
                 (LLMC_HEADER_BYTES, width, count)
             }
+            TokenFormat::Megatron => {
+                let (_, idx) = super::megatron::pair(path);
+                let index = super::megatron::MegatronIndex::open(&idx, bytes as u64)?;
+                signed = index.dtype.signed();
+                (0, index.dtype.width(), index.tokens as usize)
+            }
         };
-        Ok(Self { path: path.to_path_buf(), map, start, width, len })
+        Ok(Self { path: path.to_path_buf(), map, start, width, signed, len })
     }
 
     pub fn path(&self) -> &Path {
@@ -141,15 +154,35 @@ impl Shard {
         let data = self.map.as_deref().unwrap_or(&[]);
         let bytes = &data[self.start + at * self.width..self.start + (at + n) * self.width];
         let first = out.len();
-        match self.width {
-            2 => out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)),
-            _ => out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        match (self.width, self.signed) {
+            (2, false) => out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)),
+            (4, false) => out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            _ => return self.read_wide(bytes, at, vocab, out),
         }
-        if let Some(k) = out[first..].iter().position(|&t| t as usize >= vocab) {
-            return Err(input(
-                &self.path,
-                format!("token id {} at token position {} is ≥ data.vocab_size {vocab}", out[first + k], at + k),
-            ));
+        match out[first..].iter().position(|&t| t as usize >= vocab) {
+            Some(k) => Err(self.too_big(out[first + k] as i64, at + k, vocab)),
+            None => Ok(()),
+        }
+    }
+
+    fn too_big(&self, id: i64, pos: usize, vocab: usize) -> Error {
+        input(&self.path, format!("token id {id} at token position {pos} is {} data.vocab_size {vocab}", if id < 0 { "negative, not in 0 ..<" } else { "≥" }))
+    }
+
+    /// The element types only Megatron files use (uint8, signed ints): converted through i64.
+    fn read_wide(&self, bytes: &[u8], at: usize, vocab: usize, out: &mut Vec<u32>) -> Result<()> {
+        for (k, c) in bytes.chunks_exact(self.width).enumerate() {
+            let v: i64 = match (self.width, self.signed) {
+                (1, false) => c[0] as i64,
+                (1, true) => c[0] as i8 as i64,
+                (2, true) => i16::from_le_bytes([c[0], c[1]]) as i64,
+                (4, true) => i32::from_le_bytes(c.try_into().unwrap()) as i64,
+                _ => i64::from_le_bytes(c.try_into().unwrap()),
+            };
+            if v < 0 || v as u64 >= vocab as u64 {
+                return Err(self.too_big(v, at + k, vocab));
+            }
+            out.push(v as u32);
         }
         Ok(())
     }
@@ -241,25 +274,57 @@ impl TokenFiles {
     /// Opens the files `pattern` matches (`key` names the config field in errors) for windows of
     /// `window` ≥ 2 tokens.
     pub fn open(pattern: &str, key: &str, format: TokenFormat, vocab: usize, window: usize) -> Result<Self> {
+        Self::open_many(&[pattern], key, format, vocab, window)
+    }
+
+    /// [`TokenFiles::open`] for several patterns: their files in pattern order (each pattern's
+    /// matches sorted), a file matched twice read once.
+    pub fn open_many(patterns: &[&str], key: &str, format: TokenFormat, vocab: usize, window: usize) -> Result<Self> {
         assert!(window >= 2, "a window holds at least one input and one target");
-        let paths = expand(pattern, key)?;
+        if patterns.is_empty() {
+            return Err(Error::Input(format!("{key}: no file pattern given")));
+        }
+        let pattern = patterns.join("`, `");
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in patterns {
+            for f in expand(p, key)? {
+                // A Megatron pattern may match both files of a pair (or only the .idx): read each .bin once.
+                let f = if format == TokenFormat::Megatron { super::megatron::pair(&f).0 } else { f };
+                if seen.insert(f.clone()) {
+                    paths.push(f);
+                }
+            }
+        }
         let shards = paths.iter().map(|p| Shard::open(p, format)).collect::<Result<Vec<_>>>()?;
         if shards.iter().all(|s| s.is_empty()) {
             return Err(Error::Input(format!("{key}: the {} file(s) matching `{pattern}` hold no tokens", shards.len())));
         }
-        if let Some(s) = shards.iter().find(|s| s.len() < window) {
-            return Err(input(s.path(), format!("{} tokens, fewer than one window of train.seq_len + 1 = {window}", s.len())));
+        if shards.iter().all(|s| s.len() < window) {
+            let longest = shards.iter().max_by_key(|s| s.len()).expect("expand returns at least one file");
+            return Err(input(
+                longest.path(),
+                format!(
+                    "{key}: no file matching `{pattern}` holds one window of train.seq_len + 1 = {window} tokens (the longest, this one, has {})",
+                    longest.len()
+                ),
+            ));
         }
         let (mut cum_train, mut cum_val) = (vec![0u64], vec![0u64]);
         for s in &shards {
-            cum_train.push(cum_train.last().unwrap() + (s.len() - window + 1) as u64);
-            cum_val.push(cum_val.last().unwrap() + ((s.len() - 1) / (window - 1)) as u64);
+            cum_train.push(cum_train.last().unwrap() + (s.len() + 1).saturating_sub(window) as u64);
+            cum_val.push(cum_val.last().unwrap() + (s.len().saturating_sub(1) / (window - 1)) as u64);
         }
         Ok(Self { shards, window, vocab, cum_train, cum_val })
     }
 
     pub fn shards(&self) -> &[Shard] {
         &self.shards
+    }
+
+    /// Number of files shorter than one window (they contribute no window).
+    pub fn short_files(&self) -> usize {
+        self.shards.iter().filter(|s| s.len() < self.window).count()
     }
 
     /// Total number of tokens.

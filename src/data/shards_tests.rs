@@ -194,7 +194,18 @@ fn corpus_errors() {
     let pat = format!("{}/e_*.bin", d.path().display());
     let e = err(TokenFiles::open(&pat, "data.train", TokenFormat::Llmc, 100, 9));
     assert!(e.contains("data.train: the 2 file(s) matching") && e.contains("hold no tokens"), "{e}");
-    let pat = corpus(d.path(), &[20, 5]);
+    // A file shorter than one window contributes no window (like the tail of any file)...
+    let pat = corpus(d.path(), &[20, 5, 12]);
+    let f = TokenFiles::open(&pat, "data.train", TokenFormat::Llmc, 100, 9).unwrap();
+    assert_eq!((f.short_files(), f.val_windows()), (1, 2 + 1));
+    for i in 0..500 {
+        let (file, _) = f.train_position(1, i);
+        assert_ne!(file, 1, "no window from the short file");
+    }
+    assert_eq!(f.val_position(2).unwrap(), (2, 0));
+    // ...but a corpus without any whole window is an error naming its longest file.
+    let d = tmp();
+    let pat = corpus(d.path(), &[5, 8]);
     let e = err(TokenFiles::open(&pat, "data.train", TokenFormat::Llmc, 100, 9));
-    assert!(e.contains("s_1.bin: 5 tokens, fewer than one window of train.seq_len + 1 = 9"), "{e}");
+    assert!(e.contains("s_1.bin: data.train: no file matching") && e.contains("holds one window of train.seq_len + 1 = 9 tokens (the longest, this one, has 8)"), "{e}");
 }

@@ -192,7 +192,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         opt.load_state(ck.state.adam_t, &ck.optim)?;
         state = ck.state;
     }
-    let mut metrics = MetricsWriter::open(out, resumed.then_some(state.step), data.is_masked())?;
+    let mut metrics = MetricsWriter::open_with_bpb(out, resumed.then_some(state.step), data.is_masked(), data.val_bytes_per_token())?;
 
     let total = t.total_steps();
     let end = opts.stop_at_step.unwrap_or(total).min(total);
@@ -296,6 +296,8 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         train_loss: last.0,
         val_loss: last.1.map(|e| e.loss),
         val_bits_per_token: last.1.map(|e| e.loss / std::f64::consts::LN_2),
+        val_bits_per_byte: last.1.zip(data.val_bytes_per_token()).map(|(e, b)| record::bits_per_byte(e.loss, b)),
+        val_bytes_per_token: data.val_bytes_per_token(),
         val_accuracy: last.1.map(|e| e.accuracy),
         val_accuracy_macro: last.1.and_then(|e| e.accuracy_macro),
         entropy_floor: floor,

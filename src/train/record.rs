@@ -13,6 +13,9 @@ pub const METRICS_HEADER: &str = "step,tokens,lr,train_loss,val_loss,grad_norm,t
 /// Extra last column of tasks that score only some positions (MQAR): accuracy on the scored
 /// validation positions. Other sources keep the header above unchanged.
 pub const ACCURACY_COLUMN: &str = "val_accuracy";
+/// Extra last column of token data whose bytes per token is known (`dataset.json`):
+/// validation bits per byte, `val_loss / ln 2 / bytes_per_token` (see `data::manifest`).
+pub const BPB_COLUMN: &str = "val_bpb";
 
 /// One metrics row; `val_loss` (and `val_accuracy`) are empty when no evaluation happened at
 /// that step.
@@ -49,6 +52,8 @@ pub struct MetricsWriter {
     path: PathBuf,
     file: fs::File,
     accuracy: bool,
+    /// Validation bytes per token: with it, rows end with the [`BPB_COLUMN`].
+    bytes_per_token: Option<f64>,
 }
 
 impl MetricsWriter {
@@ -56,8 +61,18 @@ impl MetricsWriter {
     /// are dropped first (they belong to work after the checkpoint, which will be redone).
     /// With `accuracy` the header and rows end with the [`ACCURACY_COLUMN`].
     pub fn open(run_dir: &Path, keep_until: Option<usize>, accuracy: bool) -> Result<Self> {
+        Self::open_with_bpb(run_dir, keep_until, accuracy, None)
+    }
+
+    /// [`MetricsWriter::open`]; with `bytes_per_token` rows also end with the [`BPB_COLUMN`].
+    pub fn open_with_bpb(run_dir: &Path, keep_until: Option<usize>, accuracy: bool, bytes_per_token: Option<f64>) -> Result<Self> {
         let path = run_dir.join("metrics.csv");
-        let mut text = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}\n") } else { format!("{METRICS_HEADER}\n") };
+        let mut text = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}") } else { METRICS_HEADER.to_string() };
+        if bytes_per_token.is_some() {
+            text.push(',');
+            text.push_str(BPB_COLUMN);
+        }
+        text.push('\n');
         if let (Some(step), Ok(old)) = (keep_until, fs::read_to_string(&path)) {
             for line in old.lines().skip(1) {
                 let s: Option<usize> = line.split(',').next().and_then(|x| x.parse().ok());
@@ -69,12 +84,23 @@ impl MetricsWriter {
         }
         super::checkpoint::write_atomic(&path, text.as_bytes())?;
         let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, file, accuracy })
+        Ok(Self { path, file, accuracy, bytes_per_token })
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
-        writeln!(self.file, "{}", row.to_csv(self.accuracy)).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+        let mut line = row.to_csv(self.accuracy);
+        if let Some(bpt) = self.bytes_per_token {
+            line.push(',');
+            line.push_str(&row.val_loss.map(|l| format!("{:.6}", bits_per_byte(l, bpt))).unwrap_or_default());
+        }
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
+}
+
+/// Bits per byte of a loss of `loss_nats` per token at `bytes_per_token`:
+/// `loss_nats / ln 2 / bytes_per_token` (= bits/token × tokens/byte).
+pub fn bits_per_byte(loss_nats: f64, bytes_per_token: f64) -> f64 {
+    loss_nats / std::f64::consts::LN_2 / bytes_per_token
 }
 
 /// Final status of a run.
@@ -97,6 +123,13 @@ pub struct Summary {
     pub train_loss: Option<f64>,
     pub val_loss: Option<f64>,
     pub val_bits_per_token: Option<f64>,
+    /// Validation bits per byte of text, when the data's bytes per token is known
+    /// (`dataset.json` of `mixscale data prepare`, or `data.val_bytes_per_token`).
+    #[serde(default)]
+    pub val_bits_per_byte: Option<f64>,
+    /// The validation bytes per token used for it.
+    #[serde(default)]
+    pub val_bytes_per_token: Option<f64>,
     /// Fraction of scored validation targets the model's argmax predicts (every target for
     /// unmasked sources; only the answer positions for MQAR). Absent in older summaries.
     #[serde(default)]
