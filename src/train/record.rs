@@ -44,11 +44,13 @@ impl MetricsRow {
     }
 }
 
-/// Appends rows to `metrics.csv`, flushing each row.
+/// Appends rows to `metrics.csv`, flushing each row, and the same numbers as scalars to a
+/// TensorBoard event file in `tb/` (see `train::tensorboard`).
 pub struct MetricsWriter {
     path: PathBuf,
     file: fs::File,
     accuracy: bool,
+    tb: super::tensorboard::EventWriter,
 }
 
 impl MetricsWriter {
@@ -69,11 +71,13 @@ impl MetricsWriter {
         }
         super::checkpoint::write_atomic(&path, text.as_bytes())?;
         let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, file, accuracy })
+        let tb = super::tensorboard::EventWriter::for_run(run_dir, keep_until)?;
+        Ok(Self { path, file, accuracy, tb })
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
-        writeln!(self.file, "{}", row.to_csv(self.accuracy)).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{}", row.to_csv(self.accuracy)).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))?;
+        self.tb.scalars(row.step as i64, super::tensorboard::row_scalars(row, self.accuracy))
     }
 }
 
