@@ -24,3 +24,7 @@ mod gpu;
 mod datasets;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
+/// Study record: Optuna journal replay, round trips, torn tails, concurrent writers, Python interop.
+mod journal;
+/// TensorBoard event files beside metrics.csv: framing, CRCs, resume, EventAccumulator.
+mod tensorboard;

@@ -28,6 +28,8 @@
 //! journal.replay()      -> Replay                   the same, with ids and lookups
 //! journal.transact(|replay| Ok((ops, r))) -> r      under the lock: replay to EOF, decide, append
 //! journal.append(ops)                               transact without looking
+//! replay_file(path)     -> Replay                   read-only (no create, lock or repair)
+//! decode_line(line)     -> (worker_id, Op)          one line; Op::encode(worker_id) is the inverse
 //! ```
 //! [`Journal::transact`] is how a worker claims work atomically: e.g. find the first WAITING
 //! trial and append SET_TRIAL_STATE_VALUES(RUNNING) for it, or append CREATE_TRIAL knowing it
@@ -264,6 +266,27 @@ impl Journal {
         c.lines += ops.len() as u64;
         Ok(())
     }
+}
+
+/// Replays the journal at `path` without creating, locking or repairing it (what optuna's
+/// reader sees; a torn or invalid last line is ignored).
+pub fn replay_file(path: &Path) -> Result<Replay> {
+    let j = Journal {
+        path: path.to_path_buf(),
+        target: path.to_path_buf(),
+        lock_path: PathBuf::new(),
+        lock_kind: LockKind::Symlink,
+        grace: None,
+        worker_id: String::new(),
+        cache: Mutex::new(Cache::default()),
+    };
+    j.replay()
+}
+
+/// Decodes one journal line into its writer's `worker_id` and the op (the inverse of
+/// [`Op::encode`]); the message says what optuna would fail on.
+pub fn decode_line(line: &str) -> std::result::Result<(String, Op), String> {
+    ops::decode(line).map(|d| (d.worker_id, d.op))
 }
 
 fn lock_nonce() -> String {

@@ -288,7 +288,12 @@ impl EventWriter {
             for p in event_files(&dir)? {
                 match keep_until {
                     None => fs::remove_file(&p).map_err(|e| Error::io(&p, e))?,
-                    Some(step) => truncate_after(&p, step as i64)?,
+                    // A damaged event file must not stop a resume; TensorBoard skips bad records.
+                    Some(step) => {
+                        if let Err(e) = truncate_after(&p, step as i64) {
+                            eprintln!("mixscale: warning: left {} as it is: {e}", p.display());
+                        }
+                    }
                 }
             }
         }

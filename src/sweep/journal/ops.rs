@@ -202,7 +202,7 @@ impl Op {
                         let d = d.normalized().map_err(|e| format!("param `{name}`: {e}"))?;
                         d.to_external(*x).map_err(|e| format!("param `{name}`: {e}"))?;
                         dists.str(name, &d.to_json());
-                        internal.float(name, *x);
+                        internal.raw(name, &internal_repr(*x, &d));
                     }
                     o.raw("distributions", &dists.finish()).raw("params", &internal.finish());
                     o.value("user_attrs", &Value::Object(user_attrs.clone().into_iter().collect()));
@@ -219,7 +219,7 @@ impl Op {
                 d.to_external(*value_internal).map_err(|e| format!("param `{param_name}`: {e}"))?;
                 o.int("trial_id", *trial_id as i64)
                     .str("param_name", param_name)
-                    .float("param_value_internal", *value_internal)
+                    .raw("param_value_internal", &internal_repr(*value_internal, &d))
                     .str("distribution", &d.to_json());
             }
             Op::SetTrialStateValues { trial_id, state, values, datetime } => {
@@ -245,6 +245,15 @@ impl Op {
             }
         }
         Ok(o.finish())
+    }
+}
+
+/// The internal value as optuna writes it: `to_internal_repr` returns the choice's index (a
+/// Python int) for a categorical and a float otherwise.
+fn internal_repr(x: f64, d: &Distribution) -> String {
+    match d {
+        Distribution::Categorical { .. } if x.fract() == 0.0 && x.abs() < 9e15 => format!("{}", x as i64),
+        _ => pyjson::float_repr(x),
     }
 }
 
