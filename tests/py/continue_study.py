@@ -2,7 +2,8 @@
 
 Runs n_trials more trials with TPE in the study mixscale created (same search space: lr log
 float, d_model int step 128, mixer categorical), reporting intermediate values, pruning some,
-failing one, then enqueues a trial and adds a template trial, and dumps the whole storage.
+failing one (its first ask() runs a trial mixscale enqueued), then enqueues a trial, sets a
+study attr, and dumps the whole storage (journal_dump.dump_storage).
 """
 import json
 import sys
