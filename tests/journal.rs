@@ -402,9 +402,13 @@ fn invalid_batches_write_nothing() {
     assert!(r.is_err());
 }
 
-/// Claims one trial per transaction from several writers; returns (trial id, writer) pairs.
+/// Claims one trial per transaction from several writers; returns the claimed trial ids.
 fn claim_trials(path: &Path, writer: usize, n: usize) -> Vec<u64> {
-    let j = Journal::open(path).unwrap();
+    claim_trials_with(path, writer, n, LockKind::Symlink)
+}
+
+fn claim_trials_with(path: &Path, writer: usize, n: usize, kind: LockKind) -> Vec<u64> {
+    let j = Journal::open_with(path, kind).unwrap();
     (0..n)
         .map(|k| {
             j.transact(|r| {
@@ -453,7 +457,9 @@ fn concurrent_threads_never_lose_or_duplicate_ops() {
     let handles: Vec<_> = (0..4)
         .map(|w| {
             let p = path.clone();
-            std::thread::spawn(move || (w, claim_trials(&p, w, 15)))
+            // Half use optuna's JournalFileOpenLock: both kinds exclude each other.
+            let kind = if w % 2 == 0 { LockKind::Symlink } else { LockKind::Open };
+            std::thread::spawn(move || (w, claim_trials_with(&p, w, 15, kind)))
         })
         .collect();
     let claimed: Vec<(usize, Vec<u64>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
