@@ -371,6 +371,25 @@ fn python_reads_a_file_after_mixscale_cut_its_torn_tail() {
     run_py(&py, "check_journal.py", &[path.to_str().unwrap(), expected.to_str().unwrap()]);
 }
 
+/// A malformed op is an error where optuna reads it, and skipped where optuna skips it unread
+/// (a finished or unknown trial).
+#[test]
+fn malformed_ops_fail_only_where_optuna_reads_them() {
+    let dir = tempdir();
+    let path = copy_fixture(dir.path());
+    let good = std::fs::read_to_string(&path).unwrap();
+    let bad_param = |trial: u64| format!("{{\"op_code\":5,\"worker_id\":\"w\",\"trial_id\":{trial},\"param_name\":\"x\",\"param_value_internal\":1,\"distribution\":\"{{}}\"}}\n");
+    let tail = "{\"op_code\":4,\"worker_id\":\"w\",\"study_id\":1,\"datetime_start\":null}\n";
+    for (trial, ok) in [(2, true), (99, true), (13, false)] {
+        std::fs::write(&path, format!("{good}{}{tail}", bad_param(trial))).unwrap();
+        let r = mixscale::sweep::journal::replay_file(&path);
+        assert_eq!(r.is_ok(), ok, "trial {trial}: {:?}", r.as_ref().err().map(|e| e.to_string()));
+        if let Ok(r) = r {
+            assert_eq!(r.next_trial_id(), 19, "the line after it is replayed");
+        }
+    }
+}
+
 /// A batch with an op optuna would refuse from its own writer is an error and writes nothing.
 #[test]
 fn invalid_batches_write_nothing() {

@@ -39,9 +39,9 @@
 //! if any op fails.
 //!
 //! Non-finite values inside attribute values (`serde_json::Value` cannot hold NaN) read back
-//! as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`. Known deviation from optuna: every line
-//! is fully parsed, so a malformed op that optuna would skip unparsed (e.g. a bad distribution
-//! on an already finished trial) is reported as an error here.
+//! as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`. A malformed op is an error (as it is for
+//! optuna) unless optuna skips it before reading it: an op on an unknown or deleted study, or
+//! on an unknown or finished trial.
 
 mod dist;
 mod lock;
@@ -206,7 +206,11 @@ impl Journal {
                 Err(_) if end == buf.len() => break,
                 Err(e) => return Err(self.err(Some(lineno), e)),
             };
-            let applied = ops::decode_value(&value).and_then(|d| c.replay.apply(&d, false));
+            let applied = match ops::decode_value(&value) {
+                Ok(d) => c.replay.apply(&d, false),
+                Err(_) if c.replay.skip_unread(&value) => Ok(()),
+                Err(e) => Err(e),
+            };
             if let Err(e) = applied {
                 *c = Cache::default();
                 return Err(self.err(Some(lineno), e));

@@ -122,6 +122,23 @@ impl Replay {
         self.ops
     }
 
+    /// Whether optuna skips this (parsed but undecodable) line before reading the rest of it:
+    /// an op on an unknown or deleted study, or on an unknown or finished trial. Then a
+    /// malformed remainder does not matter, as in optuna; the op is counted.
+    pub(crate) fn skip_unread(&mut self, v: &Value) -> bool {
+        let live_study = |id: u64| self.studies.get(&id).is_some_and(|s| !s.deleted);
+        let open_trial = |id: u64| self.trials.get(id as usize).is_some_and(|t| !t.state.is_finished());
+        let skip = match v.get("op_code").and_then(Value::as_i64) {
+            Some(1..=4) => v.get("study_id").and_then(Value::as_u64).is_some_and(|id| !live_study(id)),
+            Some(5..=9) => v.get("trial_id").and_then(Value::as_u64).is_some_and(|id| !open_trial(id)),
+            _ => false,
+        };
+        if skip {
+            self.ops += 1;
+        }
+        skip
+    }
+
     /// Applies one decoded op. `strict`: optuna's errors for the issuing worker become errors
     /// (the op must not be written); otherwise they are skips as for another worker's op.
     pub fn apply(&mut self, d: &Decoded, strict: bool) -> Result<(), String> {
