@@ -141,7 +141,7 @@ impl Replay {
 
     /// Applies one decoded op. `strict`: optuna's errors for the issuing worker become errors
     /// (the op must not be written); otherwise they are skips as for another worker's op.
-    pub fn apply(&mut self, d: &Decoded, strict: bool) -> Result<(), String> {
+    pub(crate) fn apply(&mut self, d: &Decoded, strict: bool) -> Result<(), String> {
         self.ops += 1;
         let skip = |msg: String| if strict { Err(msg) } else { Ok(()) };
         match &d.op {
