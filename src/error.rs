@@ -31,6 +31,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A study-record journal problem (`file[:line]: message`; see `sweep::journal`).
+    #[error("{}", render_journal_error(path, *line, message))]
+    Journal {
+        path: PathBuf,
+        line: Option<u64>,
+        message: String,
+    },
     /// A tensor computation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -47,6 +54,13 @@ fn render_config_error(file: &std::path::Path, line: Option<usize>, key: &str, m
         format!("{loc}: {msg}")
     } else {
         format!("{loc}: {key}: {msg}")
+    }
+}
+
+fn render_journal_error(file: &std::path::Path, line: Option<u64>, msg: &str) -> String {
+    match line {
+        Some(l) => format!("{}:{l}: {msg}", file.display()),
+        None => format!("{}: {msg}", file.display()),
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Data flow, one folder per stage:
 //! `config` (YAML → specs) → `blocks` (token mixers, registry) → `model` (language model,
-//! parameters, accounting) → `train` (loop, optimizer, schedule, checkpoints, records).
+//! parameters, accounting) → `train` (loop, optimizer, schedule, checkpoints, records) → `sweep`
+//! (study record: an Optuna journal).
 //! `data` provides token streams; `ops` the core ops with exact autograd.
 
 pub mod blocks;
@@ -14,6 +15,7 @@ pub mod fit;
 pub mod fsutil;
 pub mod model;
 pub mod ops;
+pub mod sweep;
 pub mod train;
 
 pub mod testing;

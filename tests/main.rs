@@ -36,3 +36,7 @@ mod mad;
 mod fit;
 /// `data prepare` (text/JSONL → shards), tokenizers vs tiktoken, Megatron indexes, bits per byte.
 mod data_prepare;
+/// Study record: Optuna journal replay, round trips, torn tails, concurrent writers, Python interop.
+mod journal;
+/// TensorBoard event files beside metrics.csv: framing, CRCs, resume, EventAccumulator.
+mod tensorboard;

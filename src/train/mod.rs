@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod optim;
 pub mod record;
 pub mod schedule;
+pub mod tensorboard;
 
 use crate::config::RunSpec;
 use crate::data::DataSource;

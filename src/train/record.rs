@@ -47,13 +47,15 @@ impl MetricsRow {
     }
 }
 
-/// Appends rows to `metrics.csv`, flushing each row.
+/// Appends rows to `metrics.csv`, flushing each row, and the same numbers as scalars to a
+/// TensorBoard event file in `tb/` (see `train::tensorboard`).
 pub struct MetricsWriter {
     path: PathBuf,
     file: fs::File,
     accuracy: bool,
     /// Validation bytes per token: with it, rows end with the [`BPB_COLUMN`].
     bytes_per_token: Option<f64>,
+    tb: super::tensorboard::EventWriter,
 }
 
 impl MetricsWriter {
@@ -84,16 +86,22 @@ impl MetricsWriter {
         }
         super::checkpoint::write_atomic(&path, text.as_bytes())?;
         let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, file, accuracy, bytes_per_token })
+        let tb = super::tensorboard::EventWriter::for_run(run_dir, keep_until)?;
+        Ok(Self { path, file, accuracy, bytes_per_token, tb })
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
         let mut line = row.to_csv(self.accuracy);
+        let mut scalars = super::tensorboard::row_scalars(row, self.accuracy);
         if let Some(bpt) = self.bytes_per_token {
             line.push(',');
             line.push_str(&row.val_loss.map(|l| format!("{:.6}", bits_per_byte(l, bpt))).unwrap_or_default());
+            if let Some(l) = row.val_loss {
+                scalars.push((BPB_COLUMN.to_string(), bits_per_byte(l, bpt) as f32));
+            }
         }
-        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))?;
+        self.tb.scalars(row.step as i64, scalars)
     }
 }
 
