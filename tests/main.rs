@@ -12,6 +12,8 @@ mod grads;
 mod ops;
 /// Gated DeltaNet core op: chunked vs token loop vs f64 loop (values, gradients), CLI round trip.
 mod gdn;
+/// RWKV-7: WKV-7 op forms (chunked/recurrent/step/f64), layer, channel-mix, golden fixtures, CLI.
+mod rwkv7;
 /// Bad YAML and CLI input: messages name file, line and key path; nothing is left behind.
 mod config_errors;
 /// Training: determinism, bit-exact resume, accumulation, divergence, outputs.

@@ -8,6 +8,8 @@ pub mod cpu;
 pub mod gated_delta_rule;
 pub mod norm;
 pub mod rope;
+pub mod rwkv7;
+pub mod rwkv7_chunk;
 pub mod softmax;
 
 use crate::error::{Error, Result};
@@ -55,6 +57,17 @@ pub static OPS: &[OpEntry] = &[
         forward: |t| {
             let s0 = t.get("initial_state");
             let (o, s) = gated_delta_rule::gdr_chunked(&t["q"], &t["k"], &t["v"], &t["g"], &t["beta"], s0, gated_delta_rule::DEFAULT_CHUNK)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "rwkv7",
+        about: "RWKV-7 WKV (DPLR delta rule, chunked, C=16); r, w (decay in (0,1)), k, a, b [B,T,H,K], v [B,T,H,V], initial_state [B,H,V,K] -> o, final_state",
+        inputs: &["r", "w", "k", "v", "a", "b"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = rwkv7::rwkv7_chunked(&t["r"], &t["w"], &t["k"], &t["v"], &t["a"], &t["b"], s0, rwkv7::DEFAULT_CHUNK)?;
             Ok(vec![("o".into(), o), ("final_state".into(), s)])
         },
     },
