@@ -75,15 +75,15 @@ fn f32s(x: &[Tensor]) -> Vec<Tensor> {
 }
 
 /// chunked == recurrent == step == plain f64 loop (outputs, final states): f64 to 1e-10
-/// (recurrent/step to 1e-12), f32 to 1e-4; T = 1, 23, 32, 45 with chunks 4, 16 and 64 (T not a
-/// multiple of the chunk, T shorter than the chunk), with and without an initial state, key and
-/// value dims that differ and are not powers of two.
+/// (recurrent/step to 1e-12), f32 to 1e-4; T = 1, 23, 32, 45, 70 with chunks 4, 16 and 64 (T not
+/// a multiple of the chunk, T shorter than the chunk, a full 64-chunk), with and without an
+/// initial state, key and value dims that differ and are not powers of two.
 #[test]
 fn rwkv7_op_forms_agree_forward() {
     for chunk in [4, 16, 64] {
-        for (i, t) in [1usize, 23, 32, 45].into_iter().enumerate() {
+        for (i, t) in [1usize, 23, 32, 45, 70].into_iter().enumerate() {
             for strong in [false, true] {
-                let init = i % 2 == 1 || t == 45;
+                let init = i % 2 == 1 || t >= 45;
                 let (b, h, dk, dv) = (2, 3, 6, 5);
                 let name = format!("t{t}_c{chunk}_init{init}_strong{strong}");
                 let x = inputs(b, t, h, dk, dv, 100 + t as u64, strong);
