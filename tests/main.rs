@@ -12,6 +12,10 @@ mod grads;
 mod ops;
 /// Gated DeltaNet core op: chunked vs token loop vs f64 loop (values, gradients), CLI round trip.
 mod gdn;
+/// Mamba-2 SSD core op: chunked vs token loop vs step vs f64 loop (values, gradients), CLI round trip.
+mod ssd;
+/// Core ops against fixtures written by the reference implementations (tests/golden/make_*.py).
+mod golden;
 /// RWKV-7: WKV-7 op forms (chunked/recurrent/step/f64), layer, channel-mix, golden fixtures, CLI.
 mod rwkv7;
 /// Bad YAML and CLI input: messages name file, line and key path; nothing is left behind.
@@ -24,5 +28,7 @@ mod presets;
 mod gpu;
 /// Token files and MQAR through the training loop: masked loss, accuracy, located errors.
 mod datasets;
+/// The MAD suite through training: per-split masking, macro accuracy, located errors.
+mod mad;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
