@@ -170,17 +170,3 @@ fn init_follows_the_reference() {
     let g = tall.t().unwrap().matmul(&tall).unwrap();
     assert_close("tall ortho", &(Tensor::eye(3, DType::F64, &Device::Cpu).unwrap() * 0.02).unwrap(), &g, 1e-12);
 }
-
-/// (I + L)·unit_lower_inverse3(L) = I for odd, even and power-of-two sizes up to 64.
-#[test]
-fn unit_lower_inverse3_is_exact() {
-    use crate::ops::rwkv7_chunk::unit_lower_inverse3;
-    for c in [1usize, 2, 7, 16, 37, 64] {
-        let dev = Device::Cpu;
-        let strict = (Tensor::tril2(c, DType::F64, &dev).unwrap() - Tensor::eye(c, DType::F64, &dev).unwrap()).unwrap();
-        let l = rand_tensor(&[3, c, c], 0.5, c as u64).broadcast_mul(&strict).unwrap();
-        let t = unit_lower_inverse3(&l).unwrap();
-        let eye = Tensor::eye(c, DType::F64, &dev).unwrap().unsqueeze(0).unwrap().repeat((3, 1, 1)).unwrap();
-        assert_close(&format!("(I+L)T c{c}"), &eye, &(&eye + &l).unwrap().matmul(&t).unwrap(), 1e-12);
-    }
-}

@@ -18,6 +18,7 @@
 //! overflows for strong decay, mixers.md §0), so E is materialised, `[C, C, K]` per chunk and
 //! head; memory and work per token grow linearly with the chunk length C.
 
+use super::gated_delta_rule::unit_lower_inverse;
 use super::rwkv7::{check_shapes, compute_dtype};
 use candle_core::{Result, Tensor, D};
 
@@ -83,7 +84,7 @@ pub fn rwkv7_chunked(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor,
     let diag = |x: &Tensor| -> Result<Tensor> { eye.broadcast_mul(&(&r * x)?.sum_keepdim(D::Minus1)?) };
     let a_rk = (a_rk + diag(&k)?)?;
     let a_rb = (a_rb + diag(&b)?)?;
-    let tinv = unit_lower_inverse3(&a_ab.neg()?.contiguous()?)?; // (I − A_ab)⁻¹
+    let tinv = unit_lower_inverse(&a_ab.neg()?.contiguous()?)?; // (I − A_ab)⁻¹
     let wmat = tinv.matmul(&(&a * g_ex.exp()?)?)?; // [M, C, K]
     let u_base = tinv.matmul(&a_ak.matmul(&v)?)?; // [M, C, V]
     let o_base = a_rk.matmul(&v)?; // [M, C, V]
@@ -107,32 +108,6 @@ pub fn rwkv7_chunked(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor,
     let o = o.reshape((n, bs, h, c, dv))?.permute((1, 0, 3, 2, 4))?.reshape((bs, n * c, h, dv))?.narrow(1, 0, t)?.to_dtype(dt)?;
     let s = z.reshape((bs, h, dk, dv))?.transpose(2, 3)?.contiguous()?;
     Ok((o, s))
-}
-
-/// `(I + L)⁻¹` for strictly lower-triangular `L` `[M, C, C]` by recursive block forward
-/// substitution, `[[A, 0], [X, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ X A⁻¹, D⁻¹]]`, the two diagonal blocks
-/// inverted as one batch (concatenated along M, so the rank stays 3 at every level; candle's
-/// strided iterators support at most rank 8). Exact blocks of the inverse, O(log C) levels.
-pub fn unit_lower_inverse3(l: &Tensor) -> Result<Tensor> {
-    let (m, c, _) = l.dims3()?;
-    if c == 1 {
-        return l.ones_like();
-    }
-    let n1 = c / 2;
-    let n2 = c - n1;
-    let l11 = l.narrow(1, 0, n1)?.narrow(2, 0, n1)?;
-    let l21 = l.narrow(1, n1, n2)?.narrow(2, 0, n1)?;
-    let l22 = l.narrow(1, n1, n2)?.narrow(2, n1, n2)?;
-    let (a, d) = if n1 == n2 {
-        let both = unit_lower_inverse3(&Tensor::cat(&[&l11, &l22], 0)?)?;
-        (both.narrow(0, 0, m)?, both.narrow(0, m, m)?)
-    } else {
-        (unit_lower_inverse3(&l11.contiguous()?)?, unit_lower_inverse3(&l22.contiguous()?)?)
-    };
-    let x = d.matmul(&l21.contiguous()?.matmul(&a)?)?.neg()?;
-    let top = Tensor::cat(&[&a, &Tensor::zeros((m, n1, n2), l.dtype(), l.device())?], 2)?;
-    let bottom = Tensor::cat(&[&x, &d], 2)?;
-    Tensor::cat(&[&top, &bottom], 1)
 }
 
 /// Forward FLOPs per token of [`rwkv7_chunked`] for H heads of key dim K, value dim V and
