@@ -184,7 +184,7 @@ pub fn run() -> Result<i32> {
                     println!("    {line}");
                 }
             }
-            println!("ffn kinds: swiglu, relu2 (model.ffn.kind)");
+            println!("ffn kinds: swiglu, relu2, rwkv7_cmix (model.ffn.kind)");
             Ok(0)
         }
         Cmd::Op { name, inputs, out, list } => {

@@ -20,6 +20,8 @@ mod gdn;
 mod ssd;
 /// Core ops against fixtures written by the reference implementations (tests/golden/make_*.py).
 mod golden;
+/// RWKV-7: WKV-7 op forms (chunked/recurrent/step/f64), layer, channel-mix, golden fixtures, CLI.
+mod rwkv7;
 /// Bad YAML and CLI input: messages name file, line and key path; nothing is left behind.
 mod config_errors;
 /// Training: determinism, bit-exact resume, accumulation, divergence, outputs.

@@ -9,6 +9,7 @@ pub mod fox;
 pub mod gated_deltanet;
 pub mod mamba2;
 pub mod moba;
+pub mod rwkv7;
 
 use crate::config::model::ModelSpec;
 use crate::config::{join_path, YamlDoc};
@@ -66,7 +67,7 @@ pub struct BlockEntry {
 }
 
 /// Every block mixscale knows. Adding a block: one file plus one line here.
-pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, mamba2::ENTRY, fox::ENTRY, moba::ENTRY];
+pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, mamba2::ENTRY, rwkv7::ENTRY, fox::ENTRY, moba::ENTRY];
 
 pub fn known_names() -> Vec<String> {
     REGISTRY.iter().map(|b| b.name.to_string()).collect()

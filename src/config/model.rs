@@ -38,7 +38,8 @@ pub struct ModelSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FfnSpec {
-    /// `swiglu` (Shazeer 2020) or `relu2` (squared ReLU, So et al. 2021 "Primer").
+    /// `swiglu` (Shazeer 2020), `relu2` (squared ReLU, So et al. 2021 "Primer") or `rwkv7_cmix`
+    /// (RWKV-7 channel-mix: token shift + squared ReLU; use hidden_ratio 4 as RWKV does).
     #[serde(default = "default_ffn_kind")]
     pub kind: FfnKind,
     /// Hidden width = round_up(hidden_ratio · d_model, multiple_of), unless `hidden_size` is set.
@@ -55,6 +56,7 @@ pub struct FfnSpec {
 pub enum FfnKind {
     Swiglu,
     Relu2,
+    Rwkv7Cmix,
 }
 
 /// `model.init:` — N(0, std) for every matrix and the embedding (fla / GPT-2 convention); the

@@ -54,7 +54,7 @@ impl LanguageModel {
             let norm1 = lb.constant("norm1", &[d], 1.0)?;
             let mixer = (entry.build)(&opts, &dims, &mut lb.pp("mixer"))?;
             let norm2 = lb.constant("norm2", &[d], 1.0)?;
-            let ffn = Ffn::new(spec.ffn.kind, d, spec.ffn.hidden(d), std, out_std, &mut lb.pp("ffn"))?;
+            let ffn = Ffn::new_at(spec.ffn.kind, d, spec.ffn.hidden(d), std, out_std, (i, spec.n_layers), &mut lb.pp("ffn"))?;
             layers.push(Layer { norm1, mixer, norm2, ffn });
         }
         let final_norm = root.constant("final_norm", &[d], 1.0)?;

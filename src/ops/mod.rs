@@ -11,6 +11,8 @@ pub mod moba;
 pub mod moba_fused;
 pub mod norm;
 pub mod rope;
+pub mod rwkv7;
+pub mod rwkv7_chunk;
 pub mod short_conv;
 pub mod softmax;
 pub mod ssd;
@@ -95,6 +97,17 @@ pub static OPS: &[OpEntry] = &[
                 }
             };
             Ok(vec![("o".into(), moba::moba(&t["q"], &t["k"], &t["v"], attr("block_size")?, attr("top_k")?)?)])
+        },
+    },
+    OpEntry {
+        name: "rwkv7",
+        about: "RWKV-7 WKV (DPLR delta rule, chunked, C=16); r, w (decay in (0,1)), k, a, b [B,T,H,K], v [B,T,H,V], initial_state [B,H,V,K] -> o, final_state",
+        inputs: &["r", "w", "k", "v", "a", "b"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = rwkv7::rwkv7_chunked(&t["r"], &t["w"], &t["k"], &t["v"], &t["a"], &t["b"], s0, rwkv7::DEFAULT_CHUNK)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
         },
     },
 ];

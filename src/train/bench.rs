@@ -86,6 +86,7 @@ fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, S
     let ffn = match m.ffn.kind {
         crate::config::model::FfnKind::Swiglu => "swiglu",
         crate::config::model::FfnKind::Relu2 => "relu2",
+        crate::config::model::FfnKind::Rwkv7Cmix => return (None, "no PyTorch reference for the rwkv7_cmix FFN".into()),
     };
     let mut cmd = std::process::Command::new(&o.torch_python);
     cmd.arg(Path::new("bench").join("torch_lm.py"));
