@@ -3,7 +3,8 @@
 //! Data flow, one folder per stage:
 //! `config` (YAML → specs) → `blocks` (token mixers, registry) → `model` (language model,
 //! parameters, accounting) → `train` (loop, optimizer, schedule, checkpoints, records).
-//! `data` provides token streams; `ops` the core ops with exact autograd.
+//! `data` provides token streams; `ops` the core ops with exact autograd; `fit` fits scaling
+//! laws and `plot` draws them and writes the report.
 
 pub mod blocks;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod fit;
 pub mod fsutil;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod train;
 
 pub mod testing;

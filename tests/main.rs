@@ -24,3 +24,7 @@ mod gpu;
 mod datasets;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
+/// IsoFLOP, DeepSeek, MoE-sparsity and annealing laws on synthetic data; degenerate input.
+mod fit_laws;
+/// Plots (SVG/PNG), report and the sweep analysis hook.
+mod plot;
