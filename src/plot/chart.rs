@@ -97,7 +97,10 @@ where
     DB: DrawingBackend,
     DB::ErrorType: 'static + Send + Sync,
 {
-    match (spec.x_log, spec.y_log) {
+    // Log axes over less than a decade get few or no "nice" ticks: draw those linearly.
+    let xl = spec.x_log && spec.x.1 / spec.x.0 >= 10.0;
+    let yl = spec.y_log && spec.y.1 / spec.y.0 >= 10.0;
+    match (xl, yl) {
         (false, false) => inner(area, spec, spec.x.0..spec.x.1, spec.y.0..spec.y.1),
         (true, false) => inner(area, spec, (spec.x.0..spec.x.1).log_scale(), spec.y.0..spec.y.1),
         (false, true) => inner(area, spec, spec.x.0..spec.x.1, (spec.y.0..spec.y.1).log_scale()),

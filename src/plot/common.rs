@@ -122,13 +122,15 @@ pub fn fmt_num(v: f64) -> String {
         let s = s.trim_end_matches('0').trim_end_matches('.');
         s.to_string()
     } else {
-        let e = a.log10().floor() as i32;
-        let m = v / 10f64.powi(e);
-        if (m.abs() - 1.0).abs() < 1e-9 {
-            format!("1e{e}")
-        } else {
-            format!("{m:.2}e{e}").replace(".00e", "e").replace("0e", "e")
+        let mut e = a.log10().floor() as i32;
+        let mut m = v / 10f64.powi(e);
+        if m.abs() >= 9.995 {
+            e += 1;
+            m /= 10.0;
         }
+        let t = format!("{m:.2}");
+        let t = t.trim_end_matches('0').trim_end_matches('.');
+        format!("{t}e{e}")
     }
 }
 
@@ -242,4 +244,22 @@ pub fn not_applicable(kind: &str, why: impl Into<String>) -> PlotError {
 pub fn sorted(mut v: Vec<Figure>) -> Vec<Figure> {
     v.sort_by(|a, b| a.png.cmp(&b.png));
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn number_formats() {
+        assert_eq!(fmt_num(1e17), "1e17");
+        assert_eq!(fmt_num(1e18), "1e18");
+        assert_eq!(fmt_num(3e19), "3e19");
+        assert_eq!(fmt_num(2.5e-4), "2.5e-4");
+        assert_eq!(fmt_num(0.125), "0.125");
+        assert_eq!(fmt_num(12.0), "12");
+        assert_eq!(fmt_count(1.5e9), "1.5B");
+        assert_eq!(fmt_count(1.11e11), "111B");
+        assert_eq!(fmt_count(2e7), "20M");
+        assert_eq!(fmt_count(125e6), "125M");
+    }
 }

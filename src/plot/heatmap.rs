@@ -72,7 +72,7 @@ pub fn plot(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
     let ncols = panels.len().min(4) as u32;
     let nrows = panels.len().div_ceil(4) as u32;
     let (pw, ph) = (420u32, 360u32);
-    let (w, h) = (ncols * pw + 120, nrows * ph + 50);
+    let (w, h) = (ncols * pw + 120, (nrows * ph + 50).max(470));
     let title = format!("Loss landscape over learning rate x batch size ({} cells)", panels.len());
     let fig = render_figure!(dir, "heatmap", "heatmap", &title, (w, h), |root: &DrawingArea<_, Shift>| -> PlotDraw {
         let (main, bar) = root.split_horizontally(w - 120);
@@ -94,17 +94,15 @@ fn distinct_sorted(v: impl Iterator<Item = f64>) -> Vec<f64> {
     s
 }
 
-/// Cell edges of sorted distinct values on a log axis: geometric midpoints, the outer edges
-/// mirrored (a single value gets a factor-√2 cell).
-fn edges(vals: &[f64]) -> Vec<(f64, f64)> {
+/// Fractional index of `v` among sorted `vals` (interpolated in log space), for markers
+/// between grid values.
+fn frac_index(vals: &[f64], v: f64) -> f64 {
     let n = vals.len();
-    (0..n)
-        .map(|k| {
-            let lo = if k > 0 { (vals[k - 1] * vals[k]).sqrt() } else if n > 1 { vals[0] * (vals[0] / vals[1]).sqrt() } else { vals[0] / 2f64.sqrt() };
-            let hi = if k + 1 < n { (vals[k] * vals[k + 1]).sqrt() } else if n > 1 { vals[n - 1] * (vals[n - 1] / vals[n - 2]).sqrt() } else { vals[0] * 2f64.sqrt() };
-            (lo, hi)
-        })
-        .collect()
+    if n < 2 || !(v > 0.0) {
+        return 0.0;
+    }
+    let k = (0..n - 1).find(|&k| v <= vals[k + 1]).unwrap_or(n - 2);
+    (k as f64 + (v.ln() - vals[k].ln()) / (vals[k + 1].ln() - vals[k].ln())).clamp(-0.5, n as f64 - 0.5)
 }
 
 fn panel<DB>(area: &DrawingArea<DB, Shift>, ctx: &PlotContext, pnl: &Panel) -> PlotDraw
@@ -119,14 +117,23 @@ where
     if lrs.is_empty() || bss.is_empty() {
         return Ok(());
     }
-    let (ex, ey) = (edges(&lrs), edges(&bss));
+    let (nx, ny) = (lrs.len(), bss.len());
     let min = pnl.rows.iter().map(|&i| loss[i]).filter(|v| v.is_finite()).fold(f64::INFINITY, f64::min);
+    // Grid-index axes (the grids are geometric), labelled with the values; thinned when crowded.
     let mut chart = ChartBuilder::on(area)
         .caption(&pnl.title, font(16.0))
         .margin(8)
         .x_label_area_size(44)
         .y_label_area_size(62)
-        .build_cartesian_2d((ex[0].0..ex[ex.len() - 1].1).log_scale(), (ey[0].0..ey[ey.len() - 1].1).log_scale())?;
+        .build_cartesian_2d(-0.5..nx as f64 - 0.5, -0.5..ny as f64 - 0.5)?;
+    let (sx, sy) = (nx.div_ceil(6), ny.div_ceil(8));
+    let label = |vals: &[f64], v: f64, step: usize, count: bool| {
+        let k = v.round();
+        if (v - k).abs() > 1e-6 || k < 0.0 || k as usize >= vals.len() || (k as usize) % step != 0 {
+            return String::new();
+        }
+        if count { fmt_count(vals[k as usize]) } else { fmt_num(vals[k as usize]) }
+    };
     chart
         .configure_mesh()
         .disable_mesh()
@@ -134,15 +141,15 @@ where
         .y_desc("batch (tokens)")
         .axis_desc_style(font(13.0))
         .label_style(font(11.0))
-        .x_labels(5)
-        .y_labels(6)
-        .x_label_formatter(&|v| fmt_num(*v))
-        .y_label_formatter(&|v| fmt_count(*v))
+        .x_labels(nx + 1)
+        .y_labels(ny + 1)
+        .x_label_formatter(&|v| label(&lrs, *v, sx, false))
+        .y_label_formatter(&|v| label(&bss, *v, sy, true))
         .draw()?;
     let cell = |i: usize| {
-        let kx = lrs.iter().position(|x| *x == lr[i]).unwrap_or(0);
-        let ky = bss.iter().position(|y| *y == bs[i]).unwrap_or(0);
-        (ex[kx], ey[ky])
+        let kx = lrs.iter().position(|x| *x == lr[i]).unwrap_or(0) as f64;
+        let ky = bss.iter().position(|y| *y == bs[i]).unwrap_or(0) as f64;
+        ((kx - 0.5, kx + 0.5), (ky - 0.5, ky + 0.5))
     };
     // Worst first, so where several runs share a (lr, batch) cell (e.g. several model sizes in
     // one compute budget) the best one is drawn on top.
@@ -155,14 +162,15 @@ where
     }))?;
     chart.draw_series(pnl.band.iter().map(|&i| {
         let ((x0, x1), (y0, y1)) = cell(i);
-        let (sx, sy) = ((x1 / x0).powf(0.06), (y1 / y0).powf(0.06));
-        Rectangle::new([(x0 * sx, y0 * sy), (x1 / sx, y1 / sy)], RGBColor(214, 39, 40).stroke_width(2))
+        Rectangle::new([(x0 + 0.05, y0 + 0.05), (x1 - 0.05, y1 - 0.05)], RGBColor(214, 39, 40).stroke_width(2))
     }))?;
     if let Some(&best) = order.iter().filter(|&&i| loss[i].is_finite()).min_by(|&&a, &&b| loss[a].total_cmp(&loss[b])) {
-        chart.draw_series(std::iter::once(Cross::new((lr[best], bs[best]), 7, BLACK.stroke_width(3))))?;
+        let ((x0, x1), (y0, y1)) = cell(best);
+        chart.draw_series(std::iter::once(Cross::new(((x0 + x1) / 2.0, (y0 + y1) / 2.0), 7, BLACK.stroke_width(3))))?;
     }
     if let Some((il, ib)) = pnl.interp {
-        chart.draw_series([Circle::new((il, ib), 6, WHITE.filled()), Circle::new((il, ib), 6, BLACK.stroke_width(2))])?;
+        let pt = (frac_index(&lrs, il), frac_index(&bss, ib));
+        chart.draw_series([Circle::new(pt, 6, WHITE.filled()), Circle::new(pt, 6, BLACK.stroke_width(2))])?;
     }
     Ok(())
 }

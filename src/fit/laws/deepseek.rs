@@ -74,7 +74,12 @@ pub fn cells(points: &Points, tol: f64, band: f64) -> Vec<BudgetCell> {
             let best = *b.rows.iter().min_by(|&&x, &&y| loss[x].total_cmp(&loss[y])).unwrap();
             let min = loss[best];
             let band_rows: Vec<usize> = b.rows.iter().copied().filter(|&i| (loss[i] / min - 1.0).abs() < band).collect();
-            let (il, ib, iloss, m) = interpolate(&b.rows, lr, bs, loss).unwrap_or((lr[best], bs[best], min, "grid argmin"));
+            // Interpolate over the best run's model size only (a budget may hold several sizes).
+            let same_n: Vec<usize> = match points.columns.get("N") {
+                Some(n) => b.rows.iter().copied().filter(|&i| n[i] == n[best]).collect(),
+                None => b.rows.clone(),
+            };
+            let (il, ib, iloss, m) = interpolate(&same_n, lr, bs, loss).unwrap_or((lr[best], bs[best], min, "grid argmin"));
             BudgetCell { c: b.c, rows: b.rows, best, band: band_rows, interp_lr: il, interp_bs: ib, interp_loss: iloss, interp_method: m }
         })
         .collect()
