@@ -115,7 +115,8 @@ pub fn fmt_num(v: f64) -> String {
         return format!("{v}");
     }
     let a = v.abs();
-    if a == 0.0 {
+    if a < 1e-12 {
+        // Includes axis ticks at 0 that arrive as ±1e-17 round-off.
         "0".into()
     } else if (0.01..1000.0).contains(&a) {
         let s = format!("{v:.3}");
@@ -262,4 +263,15 @@ mod tests {
         assert_eq!(fmt_count(2e7), "20M");
         assert_eq!(fmt_count(125e6), "125M");
     }
+}
+
+/// Source lines of the rows a fit excluded (parsed from its `path:line:` exclusion records), so
+/// plots can draw them apart from the points used.
+pub fn excluded_lines(result: &crate::fit::FitResult, points: &crate::fit::Points) -> std::collections::HashSet<usize> {
+    let prefix = format!("{}:", points.source.display());
+    result
+        .exclusions
+        .iter()
+        .filter_map(|e| e.strip_prefix(&prefix)?.split(':').next()?.parse::<usize>().ok())
+        .collect()
 }

@@ -51,7 +51,15 @@ pub fn plot(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
     if loss.is_empty() || c.iter().all(|v| !v.is_finite()) {
         return Err(not_applicable("frontier", "needs `loss` and compute (`C`, or `N` and `D`)"));
     }
-    let mut series = by_size(ctx.points.col("N"), &c, loss);
+    // Rows the fit excluded are drawn hollow and grey, apart from the points it used.
+    let ex = super::common::excluded_lines(r, ctx.points);
+    let used: Vec<usize> = (0..loss.len()).filter(|&i| !ex.contains(&ctx.points.lines[i])).collect();
+    let pick = |v: &[f64], idx: &[usize]| idx.iter().map(|&i| v.get(i).copied().unwrap_or(f64::NAN)).collect::<Vec<f64>>();
+    let mut series = by_size(&pick(ctx.points.col("N"), &used), &pick(&c, &used), &pick(loss, &used));
+    let excl: Vec<(f64, f64)> = (0..loss.len()).filter(|&i| ex.contains(&ctx.points.lines[i])).map(|i| (c[i], loss[i])).collect();
+    if !excl.is_empty() {
+        series.push(Series::new(Some(format!("excluded by the fit ({})", excl.len())), RGBColor(150, 150, 150), Style::Hollow(5), excl));
+    }
     let (mut xlo, mut xhi) = log_range(c.iter().copied(), 1.3).ok_or_else(|| not_applicable("frontier", "no positive compute"))?;
     let mut ys: Vec<f64> = loss.to_vec();
     let dark = RGBColor(20, 20, 20);

@@ -43,17 +43,23 @@ pub fn residuals(ctx: &PlotContext) -> Option<(Vec<(f64, f64)>, String)> {
 
 pub fn plot(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
     let (res, xname) = residuals(ctx).ok_or_else(|| not_applicable("residuals", format!("law `{}` has no per-point prediction", ctx.law)))?;
-    let res: Vec<(f64, f64)> = res.into_iter().filter(|(x, y)| x.is_finite() && *x > 0.0 && y.is_finite()).collect();
+    let ex = super::common::excluded_lines(ctx.result, ctx.points);
+    let ok = |(x, y): &(f64, f64)| x.is_finite() && *x > 0.0 && y.is_finite();
+    let excl: Vec<(f64, f64)> = res.iter().enumerate().filter(|(i, p)| ex.contains(&ctx.points.lines[*i]) && ok(p)).map(|(_, p)| *p).collect();
+    let res: Vec<(f64, f64)> = res.iter().enumerate().filter(|(i, p)| !ex.contains(&ctx.points.lines[*i]) && ok(p)).map(|(_, p)| *p).collect();
     let (xlo, xhi) = log_range(res.iter().map(|p| p.0), 1.3).ok_or_else(|| not_applicable("residuals", "no finite residual"))?;
     let d = ctx.options.delta;
-    let (ylo, yhi) = lin_range(res.iter().map(|p| p.1).chain([-d, d]), 0.08).unwrap_or((-0.1, 0.1));
+    let (ylo, yhi) = lin_range(res.iter().chain(&excl).map(|p| p.1).chain([-d, d]), 0.08).unwrap_or((-0.1, 0.1));
     let mut spec = XySpec::new("Residuals of the fit (log space)", &axis_label(&xname), "ln(predicted) - ln(observed)", (xlo, xhi), (ylo, yhi));
     spec.x_log = true;
     spec.series = vec![
         Series::band(Some(format!("Huber quadratic zone |r| <= delta = {d}")), RGBColor(120, 120, 120), vec![(xlo, -d, d), (xhi, -d, d)]),
         Series::new(None, RGBColor(60, 60, 60), Style::Line(1), vec![(xlo, 0.0), (xhi, 0.0)]),
-        Series::new(Some("data points (all rows read, incl. excluded ones)".into()), color(0), Style::Points(4), res),
+        Series::new(Some("points used in the fit".into()), color(0), Style::Points(4), res),
     ];
+    if !excl.is_empty() {
+        spec.series.push(Series::new(Some(format!("excluded by the fit ({})", excl.len())), RGBColor(150, 150, 150), Style::Hollow(5), excl));
+    }
     Ok(vec![render_figure!(dir, "residuals", "residuals", "Residuals in log space", (1000, 600), |root| chart::draw(root, &spec))])
 }
 
