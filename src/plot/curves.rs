@@ -4,7 +4,7 @@
 //! lines, validation loss dots) against tokens.
 
 use super::chart::{self, Fmt, Series, Style, XySpec};
-use super::common::{color, log_range, not_applicable};
+use super::common::{color, lin_range, log_range, not_applicable};
 use super::{Figure, PlotContext, PlotError};
 use crate::fit::csv::Table;
 use crate::fit::laws::annealing::{predict, Annealing};
@@ -48,7 +48,7 @@ fn annealing(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
     let law = Annealing { l0: r.params["L0"], a: r.params["A"], alpha: r.params["alpha"], c: r.params["C"] };
     let (step, lr, loss) = (p.col("step"), p.col("lr"), p.col("loss"));
     let mut series = Vec::new();
-    let (mut xs, mut ys) = (vec![], vec![]);
+    let mut xs: Vec<f64> = vec![];
     for (k, g) in p.run_groups().iter().enumerate() {
         let run = &p.runs[g[0]];
         let st: Vec<f64> = g.iter().map(|&i| step[i]).collect();
@@ -58,7 +58,6 @@ fn annealing(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
         grid.sort_by(f64::total_cmp);
         let pred: Vec<(f64, f64)> = grid.iter().copied().zip(predict(&law, &st, &l, &grid, ctx.options.lambda)).filter(|(s, y)| *s > 0.0 && y.is_finite()).collect();
         xs.extend(obs.iter().map(|p| p.0));
-        ys.extend(obs.iter().chain(&pred).map(|p| p.1));
         let held = ctx.options.holdout.contains(run);
         series.push(Series::new(Some(format!("{run}{}", if held { " (held out)" } else { "" })), color(k), Style::Points(3), obs));
         series.push(Series::new(
@@ -68,11 +67,19 @@ fn annealing(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
             pred,
         ));
     }
-    let (xlo, xhi) = log_range(xs, 1.05).ok_or_else(|| not_applicable("curves", "no steps > 0"))?;
-    let (ylo, yhi) = log_range(ys, 1.03).unwrap_or((1.0, 10.0));
-    let mut spec = XySpec::new("Annealing law L0 + A·S1^-alpha - C·S2 on each schedule", "step", "loss (nats/token)", (xlo, xhi), (ylo, yhi));
-    spec.x_log = true;
-    spec.y_log = true;
+    // Linear steps from 10% of the longest run on: the schedules differ late (decay), and a log
+    // axis would squeeze exactly that part.
+    let xmax = xs.iter().cloned().fold(0.0f64, f64::max);
+    if !(xmax > 0.0) {
+        return Err(not_applicable("curves", "no steps > 0"));
+    }
+    let x0 = 0.1 * xmax;
+    for s in series.iter_mut() {
+        s.data.retain(|p| p.0 >= x0);
+    }
+    let ys: Vec<f64> = series.iter().flat_map(|s| s.data.iter().map(|p| p.1)).collect();
+    let (ylo, yhi) = lin_range(ys, 0.05).unwrap_or((1.0, 10.0));
+    let mut spec = XySpec::new("Annealing law L0 + A·S1^-alpha - C·S2 on each schedule", "step", "loss (nats/token)", (x0, xmax * 1.02), (ylo, yhi));
     spec.series = series;
     Ok(vec![render_figure!(dir, "curves", "curves", "Loss curves with the annealing law", (1000, 680), |root| chart::draw(root, &spec))])
 }
