@@ -42,3 +42,7 @@ mod data_prepare;
 mod journal;
 /// TensorBoard event files beside metrics.csv: framing, CRCs, resume, EventAccumulator.
 mod tensorboard;
+/// IsoFLOP, DeepSeek, MoE-sparsity and annealing laws on synthetic data; degenerate input.
+mod fit_laws;
+/// Plots (SVG/PNG), report and the sweep analysis hook.
+mod plot;
