@@ -24,3 +24,7 @@ mod gpu;
 mod datasets;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
+/// MoE feed-forward: dense equivalence, dispatch vs dense reference, gradients, balancing, accounting.
+mod moe;
+/// Multi-token prediction (Gloeckle, DeepSeek-V3): gradients, label shifts, main-loss semantics.
+mod mtp;

@@ -56,8 +56,19 @@ impl MetricsWriter {
     /// are dropped first (they belong to work after the checkpoint, which will be redone).
     /// With `accuracy` the header and rows end with the [`ACCURACY_COLUMN`].
     pub fn open(run_dir: &Path, keep_until: Option<usize>, accuracy: bool) -> Result<Self> {
+        Self::open_with(run_dir, keep_until, accuracy, &[])
+    }
+
+    /// [`Self::open`] with `extra` columns appended after the others (MoE and MTP statistics,
+    /// `model::objective`), written by [`Self::write_with`].
+    pub fn open_with(run_dir: &Path, keep_until: Option<usize>, accuracy: bool, extra: &[String]) -> Result<Self> {
         let path = run_dir.join("metrics.csv");
-        let mut text = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}\n") } else { format!("{METRICS_HEADER}\n") };
+        let mut header = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}") } else { METRICS_HEADER.to_string() };
+        extra.iter().for_each(|c| {
+            header.push(',');
+            header.push_str(c);
+        });
+        let mut text = format!("{header}\n");
         if let (Some(step), Ok(old)) = (keep_until, fs::read_to_string(&path)) {
             for line in old.lines().skip(1) {
                 let s: Option<usize> = line.split(',').next().and_then(|x| x.parse().ok());
@@ -73,7 +84,17 @@ impl MetricsWriter {
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
-        writeln!(self.file, "{}", row.to_csv(self.accuracy)).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+        self.write_with(row, &[])
+    }
+
+    /// A row with values for the extra columns (None = empty cell).
+    pub fn write_with(&mut self, row: &MetricsRow, extra: &[Option<f64>]) -> Result<()> {
+        let mut line = row.to_csv(self.accuracy);
+        for v in extra {
+            line.push(',');
+            line.push_str(&v.map(|v| format!("{v:.6}")).unwrap_or_default());
+        }
+        writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -113,6 +134,10 @@ pub struct Summary {
     pub git_revision: String,
     pub mixscale_version: String,
     pub config: String,
+    /// The last step's extra metrics columns (MoE load/balance statistics, MTP head losses), by
+    /// column name; empty for dense next-token models.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub last_step_metrics: std::collections::BTreeMap<String, f64>,
 }
 
 /// `git rev-parse HEAD` of the current directory, with `-dirty` when the tree has changes.
