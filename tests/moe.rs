@@ -179,24 +179,49 @@ fn switch_aux_loss_value() {
     let o = moe.forward(&rand_tensor(&[2, 5, 4], 1.0, 2)).unwrap();
     assert!((o.stats.aux_loss - 0.01).abs() < 1e-15, "{}", o.stats.aux_loss);
     assert_eq!(o.stats.selected, vec![10.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-    // Random router: against f and P computed here from the router output.
-    let (moe, store) = build(&s, 4, 3, 1.0, 2);
-    let x = rand_tensor(&[2, 5, 4], 1.0, 3);
-    let o = moe.forward(&x).unwrap();
-    let logits = x.reshape((10, 4)).unwrap().matmul(store.params["router"].var.as_tensor()).unwrap();
-    let l = to_vec(&logits);
-    let mut p = vec![0.0; 8];
-    let mut f = vec![0.0; 8];
-    for t in 0..10 {
-        let row = &l[t * 8..t * 8 + 8];
-        let z: f64 = row.iter().map(|v| v.exp()).sum();
-        row.iter().enumerate().for_each(|(i, v)| p[i] += v.exp() / z / 10.0);
-        let mut idx: Vec<usize> = (0..8).collect();
-        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-        idx[..2].iter().for_each(|&i| f[i] += 1.0 / 20.0);
+    // Random router: against f and P computed here from the router output, for each kind of
+    // statistics (micro-batch, per sequence, global batch over two micro-batches).
+    let (x1, x2) = (rand_tensor(&[2, 5, 4], 1.0, 3), rand_tensor(&[2, 5, 4], 1.0, 4));
+    let (b, t, e, k) = (2usize, 5usize, 8usize, 2usize);
+    for stats in [BalanceStats::MicroBatch, BalanceStats::Sequence, BalanceStats::GlobalBatch] {
+        let mut s = s.clone();
+        s.balance.stats = stats;
+        let (moe, store) = build(&s, 4, 3, 1.0, 2);
+        let router = store.params["router"].var.as_tensor().clone();
+        // Per sequence: (f_i, P_i) of that sequence.
+        let fp = |x: &Tensor| -> Vec<(Vec<f64>, Vec<f64>)> {
+            let l = to_vec(&x.reshape((b * t, 4)).unwrap().matmul(&router).unwrap());
+            (0..b)
+                .map(|bi| {
+                    let (mut f, mut p) = (vec![0.0; e], vec![0.0; e]);
+                    for tt in 0..t {
+                        let row = &l[(bi * t + tt) * e..(bi * t + tt + 1) * e];
+                        let z: f64 = row.iter().map(|v| v.exp()).sum();
+                        row.iter().enumerate().for_each(|(i, v)| p[i] += v.exp() / z / t as f64);
+                        let mut idx: Vec<usize> = (0..e).collect();
+                        idx.sort_by(|&a, &c| row[c].total_cmp(&row[a]));
+                        idx[..k].iter().for_each(|&i| f[i] += 1.0 / (t * k) as f64);
+                    }
+                    (f, p)
+                })
+                .collect()
+        };
+        let dot = |f: &[f64], p: &[f64]| f.iter().zip(p).map(|(a, c)| a * c).sum::<f64>();
+        let mean2 = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| (x + y) / 2.0).collect::<Vec<f64>>();
+        let (s1, s2) = (fp(&x1), fp(&x2));
+        let batch = |v: &[(Vec<f64>, Vec<f64>)]| (mean2(&v[0].0, &v[1].0), mean2(&v[0].1, &v[1].1));
+        let ((f1, _), (f2, p2)) = (batch(&s1), batch(&s2));
+        let want = 0.01 * 8.0
+            * match stats {
+                BalanceStats::MicroBatch => dot(&f2, &p2),
+                BalanceStats::Sequence => (dot(&s2[0].0, &s2[0].1) + dot(&s2[1].0, &s2[1].1)) / 2.0,
+                BalanceStats::GlobalBatch => dot(&mean2(&f1, &f2), &p2),
+            };
+        moe.begin_step();
+        moe.forward(&x1).unwrap();
+        let o = moe.forward(&x2).unwrap();
+        assert!((o.stats.aux_loss - want).abs() < 1e-14, "{stats:?}: {} vs {want}", o.stats.aux_loss);
     }
-    let want = 0.01 * 8.0 * f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>();
-    assert!((o.stats.aux_loss - want).abs() < 1e-14, "{} vs {want}", o.stats.aux_loss);
 }
 
 /// DeepSeek-V3's auxiliary-loss-free update: an expert the router overloads gets its bias
