@@ -149,3 +149,29 @@ fn one() -> f64 {
 fn default_aux() -> f64 {
     1e-2
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(e: usize, k: usize, shared: usize) -> MoeSpec {
+        serde_yaml_ng::from_str(&format!("{{num_experts: {e}, top_k: {k}, num_shared_experts: {shared}}}")).unwrap()
+    }
+
+    #[test]
+    fn defaults_sparsity_and_expert_width() {
+        let s = spec(8, 2, 0);
+        assert_eq!(s.sparsity(), 0.75);
+        assert_eq!(s.expert_hidden(352), 176);
+        assert_eq!(spec(16, 2, 1).expert_hidden(352), 117);
+        assert_eq!(spec(4, 4, 0).sparsity(), 0.0);
+        assert!(!s.normalizes() && s.balance.aux_loss_coef == 1e-2 && s.capacity_factor.is_none());
+        let mut sig = spec(8, 2, 0);
+        sig.score = RouterScore::Sigmoid;
+        assert!(sig.normalizes());
+        assert!(spec(4, 5, 0).check(2).unwrap_err().0 == "top_k");
+        let mut d = spec(4, 2, 0);
+        d.first_dense_layers = 3;
+        assert_eq!(d.check(2).unwrap_err().0, "first_dense_layers");
+    }
+}

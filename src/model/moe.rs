@@ -21,7 +21,10 @@
 //! by each slot's position (dropped slots point at the zero row), reshaped `[N, K, d]`, weighted by
 //! the gates and summed over K. Every op here has an exact candle backward (`index_select`'s is
 //! `index_add`; no `scatter_add`, whose backward is wrong in candle 0.11). Expert compute is
-//! proportional to N·K, not N·E. [`Moe::forward_dense_reference`] computes every expert on
+//! proportional to N·K, not N·E. (Backward: each expert's `index_select` adds its rows into the
+//! running input gradient — candle's `index_add` copies that `[N, d]` tensor — so the backward
+//! moves O(E·N·d) memory besides the O(N·K·d·h) expert FLOPs; negligible for E ≲ 6h.)
+//! [`Moe::forward_dense_reference`] computes every expert on
 //! every token with a dense `[N, E]` gate matrix; tests compare the two, values and gradients.
 //!
 //! **Balancing losses** (returned, added to the training loss by the caller):
