@@ -257,6 +257,35 @@ fn bias_update_moves_load_toward_balance() {
     assert_eq!(store.params["router_bias"].kind, ParamKind::Buffer);
 }
 
+/// The auxiliary loss alone, minimized by gradient descent on the router, balances the load of
+/// a router skewed toward expert 0 (its gradient points the right way).
+#[test]
+fn aux_loss_descent_balances_load() {
+    let mut s = spec(4, 1);
+    s.balance.aux_loss_coef = 1.0;
+    let (moe, store) = build(&s, 4, 3, 0.3, 5);
+    let router = store.params["router"].var.clone();
+    let mut r = to_vec(router.as_tensor());
+    r[0] += 1.0;
+    router.set(&Tensor::from_vec(r, (4, 4), &Device::Cpu).unwrap()).unwrap();
+    let mut xv = to_vec(&rand_tensor(&[4, 16, 4], 1.0, 6));
+    (0..64).for_each(|t| xv[t * 4] = 2.0);
+    let x = Tensor::from_vec(xv, (4, 16, 4), &Device::Cpu).unwrap();
+    let first = moe.forward(&x).unwrap().stats;
+    let mut last = first.clone();
+    for _ in 0..200 {
+        let o = moe.forward(&x).unwrap();
+        let g = o.loss.unwrap().backward().unwrap();
+        let gr = g.get(router.as_tensor()).unwrap();
+        router.set(&(router.as_tensor() - (gr * 0.5).unwrap()).unwrap()).unwrap();
+        last = o.stats;
+    }
+    eprintln!("loads {:?} -> {:?}, aux {} -> {}", first.selected, last.selected, first.aux_loss, last.aux_loss);
+    assert!(first.selected[0] > 40.0, "{:?}", first.selected);
+    assert!(load_stats(&last.selected).0 < 0.5 * load_stats(&first.selected).0);
+    assert!(last.aux_loss < first.aux_loss);
+}
+
 /// Total vs active parameters, FLOPs from active parameters, sparsity.
 #[test]
 fn accounting_counts_active_parameters_and_sparsity() {
