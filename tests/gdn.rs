@@ -183,3 +183,18 @@ fn gdn_op_cli_roundtrip_with_gradients() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("gated_delta_rule: expected"), "{err}");
 }
+
+/// B = 1, H = 1 with the default chunk of 64 and two chunks (regression: the triangular
+/// inverse used to add one tensor dim per recursion level, and backward through the rank-9+
+/// strided tensors panicked in candle; found by the fla golden fixture of tests/golden.rs).
+#[test]
+fn gdn_op_single_sequence_single_head_chunk64_grads() {
+    let x = inputs(1, 70, 1, 3, 2, 700);
+    let wo = rand_tensor(&[1, 70, 1, 2], 1.0, 14);
+    let ws = rand_tensor(&[1, 1, 3, 2], 1.0, 15);
+    let want = grads(&recurrent, &x, true, &wo, &ws);
+    let got = grads(&chunked(64), &f32s(&x), true, &wo, &ws);
+    for (j, w) in want.iter().enumerate() {
+        assert_close(&format!("b1 h1 d{}", NAMES[j]), w, &got[j], 1e-4);
+    }
+}

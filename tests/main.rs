@@ -12,6 +12,10 @@ mod grads;
 mod ops;
 /// Gated DeltaNet core op: chunked vs token loop vs f64 loop (values, gradients), CLI round trip.
 mod gdn;
+/// Mamba-2 SSD core op: chunked vs token loop vs step vs f64 loop (values, gradients), CLI round trip.
+mod ssd;
+/// Core ops against fixtures written by the reference implementations (tests/golden/make_*.py).
+mod golden;
 /// Bad YAML and CLI input: messages name file, line and key path; nothing is left behind.
 mod config_errors;
 /// Training: determinism, bit-exact resume, accumulation, divergence, outputs.
@@ -22,6 +26,8 @@ mod presets;
 mod gpu;
 /// Token files and MQAR through the training loop: masked loss, accuracy, located errors.
 mod datasets;
+/// The MAD suite through training: per-split masking, macro accuracy, located errors.
+mod mad;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
 /// MoE feed-forward: dense equivalence, dispatch vs dense reference, gradients, balancing, accounting.

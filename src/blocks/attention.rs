@@ -8,12 +8,17 @@
 //! tests compare against.
 //!
 //! Parameters (weights stored `[in, out]`): wq d×(H·D), wk d×(Hkv·D), wv d×(Hkv·D), wo (H·D)×d,
-//! plus q_norm, k_norm `[D]` when `qk_norm`. Forward FLOPs per token: 2·(params) for the
+//! plus q_norm, k_norm `[D]` when `qk_norm`, plus q_conv, k_conv, v_conv `[C, short_conv]` when
+//! `short_conv > 0`: a residual causal depthwise short convolution on the q, k and v projections,
+//! `p ← p + conv(p)` (before QK-norm and RoPE; the "Canon" layers of Allen-Zhu 2025, Zoology's
+//! short conv paired with every mixer). A key that can see the previous token makes
+//! associative recall a one-layer lookup, so MQAR is learned in far fewer steps. Forward FLOPs per token: 2·(params) for the
 //! projections + 4·T·H·D for scores and value mixing over a full (non-causal-halved) context,
 //! the PaLM convention (Chowdhery et al. 2022, App. B).
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
+use crate::ops::short_conv::{causal_conv, causal_conv_step};
 use crate::ops::{attn::attn, norm::rms_norm, rope::Rope};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -42,11 +47,13 @@ pub struct AttentionConfig {
     pub rope_theta: f64,
     /// Epsilon of the QK-norm.
     pub norm_eps: f64,
+    /// Kernel width of a residual causal depthwise conv on q, k, v (0 = off, plain attention).
+    pub short_conv: usize,
 }
 
 impl Default for AttentionConfig {
     fn default() -> Self {
-        Self { num_heads: 4, num_kv_heads: None, head_dim: None, qk_norm: false, rope_theta: 10000.0, norm_eps: 1e-6 }
+        Self { num_heads: 4, num_kv_heads: None, head_dim: None, qk_norm: false, rope_theta: 10000.0, norm_eps: 1e-6, short_conv: 0 }
     }
 }
 
@@ -93,6 +100,8 @@ pub struct Attention {
     wo: Tensor,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    /// q, k, v short-conv weights `[C, short_conv]` (when `short_conv > 0`).
+    convs: Option<[Tensor; 3]>,
     rope: Rope,
 }
 
@@ -101,6 +110,8 @@ pub struct Attention {
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    /// The last `short_conv − 1` pre-conv q, k, v projections.
+    conv: Option<[Tensor; 3]>,
 }
 
 impl Attention {
@@ -117,18 +128,56 @@ impl Attention {
         } else {
             (None, None)
         };
+        let convs = if cfg.short_conv > 0 {
+            // PyTorch's Conv1d default init U(±1/sqrt(fan_in)), fan_in = kernel width for a
+            // depthwise conv — what Zoology's ShortConvolution keeps (its `_init_weights` only
+            // re-inits Linear and Embedding), so previous-token mixing is strong from step 0.
+            let cs = cfg.short_conv;
+            let bound = 1.0 / (cs as f64).sqrt();
+            let mut conv = |name: &str, c: usize| {
+                let mut rng = pb.rng_for(name);
+                let v = (0..c * cs).map(|_| (2.0 * rng.next_f64() - 1.0) * bound).collect();
+                pb.values(name, &[c, cs], v, false)
+            };
+            Some([conv("q_conv", h * hd)?, conv("k_conv", hkv * hd)?, conv("v_conv", hkv * hd)?])
+        } else {
+            None
+        };
         let rope = Rope::new(dims.max_seq_len, hd, cfg.rope_theta, pb.dtype, &pb.device)?;
-        Ok(Self { cfg: cfg.clone(), d_model: d, head_dim: hd, wq, wk, wv, wo, q_norm, k_norm, rope })
+        Ok(Self { cfg: cfg.clone(), d_model: d, head_dim: hd, wq, wk, wv, wo, q_norm, k_norm, convs, rope })
     }
 
-    /// Projections + QK-norm for x `[B, T, d]` → (q `[B,T,H,D]`, k, v `[B,T,Hkv,D]`), before RoPE.
-    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Projections (+ short conv) + QK-norm for x `[B, T, d]` → (q `[B,T,H,D]`, k, v
+    /// `[B,T,Hkv,D]`), before RoPE. `conv_state` switches the conv to its step form (T = 1).
+    fn qkv(&self, x: &Tensor, conv_state: Option<&mut Option<[Tensor; 3]>>) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, d) = x.dims3()?;
         let x2 = x.reshape((b * t, d))?;
         let (h, hkv, hd) = (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim);
-        let mut q = x2.matmul(&self.wq)?.reshape((b, t, h, hd))?;
-        let mut k = x2.matmul(&self.wk)?.reshape((b, t, hkv, hd))?;
-        let v = x2.matmul(&self.wv)?.reshape((b, t, hkv, hd))?;
+        let mut p = [x2.matmul(&self.wq)?, x2.matmul(&self.wk)?, x2.matmul(&self.wv)?];
+        if let Some(ws) = &self.convs {
+            match conv_state {
+                None => {
+                    for i in 0..3 {
+                        let pi = p[i].reshape((b, t, ws[i].dim(0)?))?;
+                        p[i] = (&pi + causal_conv(&pi, &ws[i])?)?.reshape((b * t, ws[i].dim(0)?))?;
+                    }
+                }
+                Some(state) => {
+                    let prev = state.take();
+                    let mut next = Vec::with_capacity(3);
+                    for i in 0..3 {
+                        let (y, win) = causal_conv_step(&p[i], prev.as_ref().map(|s| &s[i]), &ws[i])?;
+                        p[i] = (&p[i] + y)?;
+                        next.push(win);
+                    }
+                    *state = Some([next[0].clone(), next[1].clone(), next[2].clone()]);
+                }
+            }
+        }
+        let [q, k, v] = p;
+        let mut q = q.reshape((b, t, h, hd))?;
+        let mut k = k.reshape((b, t, hkv, hd))?;
+        let v = v.reshape((b, t, hkv, hd))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, qn, self.cfg.norm_eps)?;
             k = rms_norm(&k, kn, self.cfg.norm_eps)?;
@@ -144,7 +193,7 @@ impl Attention {
     /// Decode form: one token x_t `[B, d]` at position `cache length`, appending to `cache`.
     pub fn step(&self, x_t: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let pos = cache.k.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
-        let (q, k, v) = self.qkv(&x_t.unsqueeze(1)?)?;
+        let (q, k, v) = self.qkv(&x_t.unsqueeze(1)?, Some(&mut cache.conv))?;
         let rope = self.rope.at(pos)?;
         let (q, k) = (rope.apply(&q)?, rope.apply(&k)?);
         let k_all = match &cache.k { Some(c) => Tensor::cat(&[c, &k], 1)?, None => k };
@@ -166,7 +215,7 @@ impl Attention {
 
 impl Mixer for Attention {
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let (q, k, v) = self.qkv(x)?;
+        let (q, k, v) = self.qkv(x, None)?;
         let (q, k) = (self.rope.apply(&q)?, self.rope.apply(&k)?);
         self.out(&attn(&q, &k, &v)?)
     }
@@ -174,7 +223,8 @@ impl Mixer for Attention {
     fn flops_per_token(&self, seq_len: usize) -> f64 {
         let (d, h, hkv, hd) = (self.d_model, self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim);
         let proj = d * h * hd * 2 + d * hkv * hd * 2;
-        2.0 * proj as f64 + 4.0 * (seq_len * h * hd) as f64
+        let conv = 2 * self.cfg.short_conv * (h * hd + 2 * hkv * hd);
+        2.0 * proj as f64 + conv as f64 + 4.0 * (seq_len * h * hd) as f64
     }
 }
 
@@ -194,8 +244,8 @@ mod tests {
     /// Parallel form == token-by-token decode with a KV cache, in f64, for GQA + QK-norm.
     #[test]
     fn parallel_matches_step_b2_t13_h4_kv2() {
-        for qk_norm in [false, true] {
-            let cfg = AttentionConfig { num_heads: 4, num_kv_heads: Some(2), head_dim: Some(6), qk_norm, ..Default::default() };
+        for (qk_norm, short_conv) in [(false, 0), (true, 0), (true, 3)] {
+            let cfg = AttentionConfig { num_heads: 4, num_kv_heads: Some(2), head_dim: Some(6), qk_norm, short_conv, ..Default::default() };
             let mut store = ParamStore::default();
             let a = build(&cfg, 12, 13, &mut store);
             let x = rand_tensor(&[2, 13, 12], 1.0, 3);
@@ -210,9 +260,11 @@ mod tests {
     /// Finite-difference check of the whole layer w.r.t. its input and every parameter.
     #[test]
     fn gradients_match_finite_differences() {
-        let cfg = AttentionConfig { num_heads: 2, num_kv_heads: Some(1), qk_norm: true, ..Default::default() };
-        let mut store = ParamStore::default();
-        let a = build(&cfg, 8, 5, &mut store);
-        check_block_grads(&a, &store, &[2, 5, 8]);
+        for short_conv in [0, 2] {
+            let cfg = AttentionConfig { num_heads: 2, num_kv_heads: Some(1), qk_norm: true, short_conv, ..Default::default() };
+            let mut store = ParamStore::default();
+            let a = build(&cfg, 8, 5, &mut store);
+            check_block_grads(&a, &store, &[2, 5, 8]);
+        }
     }
 }

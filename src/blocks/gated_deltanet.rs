@@ -31,6 +31,7 @@ use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::gated_delta_rule::{gdr_chunked, gdr_step};
 use crate::ops::norm::rms_norm;
+use crate::ops::short_conv::{causal_conv, causal_conv_step};
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -161,7 +162,7 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// softplus(x) = relu(x) + ln(1 + exp(−|x|)) (no overflow).
-fn softplus(x: &Tensor) -> Result<Tensor> {
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
@@ -243,17 +244,13 @@ impl GatedDeltaNet {
         let raw = [x_t.matmul(&self.wq)?, x_t.matmul(&self.wk)?, x_t.matmul(&self.wv)?]; // [B, C] each
         let act: Vec<Tensor> = match &self.convs {
             Some(ws) => {
-                let cs = self.cfg.conv_size;
-                let prev = match state.conv.take() {
-                    Some(p) => p,
-                    None => [0, 1, 2].map(|i| Tensor::zeros((b, cs - 1, raw[i].dim(1).unwrap()), x_t.dtype(), x_t.device()).unwrap()),
-                };
+                let prev = state.conv.take();
                 let mut out = Vec::with_capacity(3);
                 let mut next = Vec::with_capacity(3);
                 for i in 0..3 {
-                    let win = Tensor::cat(&[&prev[i], &raw[i].unsqueeze(1)?], 1)?; // [B, cs, C]
-                    out.push(win.broadcast_mul(&ws[i].t()?.unsqueeze(0)?)?.sum(1)?.silu()?);
-                    next.push(win.narrow(1, 1, cs - 1)?);
+                    let (y, win) = causal_conv_step(&raw[i], prev.as_ref().map(|p| &p[i]), &ws[i])?;
+                    out.push(y.silu()?);
+                    next.push(win);
                 }
                 state.conv = Some([next[0].clone(), next[1].clone(), next[2].clone()]);
                 out
@@ -274,22 +271,6 @@ impl GatedDeltaNet {
     }
 }
 
-/// Causal depthwise conv `[B,T,C]` with weight `[C, cs]`: Σ_i w[:, i] · x shifted right by cs−1−i.
-fn short_conv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (_b, t, _c) = x.dims3()?;
-    let cs = w.dim(1)?;
-    let xp = x.pad_with_zeros(1, cs - 1, 0)?;
-    let mut y: Option<Tensor> = None;
-    for i in 0..cs {
-        let term = xp.narrow(1, i, t)?.broadcast_mul(&w.narrow(1, i, 1)?.squeeze(1)?)?;
-        y = Some(match y {
-            Some(acc) => (acc + term)?,
-            None => term,
-        });
-    }
-    Ok(y.expect("conv_size ≥ 1"))
-}
-
 impl Mixer for GatedDeltaNet {
     /// x `[B,T,d]` → `[B,T,d]` through the chunked core op.
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
@@ -299,7 +280,7 @@ impl Mixer for GatedDeltaNet {
         let proj = |w: &Tensor, i: usize| -> Result<Tensor> {
             let y = x2.matmul(w)?.reshape((b, t, w.dim(1)?))?;
             match &self.convs {
-                Some(ws) => short_conv(&y, &ws[i])?.silu(),
+                Some(ws) => causal_conv(&y, &ws[i])?.silu(),
                 None => y.silu(),
             }
         };

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod gated_deltanet;
+pub mod mamba2;
 
 use crate::config::model::ModelSpec;
 use crate::config::{join_path, YamlDoc};
@@ -63,7 +64,7 @@ pub struct BlockEntry {
 }
 
 /// Every block mixscale knows. Adding a block: one file plus one line here.
-pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY];
+pub static REGISTRY: &[BlockEntry] = &[attention::ENTRY, gated_deltanet::ENTRY, mamba2::ENTRY];
 
 pub fn known_names() -> Vec<String> {
     REGISTRY.iter().map(|b| b.name.to_string()).collect()

@@ -47,6 +47,69 @@ pub enum DataSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         random_non_queries: Option<bool>,
     },
+    /// A task of the MAD suite (`src/data/mad.rs`), generated on the fly: `task` is one of
+    /// in_context_recall, noisy_in_context_recall, fuzzy_in_context_recall, selective_copying,
+    /// compression, memorization; unset fields take the task's MAD baseline. `seq_len` is MAD's
+    /// generator length; `train.seq_len` must equal the tokens per example it yields.
+    Mad {
+        task: crate::data::mad::MadTask,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vocab_size: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq_len: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        multi_query: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        noise_vocab_size: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        frac_noise: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        k_motif_size: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        v_motif_size: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        num_tokens_to_copy: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        num_train_examples: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        num_test_examples: Option<usize>,
+    },
+}
+
+impl DataSpec {
+    /// The MAD task's options as [`crate::data::mad::MadOptions`] (None for other kinds).
+    pub fn mad_options(&self) -> Option<(crate::data::mad::MadTask, crate::data::mad::MadOptions)> {
+        match self {
+            DataSpec::Mad {
+                task,
+                vocab_size,
+                seq_len,
+                multi_query,
+                noise_vocab_size,
+                frac_noise,
+                k_motif_size,
+                v_motif_size,
+                num_tokens_to_copy,
+                num_train_examples,
+                num_test_examples,
+            } => Some((
+                *task,
+                crate::data::mad::MadOptions {
+                    vocab_size: *vocab_size,
+                    seq_len: *seq_len,
+                    multi_query: *multi_query,
+                    noise_vocab_size: *noise_vocab_size,
+                    frac_noise: *frac_noise,
+                    k_motif_size: *k_motif_size,
+                    v_motif_size: *v_motif_size,
+                    num_tokens_to_copy: *num_tokens_to_copy,
+                    num_train_examples: *num_train_examples,
+                    num_test_examples: *num_test_examples,
+                },
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Layout of a token file.

@@ -5,6 +5,7 @@ use super::data::DataSpec;
 use super::model::ModelSpec;
 use super::train::TrainSpec;
 use super::YamlDoc;
+use crate::data::mad::MadParams;
 use crate::data::mqar::MqarParams;
 use crate::error::Result;
 use serde::{Deserialize, Serialize};
@@ -126,6 +127,29 @@ impl RunSpec {
                     return Err(doc.error(
                         "data.vocab_size",
                         format!("MQAR uses {} tokens but model.vocab_size is {}", p.vocab_size, m.vocab_size),
+                    ));
+                }
+            }
+            DataSpec::Mad { .. } => {
+                let (task, o) = self.data.mad_options().expect("a MAD spec");
+                let p = MadParams::resolve(task, &o).map_err(|(k, msg)| doc.error(&format!("data.{k}"), msg))?;
+                crate::data::mad::trainable(task).map_err(|msg| doc.error("data.task", msg))?;
+                if p.vocab_size > m.vocab_size {
+                    return Err(doc.error(
+                        "data.vocab_size",
+                        format!("MAD {task:?} uses {} tokens but model.vocab_size is {}", p.vocab_size, m.vocab_size),
+                    ));
+                }
+                if p.out_len() != t.seq_len {
+                    return Err(doc.error(
+                        "train.seq_len",
+                        format!("MAD {task:?} with data.seq_len {} yields {} tokens per example; set train.seq_len: {}", p.seq_len, p.out_len(), p.out_len()),
+                    ));
+                }
+                if t.eval_sequences > p.num_test_examples {
+                    return Err(doc.error(
+                        "train.eval_sequences",
+                        format!("the MAD test set has {} examples (data.num_test_examples); got {}", p.num_test_examples, t.eval_sequences),
                     ));
                 }
             }

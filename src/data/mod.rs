@@ -10,6 +10,7 @@
 //! and evaluation then average over the scored positions only (see `train::batch_loss`).
 
 pub mod language;
+pub mod mad;
 pub mod language_params;
 pub mod mqar;
 pub mod rng;
@@ -40,6 +41,7 @@ enum Source {
     Language(Language),
     Tokens { train: TokenFiles, val: TokenFiles, vocab: usize },
     Mqar(Mqar),
+    Mad(mad::Mad),
 }
 
 pub struct DataSource {
@@ -66,6 +68,20 @@ impl DataSource {
                     .map_err(|(k, m)| Error::Input(format!("{k}: {m}")))?;
                 Source::Mqar(Mqar::new(&p).map_err(|(k, m)| Error::Input(format!("{k}: {m}")))?)
             }
+            DataSpec::Mad { .. } => {
+                let (task, o) = spec.mad_options().expect("a MAD spec");
+                let p = mad::MadParams::resolve(task, &o).map_err(|(k, m)| Error::Input(format!("data.{k}: {m}")))?;
+                mad::trainable(task).map_err(|m| Error::Input(format!("data.task: {m}")))?;
+                if p.out_len() != seq_len {
+                    return Err(Error::Input(format!(
+                        "train.seq_len: MAD {task:?} with data.seq_len {} yields {} tokens per example; set train.seq_len: {}",
+                        p.seq_len,
+                        p.out_len(),
+                        p.out_len()
+                    )));
+                }
+                Source::Mad(mad::Mad::new(&p).map_err(|(k, m)| Error::Input(format!("data.{k}: {m}")))?)
+            }
         };
         Ok(Self { src, seed, seq_len })
     }
@@ -75,12 +91,18 @@ impl DataSource {
             Source::Language(l) => l.vocab_size(),
             Source::Tokens { vocab, .. } => *vocab,
             Source::Mqar(m) => m.params().vocab_size,
+            Source::Mad(m) => m.params().vocab_size,
         }
     }
 
     /// Whether batches carry a mask (only some positions are scored).
     pub fn is_masked(&self) -> bool {
-        matches!(self.src, Source::Mqar(_))
+        matches!(self.src, Source::Mqar(_) | Source::Mad(_))
+    }
+
+    /// Whether the task reports macro-averaged accuracy (MAD's metric) beside the pooled one.
+    pub fn macro_accuracy(&self) -> bool {
+        matches!(self.src, Source::Mad(_))
     }
 
     pub fn describe(&self) -> String {
@@ -95,6 +117,7 @@ impl DataSource {
                 val.val_windows()
             ),
             Source::Mqar(m) => m.describe(),
+            Source::Mad(m) => m.describe(),
         }
     }
 
@@ -153,10 +176,14 @@ impl DataSource {
                     targets.extend_from_slice(&w[1..]);
                 }
             }
-            Source::Mqar(m) => {
+            Source::Mqar(_) | Source::Mad(_) => {
                 let mut m_all = Vec::with_capacity(n * t);
                 for i in 0..n as u64 {
-                    let ex = m.example(split, seed, start + i);
+                    let ex = match &self.src {
+                        Source::Mqar(m) => m.example(split, seed, start + i),
+                        Source::Mad(m) => m.example(split, seed, start + i),
+                        _ => unreachable!("matched above"),
+                    };
                     inputs.extend_from_slice(&ex.inputs);
                     targets.extend_from_slice(&ex.targets);
                     m_all.extend(ex.scored.iter().map(|&s| s as u8));

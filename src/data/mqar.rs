@@ -218,7 +218,7 @@ impl Mqar {
 }
 
 /// `n` distinct integers of `[lo, hi)` in random order (a partial Fisher–Yates shuffle).
-fn distinct(rng: &mut Rng, lo: u32, hi: u32, n: usize) -> Vec<u32> {
+pub(super) fn distinct(rng: &mut Rng, lo: u32, hi: u32, n: usize) -> Vec<u32> {
     let mut pool: Vec<u32> = (lo..hi).collect();
     for i in 0..n {
         let j = i + rng.below((pool.len() - i) as u64) as usize;

@@ -205,8 +205,11 @@ pub fn unit_lower_inverse(l: &Tensor) -> Result<Tensor> {
     let l21 = l.narrow(r - 2, n1, n2)?.narrow(r - 1, 0, n1)?;
     let l22 = l.narrow(r - 2, n1, n2)?.narrow(r - 1, n1, n2)?;
     let (a, d) = if n1 == n2 {
-        let both = unit_lower_inverse(&Tensor::stack(&[&l11, &l22], 0)?)?;
-        (both.get(0)?, both.get(1)?)
+        // Concatenated along the leading dim (not stacked): the rank stays fixed at every level
+        // (stacking added one dim per level, and candle's strided kernels stop at rank 8).
+        let lead = l.dim(0)?;
+        let both = unit_lower_inverse(&Tensor::cat(&[&l11, &l22], 0)?)?;
+        (both.narrow(0, 0, lead)?, both.narrow(0, lead, lead)?)
     } else {
         (unit_lower_inverse(&l11.contiguous()?)?, unit_lower_inverse(&l22.contiguous()?)?)
     };

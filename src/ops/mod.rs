@@ -8,7 +8,10 @@ pub mod cpu;
 pub mod gated_delta_rule;
 pub mod norm;
 pub mod rope;
+pub mod short_conv;
 pub mod softmax;
+pub mod ssd;
+pub mod ssd_chunked;
 
 use crate::error::{Error, Result};
 
@@ -56,6 +59,16 @@ pub static OPS: &[OpEntry] = &[
             let s0 = t.get("initial_state");
             let (o, s) = gated_delta_rule::gdr_chunked(&t["q"], &t["k"], &t["v"], &t["g"], &t["beta"], s0, gated_delta_rule::DEFAULT_CHUNK)?;
             Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "ssd",
+        about: "Mamba-2 SSD (chunked, C=256); x [B,T,H,P], dt [B,T,H], A [H], Bm, Cm [B,T,G,N], initial_state [B,H,P,N] -> y, final_state",
+        inputs: &["x", "dt", "A", "Bm", "Cm"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let (y, s) = ssd::ssd_chunked(&t["x"], &t["dt"], &t["A"], &t["Bm"], &t["Cm"], t.get("initial_state"), ssd::DEFAULT_CHUNK)?;
+            Ok(vec![("y".into(), y), ("final_state".into(), s)])
         },
     },
 ];

@@ -62,6 +62,9 @@ pub struct Eval {
     pub floor: Option<f64>,
     /// Fraction of scored targets equal to the argmax of the logits.
     pub accuracy: f64,
+    /// Mean over target classes of the per-class accuracy (MAD's macro average), when the
+    /// source asks for it ([`DataSource::macro_accuracy`]).
+    pub accuracy_macro: Option<f64>,
 }
 
 /// Evaluates `model` on validation sequences `0..n` (micro-batches of `mb`). With a mask
@@ -70,6 +73,8 @@ pub struct Eval {
 /// example has `num_kv_pairs` scored positions).
 pub fn evaluate(model: &LanguageModel, data: &DataSource, n: usize, mb: usize, dev: &Device) -> Result<Eval> {
     let (mut sum, mut count, mut correct, mut floor) = (0.0, 0.0, 0.0, Some(0.0));
+    // Per target class: (scored, correct), for the macro average.
+    let mut per_class: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
     let mut start = 0;
     while start < n {
         let k = mb.min(n - start);
@@ -86,7 +91,22 @@ pub fn evaluate(model: &LanguageModel, data: &DataSource, n: usize, mb: usize, d
                 let w = m.flatten_all()?.to_dtype(DType::F64)?;
                 sum += (each * &w)?.sum_all()?.to_scalar::<f64>()?;
                 count += w.sum_all()?.to_scalar::<f64>()?;
-                correct += (ok * &w)?.sum_all()?.to_scalar::<f64>()?;
+                correct += (&ok * &w)?.sum_all()?.to_scalar::<f64>()?;
+            }
+        }
+        if data.macro_accuracy() {
+            let tg = b.targets.flatten_all()?.to_vec1::<u32>()?;
+            let okv = ok.flatten_all()?.to_vec1::<f64>()?;
+            let mv = match &b.mask {
+                Some(m) => m.flatten_all()?.to_vec1::<u8>()?,
+                None => vec![1; tg.len()],
+            };
+            for ((t, o), m) in tg.iter().zip(&okv).zip(&mv) {
+                if *m != 0 {
+                    let e = per_class.entry(*t).or_insert((0.0, 0.0));
+                    e.0 += 1.0;
+                    e.1 += o;
+                }
             }
         }
         floor = match (floor, &b.true_nlp) {
@@ -98,7 +118,9 @@ pub fn evaluate(model: &LanguageModel, data: &DataSource, n: usize, mb: usize, d
     if count == 0.0 {
         return Err(Error::Other("evaluation: no scored validation positions".into()));
     }
-    Ok(Eval { loss: sum / count, floor: floor.map(|f| f / count), accuracy: correct / count })
+    let accuracy_macro = (!per_class.is_empty())
+        .then(|| per_class.values().map(|(n, c)| c / n).sum::<f64>() / per_class.len() as f64);
+    Ok(Eval { loss: sum / count, floor: floor.map(|f| f / count), accuracy: correct / count, accuracy_macro })
 }
 
 /// Training loss of one batch: the model's mean cross-entropy, or with a mask the mean over
@@ -282,6 +304,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         val_loss: last.1.map(|e| e.loss),
         val_bits_per_token: last.1.map(|e| e.loss / std::f64::consts::LN_2),
         val_accuracy: last.1.map(|e| e.accuracy),
+        val_accuracy_macro: last.1.and_then(|e| e.accuracy_macro),
         entropy_floor: floor,
         entropy_floor_bits: floor.map(|f| f / std::f64::consts::LN_2),
         compute: acc.compute(state.tokens),

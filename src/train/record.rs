@@ -122,6 +122,10 @@ pub struct Summary {
     /// unmasked sources; only the answer positions for MQAR). Absent in older summaries.
     #[serde(default)]
     pub val_accuracy: Option<f64>,
+    /// MAD's metric: accuracy per target class (over classes present in the scored validation
+    /// targets), averaged — torchmetrics' `MulticlassAccuracy(average="macro")`. MAD tasks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy_macro: Option<f64>,
     /// Mean true −ln p of the validation targets under the data generator (the loss floor).
     pub entropy_floor: Option<f64>,
     pub entropy_floor_bits: Option<f64>,
