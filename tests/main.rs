@@ -46,3 +46,7 @@ mod tensorboard;
 mod fit_laws;
 /// Plots (SVG/PNG), report and the sweep analysis hook.
 mod plot;
+/// MoE feed-forward: dense equivalence, dispatch vs dense reference, gradients, balancing, accounting.
+mod moe;
+/// Multi-token prediction (Gloeckle, DeepSeek-V3): gradients, label shifts, main-loss semantics.
+mod mtp;

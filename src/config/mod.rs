@@ -12,6 +12,8 @@
 
 pub mod data;
 pub mod model;
+pub mod moe;
+pub mod mtp;
 pub mod run;
 pub mod train;
 

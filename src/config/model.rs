@@ -32,6 +32,12 @@ pub struct ModelSpec {
     pub tied_embeddings: bool,
     #[serde(default)]
     pub init: InitSpec,
+    /// Mixture-of-experts feed-forward (absent = dense everywhere); see [`super::moe`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<super::moe::MoeSpec>,
+    /// Multi-token prediction (absent = next-token only); see [`super::mtp`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtp: Option<super::mtp::MtpSpec>,
 }
 
 /// `model.ffn:` — the feed-forward of every layer.

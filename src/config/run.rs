@@ -48,6 +48,12 @@ impl RunSpec {
         if m.ffn.hidden(m.d_model) == 0 {
             return Err(doc.error("model.ffn", "hidden width is 0"));
         }
+        if let Some(moe) = &m.moe {
+            moe.check(m.n_layers).map_err(|(k, msg)| doc.error(&format!("model.moe.{k}"), msg))?;
+        }
+        if let Some(mtp) = &m.mtp {
+            mtp.check(t.seq_len).map_err(|(k, msg)| doc.error(&format!("model.mtp.{k}"), msg))?;
+        }
         if !(m.norm_eps > 0.0) {
             return Err(doc.error("model.norm_eps", "must be > 0"));
         }

@@ -2,10 +2,14 @@
 //!
 //! `tokens → embed → n_layers × [x += mixer(RMSNorm(x)); x += ffn(RMSNorm(x))] → RMSNorm → head`,
 //! the mixer of layer i being `layer_pattern[i % len]` from the block registry. Parameter names:
-//! `embed`, `layers.<i>.{norm1,mixer.*,norm2,ffn.*}`, `final_norm`, `head` (untied only).
+//! `embed`, `layers.<i>.{norm1,mixer.*,norm2,ffn.*}`, `final_norm`, `head` (untied only),
+//! `mtp.*` (multi-token prediction modules, [`mtp`]). The feed-forward is dense or MoE ([`moe`]).
 
 pub mod count;
 pub mod ffn;
+pub mod moe;
+pub mod mtp;
+pub mod objective;
 pub mod params;
 
 use crate::blocks::{self, BlockDims, ForwardCtx, Mixer};
@@ -14,15 +18,48 @@ use crate::ops::norm::rms_norm;
 use crate::ops::reduction_dtype;
 use crate::ops::softmax::{cross_entropy, cross_entropy_each};
 use candle_core::{DType, Device, Result, Tensor};
-use ffn::Ffn;
+use moe::{FeedForward, RouteStats};
 use params::{ParamBuilder, ParamKind, ParamStore};
-
 
 pub struct Layer {
     norm1: Tensor,
     pub mixer: Box<dyn Mixer>,
     norm2: Tensor,
-    pub ffn: Ffn,
+    pub ffn: FeedForward,
+}
+
+/// Balancing losses and routing statistics of the MoE layers of one forward pass.
+#[derive(Default)]
+pub struct AuxOut {
+    /// Scalar loss terms to add to the training loss (coefficients included).
+    pub losses: Vec<Tensor>,
+    /// Per MoE layer, in forward order.
+    pub routes: Vec<RouteStats>,
+}
+
+impl Layer {
+    /// Layer `i` of `spec` with block `name` (model layers, and MTP modules' blocks).
+    pub(crate) fn new(spec: &ModelSpec, name: &str, dims: &BlockDims, lb: &mut ParamBuilder) -> Result<Self> {
+        let d = spec.d_model;
+        let entry = blocks::find(name).ok_or_else(|| candle_core::Error::Msg(format!("unknown block `{name}`")))?;
+        let opts = spec.blocks.get(name).cloned().unwrap_or(serde_yaml_ng::Value::Null);
+        let norm1 = lb.constant("norm1", &[d], 1.0)?;
+        let mixer = (entry.build)(&opts, dims, &mut lb.pp("mixer"))?;
+        let norm2 = lb.constant("norm2", &[d], 1.0)?;
+        let ffn = FeedForward::new(spec, dims.layer_idx, dims.init_std, dims.out_std, &mut lb.pp("ffn"))?;
+        Ok(Self { norm1, mixer, norm2, ffn })
+    }
+
+    /// `x += mixer(RMSNorm(x)); x += ffn(RMSNorm(x))`; MoE losses and statistics go to `aux`.
+    pub fn forward(&self, x: &Tensor, eps: f64, ctx: &mut ForwardCtx, aux: &mut AuxOut) -> Result<Tensor> {
+        let x = (x + self.mixer.forward(&rms_norm(x, &self.norm1, eps)?, ctx)?)?;
+        let (f, moe) = self.ffn.forward(&rms_norm(&x, &self.norm2, eps)?)?;
+        if let Some((loss, stats)) = moe {
+            aux.losses.extend(loss);
+            aux.routes.push(stats);
+        }
+        x + f
+    }
 }
 
 pub struct LanguageModel {
@@ -32,6 +69,8 @@ pub struct LanguageModel {
     pub layers: Vec<Layer>,
     final_norm: Tensor,
     head: Option<Tensor>,
+    /// Multi-token prediction modules (training only; absent without `model.mtp`).
+    pub mtp: Option<mtp::Mtp>,
 }
 
 impl LanguageModel {
@@ -46,16 +85,8 @@ impl LanguageModel {
         let embed = root.normal_as("embed", &[spec.vocab_size, d], std, ParamKind::Embedding)?;
         let mut layers = Vec::with_capacity(spec.n_layers);
         for i in 0..spec.n_layers {
-            let name = spec.block_of_layer(i);
-            let entry = blocks::find(name).ok_or_else(|| candle_core::Error::Msg(format!("unknown block `{name}`")))?;
-            let opts = spec.blocks.get(name).cloned().unwrap_or(serde_yaml_ng::Value::Null);
             let dims = BlockDims { d_model: d, max_seq_len, n_layers: spec.n_layers, layer_idx: i, init_std: std, out_std };
-            let mut lb = root.pp(format!("layers.{i}"));
-            let norm1 = lb.constant("norm1", &[d], 1.0)?;
-            let mixer = (entry.build)(&opts, &dims, &mut lb.pp("mixer"))?;
-            let norm2 = lb.constant("norm2", &[d], 1.0)?;
-            let ffn = Ffn::new_at(spec.ffn.kind, d, spec.ffn.hidden(d), std, out_std, (i, spec.n_layers), &mut lb.pp("ffn"))?;
-            layers.push(Layer { norm1, mixer, norm2, ffn });
+            layers.push(Layer::new(spec, spec.block_of_layer(i), &dims, &mut root.pp(format!("layers.{i}")))?);
         }
         let final_norm = root.constant("final_norm", &[d], 1.0)?;
         let head = if spec.tied_embeddings {
@@ -63,20 +94,43 @@ impl LanguageModel {
         } else {
             Some(root.normal_as("head", &[spec.vocab_size, d], std, ParamKind::Head)?)
         };
-        Ok(Self { spec: spec.clone(), params: store, embed, layers, final_norm, head })
+        let mtp = match &spec.mtp {
+            Some(m) => Some(mtp::Mtp::new(m, spec, max_seq_len, &mut root.pp("mtp"))?),
+            None => None,
+        };
+        Ok(Self { spec: spec.clone(), params: store, embed, layers, final_norm, head, mtp })
+    }
+
+    /// Token embeddings `[B, T, d]` for tokens `[B, T]` (u32).
+    fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.spec.d_model))
+    }
+
+    /// Residual stream after layers `range` (before the final norm), starting from `x`.
+    fn run_layers(&self, mut x: Tensor, range: std::ops::Range<usize>, ctx: &mut ForwardCtx, aux: &mut AuxOut) -> Result<Tensor> {
+        for l in &self.layers[range] {
+            x = l.forward(&x, self.spec.norm_eps, ctx, aux)?;
+        }
+        Ok(x)
+    }
+
+    /// Residual stream after the last layer (before the final norm) `[B, T, d]`, with the MoE
+    /// layers' losses and statistics.
+    pub fn residual(&self, tokens: &Tensor) -> Result<(Tensor, AuxOut)> {
+        let mut aux = AuxOut::default();
+        let x = self.run_layers(self.embed_tokens(tokens)?, 0..self.layers.len(), &mut ForwardCtx::default(), &mut aux)?;
+        Ok((x, aux))
     }
 
     /// Final hidden states `[B, T, d]` for tokens `[B, T]` (u32).
     pub fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
-        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.spec.d_model))?;
-        let eps = self.spec.norm_eps;
-        let mut ctx = ForwardCtx::default();
-        for l in &self.layers {
-            x = (&x + l.mixer.forward(&rms_norm(&x, &l.norm1, eps)?, &mut ctx)?)?;
-            x = (&x + l.ffn.forward(&rms_norm(&x, &l.norm2, eps)?)?)?;
-        }
-        rms_norm(&x, &self.final_norm, eps)
+        rms_norm(&self.residual(tokens)?.0, &self.final_norm, self.spec.norm_eps)
+    }
+
+    /// The MoE layers, in depth order (MTP modules' MoE layers excluded).
+    pub fn moe_layers(&self) -> impl Iterator<Item = &moe::Moe> {
+        self.layers.iter().filter_map(|l| l.ffn.as_moe())
     }
 
     /// Logits `[B·T, V]` from hidden states `[B, T, d]`.

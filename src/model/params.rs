@@ -17,6 +17,9 @@ pub enum ParamKind {
     Head,
     /// Anything else.
     Body,
+    /// A non-gradient buffer saved with the weights (e.g. the MoE router's selection bias):
+    /// not counted as a parameter, never updated by the optimizer.
+    Buffer,
 }
 
 #[derive(Clone, Debug)]
@@ -114,6 +117,17 @@ impl<'a> ParamBuilder<'a> {
     pub fn constant(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         self.insert(name, vec![value; n], shape, false)
+    }
+
+    /// A [`ParamKind::Buffer`] with constant entries; returns the `Var` so its owner can
+    /// update it in place (e.g. after each optimizer step).
+    pub fn buffer(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Var> {
+        let saved = std::mem::replace(&mut self.kind, ParamKind::Buffer);
+        let n: usize = shape.iter().product();
+        let t = self.insert(name, vec![value; n], shape, false);
+        self.kind = saved;
+        t?;
+        Ok(self.store.params[&self.full(name)].var.clone())
     }
 
     /// Explicit values with an explicit decay flag (for blocks with special inits, e.g. decay rates).

@@ -18,7 +18,7 @@ use crate::config::RunSpec;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::model::count::Accounting;
-use crate::model::LanguageModel;
+use crate::model::{objective, LanguageModel};
 use candle_core::{DType, Device, Tensor};
 use checkpoint::TrainState;
 use optim::AdamW;
@@ -193,7 +193,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         opt.load_state(ck.state.adam_t, &ck.optim)?;
         state = ck.state;
     }
-    let mut metrics = MetricsWriter::open_with_bpb(out, resumed.then_some(state.step), data.is_masked(), data.val_bytes_per_token())?;
+    let mut metrics = MetricsWriter::open_full(out, resumed.then_some(state.step), data.is_masked(), data.val_bytes_per_token(), &objective::StepStats::columns(&model))?;
 
     let total = t.total_steps();
     let end = opts.stop_at_step.unwrap_or(total).min(total);
@@ -215,11 +215,15 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
     let mut last: (Option<f64>, Option<Eval>) = (None, None); // (train_loss, last evaluation)
     let mut window = (0u64, 0f64); // tokens and seconds since the last metrics row
     let mut diverged: Option<String> = None;
+    let extra_columns = objective::StepStats::columns(&model);
+    let mut last_extra: Vec<Option<f64>> = Vec::new();
     for step in state.step..end {
         let lr = t.optimizer.lr * schedule::lr_factor(&t.schedule, step, total);
         let t0 = Instant::now();
         let pos = state.data_position;
-        let (train_loss, mut grads) = compute_grads(&model, accum, |m| data.train_batch(pos + (m * mb) as u64, mb, dev))?;
+        let (train_loss, mut grads, step_stats) =
+            compute_grads_with_stats(&model, accum, |m| data.train_batch(pos + (m * mb) as u64, mb, dev))?;
+        let extra_values = step_stats.values(&model);
         state.data_position += t.batch_size as u64;
         let first = *state.first_loss.get_or_insert(train_loss);
         let grad_norm = global_norm(&grads)?;
@@ -237,12 +241,14 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         if diverged.is_some() {
             state.step = step + 1;
             state.tokens += t.tokens_per_step();
-            metrics.write(&MetricsRow { step: step + 1, tokens: state.tokens, lr, train_loss, val_loss: None, grad_norm, tokens_per_s: 0.0, val_accuracy: None })?;
+            metrics.write_with(&MetricsRow { step: step + 1, tokens: state.tokens, lr, train_loss, val_loss: None, grad_norm, tokens_per_s: 0.0, val_accuracy: None }, &extra_values)?;
             last.0 = Some(train_loss);
+            last_extra = extra_values;
             break;
         }
         clip_grads(&mut grads, grad_norm, t.grad_clip)?;
         opt.step(&model.params, &grads, lr)?;
+        objective::after_step(&model, &step_stats)?;
         state.step = step + 1;
         state.adam_t = opt.t;
         state.tokens += t.tokens_per_step();
@@ -250,6 +256,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         window.0 += t.tokens_per_step();
         window.1 += dt;
         last.0 = Some(train_loss);
+        last_extra = extra_values.clone();
 
         let is_last = state.step == total;
         let do_eval = is_last || (t.eval_every > 0 && state.step % t.eval_every == 0);
@@ -259,7 +266,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         }
         if do_eval || is_last || state.step % t.log_every.max(1) == 0 {
             let tps = window.0 as f64 / window.1.max(1e-9);
-            metrics.write(&MetricsRow { step: state.step, tokens: state.tokens, lr, train_loss, val_loss: val.map(|e| e.loss), grad_norm, tokens_per_s: tps, val_accuracy: val.map(|e| e.accuracy) })?;
+            metrics.write_with(&MetricsRow { step: state.step, tokens: state.tokens, lr, train_loss, val_loss: val.map(|e| e.loss), grad_norm, tokens_per_s: tps, val_accuracy: val.map(|e| e.accuracy) }, &extra_values)?;
             window = (0, 0.0);
             if let Some(v) = val {
                 bar.println(format!(
@@ -310,6 +317,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         git_revision: record::git_revision(),
         mixscale_version: env!("CARGO_PKG_VERSION").to_string(),
         config: opts.config_file.clone(),
+        last_step_metrics: extra_columns.iter().cloned().zip(last_extra).filter_map(|(k, v)| v.map(|v| (k, v))).collect(),
     };
     checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary).expect("summary").as_bytes())?;
     Ok(Outcome::Finished(summary))
@@ -319,32 +327,34 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
 /// name (parameters that received no gradient are absent). With masks this is the mean of the
 /// micro-batches' masked means, which equals the whole batch's masked mean when every
 /// micro-batch has the same number of scored positions (MQAR: `num_kv_pairs` per sequence).
+/// The loss is the main head's; the gradients are of the whole objective (MTP, MoE losses:
+/// [`crate::model::objective`]).
 pub fn compute_grads(
     model: &LanguageModel,
     accum: usize,
     batch: impl Fn(usize) -> Result<crate::data::Batch>,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let (loss, grads, _) = compute_grads_with_stats(model, accum, batch)?;
+    Ok((loss, grads))
+}
+
+/// [`compute_grads`] plus the step's MTP/MoE statistics.
+pub fn compute_grads_with_stats(
+    model: &LanguageModel,
+    accum: usize,
+    batch: impl Fn(usize) -> Result<crate::data::Batch>,
+) -> Result<(f64, BTreeMap<String, Tensor>, objective::StepStats)> {
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut stats = objective::StepStats::default();
     let mut loss_sum = 0.0;
+    objective::begin_step(model);
     for m in 0..accum {
         let b = batch(m)?;
-        let loss = batch_loss(model, &b)?;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let g = (loss / accum as f64)?.backward()?;
-        for (name, p) in &model.params.params {
-            if let Some(gi) = g.get(p.var.as_tensor()) {
-                // Gradients are themselves graph nodes (they depend on the variables); detach
-                // them so nothing keeps this step's graph alive.
-                let gi = gi.detach();
-                let sum = match grads.remove(name) {
-                    Some(prev) => (prev + gi)?,
-                    None => gi,
-                };
-                grads.insert(name.clone(), sum);
-            }
-        }
+        let out = objective::micro_grads(model, &b, 1.0 / accum as f64, &mut grads)?;
+        loss_sum += out.main;
+        stats.add(&out);
     }
-    Ok((loss_sum / accum as f64, grads))
+    Ok((loss_sum / accum as f64, grads, stats))
 }
 
 /// Global L2 norm of all gradients (in f64).

@@ -55,6 +55,8 @@ pub struct MetricsWriter {
     accuracy: bool,
     /// Validation bytes per token: with it, rows end with the [`BPB_COLUMN`].
     bytes_per_token: Option<f64>,
+    /// Names of the extra columns (MoE / MTP statistics).
+    extra: Vec<String>,
     tb: super::tensorboard::EventWriter,
 }
 
@@ -63,18 +65,34 @@ impl MetricsWriter {
     /// are dropped first (they belong to work after the checkpoint, which will be redone).
     /// With `accuracy` the header and rows end with the [`ACCURACY_COLUMN`].
     pub fn open(run_dir: &Path, keep_until: Option<usize>, accuracy: bool) -> Result<Self> {
-        Self::open_with_bpb(run_dir, keep_until, accuracy, None)
+        Self::open_full(run_dir, keep_until, accuracy, None, &[])
     }
 
-    /// [`MetricsWriter::open`]; with `bytes_per_token` rows also end with the [`BPB_COLUMN`].
+    /// [`Self::open`]; with `bytes_per_token` rows also end with the [`BPB_COLUMN`].
     pub fn open_with_bpb(run_dir: &Path, keep_until: Option<usize>, accuracy: bool, bytes_per_token: Option<f64>) -> Result<Self> {
+        Self::open_full(run_dir, keep_until, accuracy, bytes_per_token, &[])
+    }
+
+    /// [`Self::open`] with `extra` columns appended after the others (MoE and MTP statistics,
+    /// `model::objective`), written by [`Self::write_with`].
+    pub fn open_with(run_dir: &Path, keep_until: Option<usize>, accuracy: bool, extra: &[String]) -> Result<Self> {
+        Self::open_full(run_dir, keep_until, accuracy, None, extra)
+    }
+
+    /// Columns: the base ones, then [`ACCURACY_COLUMN`] (with `accuracy`), [`BPB_COLUMN`] (with
+    /// `bytes_per_token`), then `extra`.
+    pub fn open_full(run_dir: &Path, keep_until: Option<usize>, accuracy: bool, bytes_per_token: Option<f64>, extra: &[String]) -> Result<Self> {
         let path = run_dir.join("metrics.csv");
-        let mut text = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}") } else { METRICS_HEADER.to_string() };
+        let mut header = if accuracy { format!("{METRICS_HEADER},{ACCURACY_COLUMN}") } else { METRICS_HEADER.to_string() };
         if bytes_per_token.is_some() {
-            text.push(',');
-            text.push_str(BPB_COLUMN);
+            header.push(',');
+            header.push_str(BPB_COLUMN);
         }
-        text.push('\n');
+        extra.iter().for_each(|c| {
+            header.push(',');
+            header.push_str(c);
+        });
+        let mut text = format!("{header}\n");
         if let (Some(step), Ok(old)) = (keep_until, fs::read_to_string(&path)) {
             for line in old.lines().skip(1) {
                 let s: Option<usize> = line.split(',').next().and_then(|x| x.parse().ok());
@@ -87,10 +105,15 @@ impl MetricsWriter {
         super::checkpoint::write_atomic(&path, text.as_bytes())?;
         let file = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         let tb = super::tensorboard::EventWriter::for_run(run_dir, keep_until)?;
-        Ok(Self { path, file, accuracy, bytes_per_token, tb })
+        Ok(Self { path, file, accuracy, bytes_per_token, extra: extra.to_vec(), tb })
     }
 
     pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
+        self.write_with(row, &[])
+    }
+
+    /// A row with values for the extra columns (None = empty cell).
+    pub fn write_with(&mut self, row: &MetricsRow, extra: &[Option<f64>]) -> Result<()> {
         let mut line = row.to_csv(self.accuracy);
         let mut scalars = super::tensorboard::row_scalars(row, self.accuracy);
         if let Some(bpt) = self.bytes_per_token {
@@ -98,6 +121,13 @@ impl MetricsWriter {
             line.push_str(&row.val_loss.map(|l| format!("{:.6}", bits_per_byte(l, bpt))).unwrap_or_default());
             if let Some(l) = row.val_loss {
                 scalars.push((BPB_COLUMN.to_string(), bits_per_byte(l, bpt) as f32));
+            }
+        }
+        for (name, v) in self.extra.iter().zip(extra) {
+            line.push(',');
+            line.push_str(&v.map(|v| format!("{v:.6}")).unwrap_or_default());
+            if let Some(v) = v {
+                scalars.push((name.clone(), *v as f32));
             }
         }
         writeln!(self.file, "{line}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))?;
@@ -158,6 +188,10 @@ pub struct Summary {
     pub git_revision: String,
     pub mixscale_version: String,
     pub config: String,
+    /// The last step's extra metrics columns (MoE load/balance statistics, MTP head losses), by
+    /// column name; empty for dense next-token models.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub last_step_metrics: std::collections::BTreeMap<String, f64>,
 }
 
 /// `git rev-parse HEAD` of the current directory, with `-dirty` when the tree has changes.
