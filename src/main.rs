@@ -3,6 +3,7 @@
 //! fit did not converge (fit.json is still written, with `converged: false`).
 
 mod cli;
+mod cli_sweep;
 
 /// mimalloc keeps freed pages for reuse; with glibc's malloc every large tensor is a fresh
 /// mmap whose page faults cost ~25% of a CPU training step (measured with perf).
