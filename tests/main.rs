@@ -24,3 +24,5 @@ mod gpu;
 mod datasets;
 /// Scaling-law fitting: Epoch's Chinchilla refit, Step Law, synthetic recovery, bad input.
 mod fit;
+/// Sweeps: expansion, identity, plan, runs with real kills, concurrent workers, retries.
+mod sweep;

@@ -7,7 +7,8 @@
 //! (a base with `steps: 400` can be swept over `train.tokens`). Expression names: the built-ins
 //! `params` (non-embedding parameters, Kaplan's N), `params_total`, `params_embedding`,
 //! `params_active`, `flops_per_token` (training FLOPs per token, src/model/count.rs),
-//! `flops_per_token_6n`, and any numeric config key (`train.batch_size`). Accounting is computed
+//! `flops_per_token_6n`, sweep variables (`vars.budget`) and any numeric config key
+//! (`train.batch_size`). Accounting is computed
 //! by building the model once per distinct (model, seq_len) on the CPU.
 
 use super::expand::{expand, Point, SearchSlot};
@@ -17,7 +18,7 @@ use super::spec::SweepSpec;
 use crate::blocks;
 use crate::config::model::ModelSpec;
 use crate::config::{RunSpec, YamlDoc};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::count::Accounting;
 use crate::model::LanguageModel;
 use serde_yaml_ng::Value;
@@ -156,8 +157,11 @@ impl<'a> Planner<'a> {
         let sw = self.sweep;
         let mut doc = self.base.clone();
         let mut params = Vec::new();
+        let mut vars: HashMap<String, Value> = HashMap::new();
         for a in &point.assigns {
-            if a.key != "ablate" {
+            if a.key.starts_with("vars.") {
+                vars.insert(a.key.clone(), a.value.clone());
+            } else if a.key != "ablate" {
                 set(&mut doc, &a.key, a.value.clone(), &a.origin)?;
             }
             params.push(TrialParam { name: a.key.clone(), dist: a.dist.clone(), internal: a.internal, value: a.value.clone() });
@@ -174,7 +178,11 @@ impl<'a> Planner<'a> {
         if let (Some(sp), Some(x)) = (&sw.search, &internal) {
             for ((key, p), &xi) in sp.parameters.iter().zip(x) {
                 let v = p.value(xi);
-                set(&mut doc, key, v.clone(), &sw.origin(&["search", "parameters", key]))?;
+                if key.starts_with("vars.") {
+                    vars.insert(key.clone(), v.clone());
+                } else {
+                    set(&mut doc, key, v.clone(), &sw.origin(&["search", "parameters", key]))?;
+                }
                 let (dist, internal) = p.optuna(&v);
                 params.push(TrialParam { name: key.clone(), dist, internal, value: v });
             }
@@ -209,6 +217,9 @@ impl<'a> Planner<'a> {
                             _ => {}
                         }
                     }
+                    if let Some(v) = vars.get(n) {
+                        return v.as_f64().ok_or_else(|| format!("`{n}` is not a number (it is {})", show(v)));
+                    }
                     match lookup_path(&doc.value, n) {
                         Some(v) => v.as_f64().ok_or_else(|| format!("`{n}` is not a number (it is {})", show(v))),
                         None => Err(format!("unknown name `{n}`: neither a built-in ({}) nor a config key", BUILTINS.join(", "))),
@@ -216,11 +227,22 @@ impl<'a> Planner<'a> {
                 })
                 .map_err(|m| sw.doc.error_keys(&["derived", &d.key], format!("`{}`: {m}", d.source)))?;
             let v = number_value(value);
-            set(&mut doc, &d.key, v.clone(), &sw.origin(&["derived", &d.key]))?;
+            if d.key.starts_with("vars.") {
+                vars.insert(d.key.clone(), v.clone());
+            } else {
+                set(&mut doc, &d.key, v.clone(), &sw.origin(&["derived", &d.key]))?;
+            }
             derived.push((d.key.clone(), v));
         }
-        let mut spec = RunSpec::from_doc(&doc)?;
-        blocks::resolve_blocks(&doc, &mut spec.model)?;
+        let checked = RunSpec::from_doc(&doc).and_then(|mut spec| blocks::resolve_blocks(&doc, &mut spec.model).map(|_| spec));
+        let spec = checked.map_err(|e| match e {
+            // Name the sweep values of this trial (errors on keys the sweep set already say so).
+            Error::Config { file, line, key_path, message } if !message.contains("(set by ") => {
+                let vals: Vec<String> = point.assigns.iter().filter(|a| a.key != "ablate").map(|a| format!("{}={} ({})", a.key, show(&a.value), a.origin)).collect();
+                Error::Config { file, line, key_path, message: format!("{message} [sweep trial {}: {}]", point.slot(), vals.join(", ")) }
+            }
+            other => other,
+        })?;
         let accounting = self.accounting_of(&spec.model, spec.train.seq_len)?;
         let hash = config_hash(&spec);
         let seed = spec.train.seed;
@@ -240,6 +262,7 @@ impl<'a> Planner<'a> {
 }
 
 /// The expanded sweep.
+#[derive(Debug)]
 pub struct Plan {
     pub points: Vec<Point>,
     /// One per point (pending TPE trials carry a random stand-in config).

@@ -53,8 +53,8 @@ fn num(x: Option<f64>) -> String {
 }
 
 /// The row of a finished trial.
-fn row(t: &TrialRecord, swept: &[String]) -> Vec<String> {
-    let run_dir = attr_str(t, "run_dir").map(PathBuf::from).unwrap_or_default();
+fn row(t: &TrialRecord, swept: &[String], root: &Path) -> Vec<String> {
+    let run_dir = root.join(attr_str(t, "trial_key").unwrap_or(""));
     let spec: Option<RunSpec> = std::fs::read_to_string(run_dir.join("trial.yaml")).ok().and_then(|s| serde_yaml_ng::from_str(&s).ok());
     let status = attr_str(t, "status").unwrap_or("");
     let loss = if status == study::COMPLETED { t.values.as_ref().and_then(|v| v.first().copied()) } else { None };
@@ -104,7 +104,7 @@ fn row(t: &TrialRecord, swept: &[String]) -> Vec<String> {
 pub fn write(journal: &Journal, study_id: u64, plan: &Plan, max_retries: usize, dir: &Path) -> Result<PathBuf> {
     let r = journal.replay()?;
     let host = super::proc::hostname();
-    let live = Liveness { host: &host, now_unix: super::worker::now_unix(), stale_after_s: f64::INFINITY };
+    let live = Liveness { host: &host, root: dir, now_unix: super::worker::now_unix(), stale_after_s: f64::INFINITY };
     let states = study::slot_states(r.trials_of(study_id), max_retries, &live);
     let swept: Vec<String> = plan.varying().into_iter().filter(|k| plan.trials.iter().any(|t| t.params.iter().any(|p| &p.name == k))).collect();
     let mut text = HEADER.join(",");
@@ -116,7 +116,7 @@ pub fn write(journal: &Journal, study_id: u64, plan: &Plan, max_retries: usize, 
     for p in &plan.points {
         if let Some(SlotState::Done(id)) = states.get(&p.slot()) {
             if let Some(t) = r.trial(*id) {
-                text.push_str(&row(t, &swept).join(","));
+                text.push_str(&row(t, &swept, dir).join(","));
                 text.push('\n');
             }
         }

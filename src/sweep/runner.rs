@@ -54,10 +54,11 @@ pub fn journal_path(runs_dir: &Path, sweep: &SweepSpec) -> PathBuf {
 }
 
 /// Counts done slots of the plan in the journal.
-pub fn count_done(journal: &Journal, study_id: u64, plan: &Plan, sweep: &SweepSpec) -> Result<usize> {
+pub fn count_done(journal: &Journal, study_id: u64, plan: &Plan, sweep: &SweepSpec, runs_dir: &Path) -> Result<usize> {
     let r = journal.replay()?;
     let host = super::proc::hostname();
-    let live = Liveness { host: &host, now_unix: now_unix(), stale_after_s: sweep.stale_after_s };
+    let root = sweep_dir(runs_dir, sweep);
+    let live = Liveness { host: &host, root: &root, now_unix: now_unix(), stale_after_s: sweep.stale_after_s };
     let states = study::slot_states(r.trials_of(study_id), sweep.max_retries, &live);
     Ok(plan.points.iter().filter(|p| matches!(states.get(&p.slot()), Some(SlotState::Done(_)))).count())
 }
@@ -80,7 +81,7 @@ pub fn run(sweep: &SweepSpec, opts: &RunOptions) -> Result<RunReport> {
     let cpu_slots = devices.iter().filter(|d| *d == "cpu").count() * per_device;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let total = plan.points.len();
-    let done = count_done(&journal, study_id, &plan, sweep)?;
+    let done = count_done(&journal, study_id, &plan, sweep, &opts.runs_dir)?;
     let pid = std::process::id();
     let exe = match &opts.exe {
         Some(e) => e.clone(),
@@ -111,7 +112,7 @@ pub fn run(sweep: &SweepSpec, opts: &RunOptions) -> Result<RunReport> {
         ));
     }
     let ran = run_slots(&ctx, &devices, per_device, opts.max_trials)?;
-    let done = count_done(&ctx.journal, study_id, &plan, sweep)?;
+    let done = count_done(&ctx.journal, study_id, &plan, sweep, &opts.runs_dir)?;
     let mut results_csv = None;
     if opts.finalize && done == total {
         let p = super::results::write(&ctx.journal, study_id, &plan, sweep.max_retries, &root)?;

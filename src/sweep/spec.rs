@@ -21,6 +21,11 @@
 //! analysis: {...}                    # passed to the fit/plot layer
 //! ```
 //! Trial set = grid × (base ∪ ablate variants) × search trials × seeds.
+//!
+//! Keys are config paths (`model.…`, `train.…`, `data.…`) or sweep variables `vars.<name>`:
+//! variables are not part of the config; they are recorded as trial params and usable in
+//! `derived:` expressions (e.g. an IsoFLOP budget `vars.budget` with
+//! `train.tokens: vars.budget / flops_per_token`).
 
 use super::early_stop::EarlyTerminate;
 use super::search::{ParamSpec, SearchMethod};
@@ -187,9 +192,13 @@ fn values_of(doc: &YamlDoc, path: &[&str], v: &Value) -> Result<Vec<Value>> {
 }
 
 fn check_key(doc: &YamlDoc, path: &[&str], key: &str) -> Result<()> {
-    let ok_root = ["model.", "train.", "data."].iter().any(|r| key.starts_with(r));
-    if !ok_root {
-        return Err(doc.error_keys(path, format!("`{key}` is not a config key path (it must start with model., train. or data.)")));
+    let ok_root = ["model", "train", "data"].iter().any(|r| key == *r || key.starts_with(&format!("{r}.")));
+    let var = key.strip_prefix("vars.").is_some_and(|v| !v.is_empty() && !v.contains('.'));
+    if !ok_root && !var {
+        return Err(doc.error_keys(
+            path,
+            format!("`{key}` is not a config key path (it must start with model., train. or data.; sweep variables are vars.<name>)"),
+        ));
     }
     Ok(())
 }

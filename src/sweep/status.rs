@@ -15,7 +15,8 @@ pub fn render(sweep: &SweepSpec, plan: &Plan, journal_path: &Path) -> Result<Str
     let replay = if journal_path.exists() { Some(Journal::open(journal_path)?.replay()?) } else { None };
     let study_id = replay.as_ref().and_then(|r| r.study_id(&sweep.name));
     let host = super::proc::hostname();
-    let live = Liveness { host: &host, now_unix: super::worker::now_unix(), stale_after_s: sweep.stale_after_s };
+    let root = journal_path.parent().unwrap_or(Path::new("."));
+    let live = Liveness { host: &host, root, now_unix: super::worker::now_unix(), stale_after_s: sweep.stale_after_s };
     let states = match (&replay, study_id) {
         (Some(r), Some(id)) => study::slot_states(r.trials_of(id), sweep.max_retries, &live),
         _ => Default::default(),

@@ -35,6 +35,8 @@ pub const STALE: &str = "stale";
 /// What the claimer needs to know about processes and time.
 pub struct Liveness<'a> {
     pub host: &'a str,
+    /// `runs/<sweep>` as this process sees it (heartbeats are `<root>/<trial_key>/heartbeat`).
+    pub root: &'a Path,
     pub now_unix: f64,
     pub stale_after_s: f64,
 }
@@ -65,7 +67,7 @@ pub fn is_alive(t: &TrialRecord, live: &Liveness) -> bool {
             return super::proc::process_start(pid as u32).as_deref() == Some(start);
         }
     }
-    let hb = attr_str(t, "run_dir").and_then(|d| std::fs::metadata(Path::new(d).join("heartbeat")).ok()).and_then(|m| m.modified().ok());
+    let hb = attr_str(t, "trial_key").and_then(|k| std::fs::metadata(live.root.join(k).join("heartbeat")).ok()).and_then(|m| m.modified().ok());
     let last = match hb {
         Some(m) => m.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
         None => t.datetime_start.as_deref().and_then(parse_iso_unix).unwrap_or(0.0),

@@ -75,7 +75,7 @@ pub fn now_unix() -> f64 {
 
 impl<'a> Ctx<'a> {
     fn liveness(&self) -> Liveness<'_> {
-        Liveness { host: &self.host, now_unix: now_unix(), stale_after_s: self.sweep.stale_after_s }
+        Liveness { host: &self.host, root: &self.root, now_unix: now_unix(), stale_after_s: self.sweep.stale_after_s }
     }
 
     /// Claims the next trial for `device`.
@@ -213,7 +213,19 @@ impl<'a> Ctx<'a> {
                 curve.extend(new.iter().copied());
                 let ops = new.iter().map(|&(s, v)| Op::SetTrialIntermediateValue { trial_id: c.trial_id, step: s as u64, value: v }).collect();
                 self.journal.append(ops)?;
-                if exited.is_none() && self.should_prune(c, &curve)? {
+                // Decide at every new point (a poll may bring several, e.g. a rung in between).
+                let n = curve.len();
+                let prune = exited.is_none() && self.sweep.early_terminate.is_some() && {
+                    let mut any = false;
+                    for k in (n - new.len() + 1)..=n {
+                        if self.should_prune(c, &curve[..k])? {
+                            any = true;
+                            break;
+                        }
+                    }
+                    any
+                };
+                if prune {
                     super::proc::terminate(&mut child, Duration::from_secs(5));
                     pruned = true;
                     break None;
