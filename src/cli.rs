@@ -62,16 +62,18 @@ enum Cmd {
         list: bool,
     },
     /// Fit a scaling law to a CSV of points (columns N, D, C, loss, lr, batch_tokens, S, run, step)
-    /// and write DIR/fit.json.
+    /// or to a sweep's results (sweep.yaml → runs/<name>/results.csv); writes DIR/fit.json, SVG+PNG
+    /// plots, DIR/report.md and DIR/report.html. Without --law, a sweep file runs its `analysis:`
+    /// section (see analysis/README.md) and anything else fits chinchilla.
     Fit {
         input: PathBuf,
-        /// chinchilla (L = E + A/N^alpha + B/D^beta), power (y = E + A x^-alpha), steplaw.
+        /// chinchilla, isoflop, steplaw, deepseek, moe_sparsity, annealing, power.
         #[arg(long)]
-        law: String,
+        law: Option<String>,
         #[arg(long)]
         out: PathBuf,
         /// Fit options as YAML (keys of mixscale::fit::FitOptions; e.g. delta, drop_highest,
-        /// bootstrap: {resamples, seed, level}, budgets, x, y, band, columns).
+        /// bootstrap: {resamples, seed, level}, budgets, x, y, band, budget_tol, lambda, holdout, columns).
         #[arg(long)]
         options: Option<PathBuf>,
         /// Column naming of a known public file: chinchilla_svg or steplaw.
@@ -83,6 +85,15 @@ enum Cmd {
         /// Bootstrap resamples (by run) for confidence intervals.
         #[arg(long)]
         bootstrap: Option<usize>,
+        /// Compute budget (FLOPs) for predictions, e.g. --predict-at 1e21 (repeatable).
+        #[arg(long = "predict-at")]
+        predict_at: Vec<f64>,
+        /// Run folders (or folders of run folders) whose metrics.csv to plot as loss curves.
+        #[arg(long = "runs")]
+        runs: Vec<PathBuf>,
+        /// No plots (fit.json and the report only).
+        #[arg(long)]
+        no_plots: bool,
     },
     /// Sweeps: plan, run, worker, status, slurm (see README "Sweeps").
     Sweep {
@@ -198,39 +209,8 @@ pub fn run() -> Result<i32> {
             println!("wrote {}", o.display());
             Ok(0)
         }
-        Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap } => {
-            use mixscale::fit::{points::ColumnMap, run_fit, FitOptions};
-            let mut opts: FitOptions = match &options {
-                Some(p) => YamlDoc::load(p)?.deserialize()?,
-                None => FitOptions::default(),
-            };
-            match columns.as_deref() {
-                None => {}
-                Some("chinchilla_svg") => opts.columns = ColumnMap::chinchilla_svg(),
-                Some("steplaw") => opts.columns = ColumnMap::steplaw(),
-                Some(other) => anyhow::bail!(mixscale::Error::UnknownName {
-                    kind: "column preset",
-                    name: other.into(),
-                    known: vec!["chinchilla_svg".into(), "steplaw".into()],
-                }),
-            }
-            if let Some(k) = drop_highest {
-                opts.drop_highest = k;
-            }
-            if let Some(n) = bootstrap {
-                opts.bootstrap.resamples = n;
-            }
-            let r = run_fit(&input, &law, &out, &opts).map_err(|e| mixscale::Error::Input(e.to_string()))?;
-            println!("law: {}  points: {}  objective: {:.6e}  grad norm: {:.2e}  converged: {}", r.law, r.n_points, r.objective, r.grad_norm, r.converged);
-            for (k, v) in &r.params {
-                let ci = r.ci.get(k).map(|[lo, hi]| format!("  [{lo:.4}, {hi:.4}]")).unwrap_or_default();
-                println!("  {k:>8} = {v:.6}{ci}");
-            }
-            for e in &r.exclusions {
-                println!("  excluded: {e}");
-            }
-            println!("wrote {}", out.join("fit.json").display());
-            Ok(if r.converged { 0 } else { 4 })
+        Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
+            fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
         Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device } => {
             let spec = load_run(&config, &sets)?;
@@ -254,4 +234,85 @@ pub fn run() -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `mixscale fit`: one law (flat output in DIR) or a sweep's `analysis:` section.
+#[allow(clippy::too_many_arguments)]
+fn fit_command(
+    input: &Path,
+    law: Option<String>,
+    out: &Path,
+    options: Option<PathBuf>,
+    columns: Option<String>,
+    drop_highest: Option<usize>,
+    bootstrap: Option<usize>,
+    predict_at: Vec<f64>,
+    runs: Vec<PathBuf>,
+    no_plots: bool,
+) -> Result<i32> {
+    use mixscale::fit::analysis::{self, AnalysisSpec, FitSpec};
+    use mixscale::fit::{input as finput, points::ColumnMap, FitOptions};
+    let inerr = |e: mixscale::fit::FitError| mixscale::Error::Input(e.to_string());
+    let mut inp = finput::load(input).map_err(inerr)?;
+    inp.run_dirs.extend(finput::run_dirs_under(&runs));
+    let spec = match (&law, &inp.sweep) {
+        (None, Some((doc, Some(value)))) => analysis::parse_analysis(doc, "analysis", value)?,
+        _ => {
+            let mut opts: FitOptions = match &options {
+                Some(p) => YamlDoc::load(p)?.deserialize()?,
+                None => FitOptions::default(),
+            };
+            match columns.as_deref() {
+                None => {}
+                Some("chinchilla_svg") => opts.columns = ColumnMap::chinchilla_svg(),
+                Some("steplaw") => opts.columns = ColumnMap::steplaw(),
+                Some(other) => anyhow::bail!(mixscale::Error::UnknownName {
+                    kind: "column preset",
+                    name: other.into(),
+                    known: vec!["chinchilla_svg".into(), "steplaw".into()],
+                }),
+            }
+            if let Some(k) = drop_highest {
+                opts.drop_highest = k;
+            }
+            if let Some(n) = bootstrap {
+                opts.bootstrap.resamples = n;
+            }
+            if !predict_at.is_empty() {
+                opts.budgets = predict_at.clone();
+            }
+            let law = law.unwrap_or_else(|| "chinchilla".into());
+            if !mixscale::fit::KNOWN_LAWS.contains(&law.as_str()) {
+                anyhow::bail!(mixscale::Error::UnknownName { kind: "law", name: law, known: mixscale::fit::KNOWN_LAWS.iter().map(|s| s.to_string()).collect() });
+            }
+            let plots = no_plots.then(Vec::new);
+            AnalysisSpec { title: None, fits: vec![FitSpec { law, options: opts, plots, ..Default::default() }] }
+        }
+    };
+    let outcomes = analysis::run_spec(&spec, &inp, out, true)?;
+    let mut code = 0;
+    for o in &outcomes {
+        let Ok(r) = &o.result else { continue };
+        println!("[{}] law: {}  points: {}  objective: {:.6e}  grad norm: {:.2e}  converged: {}", o.name, r.law, r.n_points, r.objective, r.grad_norm, r.converged);
+        for (k, v) in &r.params {
+            let ci = r.ci.get(k).map(|[lo, hi]| format!("  [{lo:.4}, {hi:.4}]")).unwrap_or_default();
+            println!("  {k:>8} = {v:.6}{ci}");
+        }
+        for e in r.exclusions.iter().take(20) {
+            println!("  excluded: {e}");
+        }
+        if r.exclusions.len() > 20 {
+            println!("  ... {} more exclusions in fit.json", r.exclusions.len() - 20);
+        }
+        for e in &o.plot_errors {
+            println!("  not plotted: {e}");
+        }
+        println!("  wrote {}", o.dir.join("fit.json").display());
+        if !r.converged {
+            code = 4;
+        }
+    }
+    println!("report: {}", out.join("report.html").display());
+    analysis::failures(&outcomes, out)?;
+    Ok(code)
 }

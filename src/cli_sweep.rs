@@ -85,9 +85,6 @@ pub fn run(cmd: SweepCmd) -> Result<i32> {
         SweepCmd::Plan { sweep } => {
             let s = SweepSpec::load(&sweep)?;
             let plan = Plan::build(&s)?;
-            if let Some(a) = &s.analysis {
-                mixscale::sweep::analysis_hook::check(&s, a)?;
-            }
             print!("{}", plan.render(&s));
             Ok(0)
         }
@@ -100,6 +97,7 @@ pub fn run(cmd: SweepCmd) -> Result<i32> {
                 max_trials: None,
                 quiet,
                 finalize: true,
+                analysis: true,
                 exe: None,
             };
             let r = runner::run(&s, &opts)?;
@@ -115,6 +113,7 @@ pub fn run(cmd: SweepCmd) -> Result<i32> {
                 max_trials,
                 quiet,
                 finalize: true,
+                analysis: false,
                 exe: None,
             };
             let r = runner::run(&s, &opts)?;
@@ -151,6 +150,18 @@ fn finish(s: &SweepSpec, runs_dir: &std::path::Path, r: &runner::RunReport, quie
         if let Some(p) = &r.results_csv {
             println!("results: {}", p.display());
         }
+    }
+    match &r.analysis {
+        Some(Ok(dir)) => {
+            if !quiet {
+                println!("analysis: {} (report.md, report.html, fits and plots)", dir.display());
+            }
+        }
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return Ok(4);
+        }
+        None => {}
     }
     Ok(if r.done == r.total { 0 } else { 1 })
 }

@@ -3,7 +3,7 @@
 //! Data flow, one folder per stage:
 //! `config` (YAML → specs) → `blocks` (token mixers, registry) → `model` (language model,
 //! parameters, accounting) → `train` (loop, optimizer, schedule, checkpoints, records) → `sweep`
-//! (study record: an Optuna journal).
+//! (sweep runner, study record: an Optuna journal) → `fit` (scaling laws) → `plot` (plots, report).
 //! `data` provides token streams; `ops` the core ops with exact autograd.
 
 pub mod blocks;
@@ -15,6 +15,7 @@ pub mod fit;
 pub mod fsutil;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod sweep;
 pub mod train;
 

@@ -26,3 +26,7 @@ mod datasets;
 mod fit;
 /// Sweeps: expansion, identity, plan, runs with real kills, concurrent workers, retries.
 mod sweep;
+/// IsoFLOP, DeepSeek, MoE-sparsity and annealing laws on synthetic data; degenerate input.
+mod fit_laws;
+/// Plots (SVG/PNG), report and the sweep analysis hook.
+mod plot;

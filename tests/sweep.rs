@@ -119,6 +119,7 @@ fn errors_name_file_line_and_key_path() {
         ("grid:\n  optimizer.lr: [0.1]\n", "s.yaml:4: grid.optimizer.lr", "not a config key path"),
         ("search:\n  method: tpe\n  n_trials: 3\n  parameters:\n    train.optimizer.lr: {distribution: log_normal, min: 1, max: 2}\n", "s.yaml:7: search.parameters.train.optimizer.lr", "unknown distribution"),
         ("early_terminate: {type: asha, min_iter: 0}\n", "s.yaml:3: early_terminate", "min_iter"),
+        ("analysis:\n  fits:\n    - law: nope\n", "s.yaml:5: analysis.fits[0].law", "unknown law `nope`"),
     ];
     for (body, loc, msg) in cases {
         let e = load(d.path(), body).and_then(|s| Plan::build(&s).map(|_| ())).unwrap_err().to_string();

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 /// Bootstrap settings.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct BootstrapOptions {
     /// Number of resamples (0 disables the bootstrap).
     pub resamples: usize,

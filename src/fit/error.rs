@@ -36,6 +36,9 @@ pub enum FitError {
     /// Input that cannot be fitted, with the reason.
     #[error("law `{law}`: {reason}")]
     Degenerate { law: String, reason: String },
+    /// An input that is not a readable points table (e.g. a sweep file without results yet).
+    #[error("{0}")]
+    Input(String),
     /// An option value is invalid.
     #[error("invalid option: {0}")]
     Option(String),

@@ -28,11 +28,20 @@ pub fn huber_grad(r: f64, delta: f64) -> f64 {
     r.clamp(-delta, delta)
 }
 
-/// One LSE term: intercept parameter index and optional (slope parameter index, feature index).
+/// One LSE term `c − Σ_j s_j·x_j`: intercept parameter index and (slope parameter index,
+/// feature index) pairs (none for a constant term, two for e.g. Abnar et al.'s
+/// d/((1−S)^δ N^γ)).
 #[derive(Clone, Debug)]
 pub struct Term {
     pub intercept: usize,
-    pub slope: Option<(usize, usize)>,
+    pub slopes: Vec<(usize, usize)>,
+}
+
+impl Term {
+    /// A term with at most one slope (the common case).
+    pub fn new(intercept: usize, slope: Option<(usize, usize)>) -> Term {
+        Term { intercept, slopes: slope.into_iter().collect() }
+    }
 }
 
 /// The log-space objective Σ Huber_δ(LSE_k(c_k − s_k x_ik) − log y_i).
@@ -61,7 +70,7 @@ impl LseModel {
                 f.into_iter().map(|v| v - m).collect()
             })
             .collect();
-        let n_params = terms.iter().flat_map(|t| std::iter::once(t.intercept).chain(t.slope.map(|s| s.0))).max().map_or(0, |m| m + 1);
+        let n_params = terms.iter().flat_map(|t| std::iter::once(t.intercept).chain(t.slopes.iter().map(|s| s.0))).max().map_or(0, |m| m + 1);
         LseModel { terms, features, centers, log_y, delta, n_params }
     }
 
@@ -70,9 +79,7 @@ impl LseModel {
     pub fn to_internal(&self, p: &[f64]) -> Vec<f64> {
         let mut q = p.to_vec();
         for t in &self.terms {
-            if let Some((s, j)) = t.slope {
-                q[t.intercept] = p[t.intercept] - p[s] * self.centers[j];
-            }
+            q[t.intercept] = p[t.intercept] - t.slopes.iter().map(|&(s, j)| p[s] * self.centers[j]).sum::<f64>();
         }
         q
     }
@@ -81,9 +88,7 @@ impl LseModel {
     pub fn to_paper(&self, q: &[f64]) -> Vec<f64> {
         let mut p = q.to_vec();
         for t in &self.terms {
-            if let Some((s, j)) = t.slope {
-                p[t.intercept] = q[t.intercept] + q[s] * self.centers[j];
-            }
+            p[t.intercept] = q[t.intercept] + t.slopes.iter().map(|&(s, j)| q[s] * self.centers[j]).sum::<f64>();
         }
         p
     }
@@ -106,7 +111,7 @@ impl LseModel {
             let mut mx = f64::NEG_INFINITY;
             for (tk, term) in t.iter_mut().zip(&self.terms) {
                 let mut v = q[term.intercept];
-                if let Some((s, j)) = term.slope {
+                for &(s, j) in &term.slopes {
                     v -= q[s] * self.features[j][i];
                 }
                 *tk = v;
@@ -128,7 +133,7 @@ impl LseModel {
                 for (tk, term) in t.iter().zip(&self.terms) {
                     let w = h * tk;
                     g[term.intercept] += w;
-                    if let Some((s, j)) = term.slope {
+                    for &(s, j) in &term.slopes {
                         g[s] -= w * self.features[j][i];
                     }
                 }
@@ -150,11 +155,12 @@ impl LseModel {
         let q = self.to_internal(p);
         let mut gq = vec![0.0; self.n_params];
         self.huber_sum(&q, Some(&mut gq));
-        // q_c = p_c − p_s m  ⇒ ∂/∂p_c = ∂/∂q_c, ∂/∂p_s = ∂/∂q_s − m ∂/∂q_c.
+        // q_c = p_c − Σ p_s m  ⇒ ∂/∂p_c = ∂/∂q_c, ∂/∂p_s = ∂/∂q_s − m ∂/∂q_c (each slope
+        // parameter belongs to one term).
         let mut gp = gq.clone();
         for t in &self.terms {
-            if let Some((s, j)) = t.slope {
-                gp[s] = gq[s] - self.centers[j] * gq[t.intercept];
+            for &(s, j) in &t.slopes {
+                gp[s] -= self.centers[j] * gq[t.intercept];
             }
         }
         gp.iter().fold(0.0f64, |m, v| m.max(v.abs()))
@@ -178,9 +184,9 @@ mod tests {
         let ln_d: Vec<f64> = (0..30).map(|i| 21.0 + 0.13 * ((i * 7) % 30) as f64).collect();
         let y: Vec<f64> = (0..30).map(|i| (2.0 + 0.05 * ((i * 11) % 13) as f64).ln()).collect();
         let terms = vec![
-            Term { intercept: 0, slope: Some((3, 0)) },
-            Term { intercept: 1, slope: Some((4, 1)) },
-            Term { intercept: 2, slope: None },
+            Term::new(0, Some((3, 0))),
+            Term::new(1, Some((4, 1))),
+            Term::new(2, None),
         ];
         let m = LseModel::new(terms, vec![ln_n, ln_d], y, 1e-2);
         let p = [6.0, 7.0, 0.5, 0.34, 0.3];

@@ -7,17 +7,26 @@
 //! * [`laws::chinchilla`]: L = E + A/N^α + B/D^β, Approach 3 with the 4,500-start grid.
 //! * [`laws::power`]: y = E + A·x^−α for any metric against any column.
 //! * [`laws::steplaw`]: Step Law hyper-parameter laws (Li et al. 2025, arXiv:2503.04715).
+//! * [`laws::isoflop`]: Chinchilla Approach 2, IsoFLOP parabolas then power laws in C.
+//! * [`laws::deepseek`]: η_opt(C), B_opt(C) (DeepSeek LLM 2024, arXiv:2401.02954).
+//! * [`laws::moe_sparsity`]: L(N, D, S) of Abnar et al. 2025 (arXiv:2501.12370).
+//! * [`laws::annealing`]: L(s) = L0 + A·S1^−α − C·S2 (Tissue et al. 2024, arXiv:2408.11029).
 //! * [`bootstrap`]: by-run bootstrap with percentile CIs, seeded ([`crate::data::rng`]).
+//! * [`input`]: CSV or sweep-file input; [`analysis`]: a sweep's `analysis:` section.
 //!
-//! Entry point: [`run_fit`], which writes `fit.json` (a serialised [`FitResult`]) atomically.
+//! Entry points: [`run_fit`], which writes `fit.json` (a serialised [`FitResult`]) atomically,
+//! and [`fit_table`] for an already loaded table.
 
 // NaN-safe comparisons (`!(x > 0.0)`) are deliberate throughout.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+pub mod analysis;
 pub mod bootstrap;
 pub mod csv;
 pub mod error;
+pub mod groups;
 pub mod huber;
+pub mod input;
 pub mod laws;
 pub mod lbfgs;
 pub mod ols;
@@ -32,7 +41,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Names accepted by [`run_fit`].
-pub const KNOWN_LAWS: &[&str] = &["chinchilla", "power", "steplaw"];
+pub const KNOWN_LAWS: &[&str] = &["chinchilla", "isoflop", "steplaw", "deepseek", "moe_sparsity", "annealing", "power"];
 
 /// Result of a fit, serialised to `fit.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -59,9 +68,10 @@ pub struct FitResult {
     pub extra: serde_json::Value,
 }
 
-/// Which starting points the Huber laws use.
+/// Which starting points the Huber laws use. In YAML: `default`, `none`, or a list of starts
+/// (each a list of numbers in the law's paper parameterisation).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "GridRepr")]
 pub enum StartGrid {
     /// The law's default grid (Chinchilla: the 4,500-start Hoffmann/Epoch grid).
     #[default]
@@ -70,6 +80,26 @@ pub enum StartGrid {
     None,
     /// These starts, in the law's paper parameterisation (see each law).
     Custom(Vec<Vec<f64>>),
+}
+
+/// YAML form of [`StartGrid`].
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum GridRepr {
+    Name(String),
+    Starts(Vec<Vec<f64>>),
+}
+
+impl TryFrom<GridRepr> for StartGrid {
+    type Error = String;
+    fn try_from(g: GridRepr) -> Result<Self, String> {
+        match g {
+            GridRepr::Name(n) if n == "default" => Ok(StartGrid::Default),
+            GridRepr::Name(n) if n == "none" => Ok(StartGrid::None),
+            GridRepr::Name(n) => Err(format!("unknown grid `{n}`; expected `default`, `none` or a list of starts")),
+            GridRepr::Starts(v) => Ok(StartGrid::Custom(v)),
+        }
+    }
 }
 
 /// Options of [`run_fit`]. Fields a law does not use are ignored.
@@ -98,8 +128,15 @@ pub struct FitOptions {
     /// Power law: the regressor column and the target column.
     pub x: String,
     pub y: String,
-    /// Step Law near-optimal band: keep runs with |loss/min − 1| < band (Li et al.: 0.0025).
+    /// Step Law / DeepSeek near-optimal band: keep runs with |loss/min − 1| < band (Li et al.
+    /// and DeepSeek: 0.0025).
     pub band: f64,
+    /// Compute budgets are clusters of C within this relative tolerance (IsoFLOP, DeepSeek).
+    pub budget_tol: f64,
+    /// Annealing law: momentum λ of the annealing area S2 (Tissue et al.: 0.999).
+    pub lambda: f64,
+    /// Annealing law: runs (curves) left out of the fit and predicted instead.
+    pub holdout: Vec<String>,
 }
 
 impl Default for FitOptions {
@@ -118,6 +155,9 @@ impl Default for FitOptions {
             x: "C".into(),
             y: "loss".into(),
             band: 0.0025,
+            budget_tol: 0.05,
+            lambda: 0.999,
+            holdout: vec![],
         }
     }
 }
@@ -140,6 +180,9 @@ impl FitOptions {
         if !(self.band > 0.0 && self.band.is_finite()) {
             return Err(FitError::Option(format!("band must be positive, got {}", self.band)));
         }
+        if !(self.budget_tol >= 0.0 && self.budget_tol.is_finite()) {
+            return Err(FitError::Option(format!("budget_tol must be >= 0, got {}", self.budget_tol)));
+        }
         if self.budgets.iter().any(|c| !(*c > 0.0 && c.is_finite())) {
             return Err(FitError::Option("budgets must be positive and finite".into()));
         }
@@ -147,29 +190,58 @@ impl FitOptions {
     }
 }
 
-/// Reads `input`, fits `law`, writes `out_dir/fit.json` (temp file + rename) and returns the
-/// result. `out_dir` is created if missing.
+/// Reads `input` (a CSV of points or a sweep file, see [`input`]), fits `law`, writes
+/// `out_dir/fit.json` (temp file + rename) and returns the result. `out_dir` is created if
+/// missing.
 pub fn run_fit(input: &Path, law: &str, out_dir: &Path, opts: &FitOptions) -> Result<FitResult, FitError> {
     opts.check()?;
-    let result = match law {
-        "chinchilla" => {
-            let pts = Points::read(input, laws::chinchilla::NEEDED, &["run"], &opts.columns, law)?;
-            laws::chinchilla::fit(pts, opts)?
-        }
-        "power" => {
-            let pts = Points::read(input, &[opts.x.as_str(), opts.y.as_str()], &["run"], &opts.columns, law)?;
-            laws::power::fit(pts, opts)?
-        }
-        "steplaw" => {
-            let pts = laws::steplaw::read(input, opts)?;
-            laws::steplaw::fit(pts, opts)?
-        }
-        other => {
-            return Err(FitError::UnknownLaw { name: other.to_string(), known: KNOWN_LAWS.join(", ") });
-        }
-    };
+    let inp = input::load(input)?;
+    let (_, result) = fit_table(&inp.table, &inp.exclusions, law, opts)?;
     write_json_atomic(&out_dir.join("fit.json"), &result)?;
     Ok(result)
+}
+
+/// The columns `law` reads from a table: (needed, optional).
+pub fn law_columns<'a>(law: &str, opts: &'a FitOptions) -> Result<(Vec<&'a str>, Vec<&'a str>), FitError> {
+    let v = |s: &[&'a str]| s.to_vec();
+    Ok(match law {
+        "chinchilla" => (v(laws::chinchilla::NEEDED), v(&["run", "C"])),
+        "isoflop" => (v(laws::isoflop::NEEDED), v(&["run", "D"])),
+        "steplaw" => (v(&["N", "D", "lr", "batch_tokens"]), v(&["loss", "run", "C"])),
+        "deepseek" => (v(laws::deepseek::NEEDED), v(&["run", "N", "D"])),
+        "moe_sparsity" => (v(laws::moe_sparsity::NEEDED), v(&["run", "C"])),
+        "annealing" => (v(laws::annealing::NEEDED), v(&["run"])),
+        "power" => (vec![opts.x.as_str(), opts.y.as_str()], v(&["run"])),
+        other => return Err(FitError::UnknownLaw { name: other.to_string(), known: KNOWN_LAWS.join(", ") }),
+    })
+}
+
+/// Fits `law` to an already loaded table; `pre_exclusions` (e.g. non-completed sweep trials) are
+/// recorded first. Returns the points as read (before the law's own exclusions, for plots) and
+/// the result.
+pub fn fit_table(table: &csv::Table, pre_exclusions: &[String], law: &str, opts: &FitOptions) -> Result<(Points, FitResult), FitError> {
+    opts.check()?;
+    let (needed, optional) = law_columns(law, opts)?;
+    let mut pts = Points::from_table(table, &needed, &optional, &opts.columns, law)?;
+    if law == "steplaw" && !pts.columns.contains_key("loss") {
+        let header = opts.columns.alias.get("loss").cloned().unwrap_or_else(|| "loss".into());
+        return Err(FitError::MissingColumn { path: table.path.clone(), column: header, law: law.into(), present: table.header_list() });
+    }
+    let mut ex = pre_exclusions.to_vec();
+    ex.append(&mut pts.exclusions);
+    pts.exclusions = ex;
+    let p = pts.clone();
+    let result = match law {
+        "chinchilla" => laws::chinchilla::fit(p, opts)?,
+        "isoflop" => laws::isoflop::fit(p, opts)?,
+        "steplaw" => laws::steplaw::fit(p, opts)?,
+        "deepseek" => laws::deepseek::fit(p, opts)?,
+        "moe_sparsity" => laws::moe_sparsity::fit(p, opts)?,
+        "annealing" => laws::annealing::fit(p, opts)?,
+        "power" => laws::power::fit(p, opts)?,
+        other => return Err(FitError::UnknownLaw { name: other.to_string(), known: KNOWN_LAWS.join(", ") }),
+    };
+    Ok((pts, result))
 }
 
 /// Writes `value` as pretty JSON to `path` atomically ([`crate::fsutil::write_atomic`]), so

@@ -1,23 +1,19 @@
 //! The sweep's `analysis:` section, handed to the fit/plot layer (`crate::fit::analysis`):
-//! checked when the sweep is planned, run on `results.csv` when the sweep is done.
-//!
-//! The fit/plot layer's `check_analysis` / `run_analysis` are not in this build yet: the
-//! section is accepted as is (any mapping) and nothing is run. Wiring them is these two calls.
+//! checked when the sweep is planned, run on `results.csv` into `runs/<sweep>/analysis/` when
+//! every trial is done (fits, plots, report.md/html).
 
 use super::spec::SweepSpec;
 use crate::error::Result;
 use serde_yaml_ng::Value;
 use std::path::Path;
 
-/// Checks the `analysis:` section (at plan time).
-pub fn check(sweep: &SweepSpec, value: &Value) -> Result<()> {
-    if !value.is_mapping() {
-        return Err(sweep.doc.error_keys(&["analysis"], "expected a mapping (see analysis/ for the keys)"));
-    }
-    Ok(())
+/// Checks the `analysis:` section of the sweep file `doc` (when the file is loaded); errors
+/// are located in the sweep file.
+pub fn check_value(doc: &crate::config::YamlDoc, value: &Value) -> Result<()> {
+    crate::fit::analysis::check_analysis(doc, "analysis", value)
 }
 
-/// Runs the analysis on `results_csv`, writing into `out_dir`. Returns whether anything ran.
-pub fn run(_sweep: &SweepSpec, _value: &Value, _results_csv: &Path, _out_dir: &Path) -> Result<bool> {
-    Ok(false)
+/// Runs the analysis on `results_csv`, writing into `out_dir`.
+pub fn run(sweep: &SweepSpec, value: &Value, results_csv: &Path, out_dir: &Path) -> Result<()> {
+    crate::fit::analysis::run_analysis(&sweep.doc, "analysis", value, results_csv, out_dir)
 }

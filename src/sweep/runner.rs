@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Write results.csv (and run the analysis) when everything is done.
     pub finalize: bool,
+    /// Run the sweep's `analysis:` section after results.csv.
+    pub analysis: bool,
     /// The `mixscale` binary for trials (default: this executable).
     pub exe: Option<PathBuf>,
 }
@@ -43,6 +45,8 @@ pub struct RunReport {
     /// Slots done (any outcome).
     pub done: usize,
     pub results_csv: Option<PathBuf>,
+    /// The analysis folder, or why the analysis failed (its report is still written).
+    pub analysis: Option<std::result::Result<PathBuf, String>>,
 }
 
 /// `runs/<sweep>` and its journal path.
@@ -66,9 +70,6 @@ pub fn count_done(journal: &Journal, study_id: u64, plan: &Plan, sweep: &SweepSp
 /// Runs (or continues) a sweep.
 pub fn run(sweep: &SweepSpec, opts: &RunOptions) -> Result<RunReport> {
     let plan = Plan::build(sweep)?;
-    if let Some(a) = &sweep.analysis {
-        super::analysis_hook::check(sweep, a)?;
-    }
     let root = sweep_dir(&opts.runs_dir, sweep);
     std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
     // Provenance: the sweep file as run (the journal's study attrs name it too).
@@ -113,13 +114,14 @@ pub fn run(sweep: &SweepSpec, opts: &RunOptions) -> Result<RunReport> {
     }
     let ran = run_slots(&ctx, &devices, per_device, opts.max_trials)?;
     let done = count_done(&ctx.journal, study_id, &plan, sweep, &opts.runs_dir)?;
-    let mut results_csv = None;
+    let (mut results_csv, mut analysis) = (None, None);
     if opts.finalize && done == total {
         let p = super::results::write(&ctx.journal, study_id, &plan, sweep.max_retries, &root)?;
-        if let Some(a) = &sweep.analysis {
-            super::analysis_hook::run(sweep, a, &p, &root.join("analysis"))?;
+        if let (Some(a), true) = (&sweep.analysis, opts.analysis) {
+            let out = root.join("analysis");
+            analysis = Some(super::analysis_hook::run(sweep, a, &p, &out).map(|_| out).map_err(|e| e.to_string()));
         }
         results_csv = Some(p);
     }
-    Ok(RunReport { ran, total, done, results_csv })
+    Ok(RunReport { ran, total, done, results_csv, analysis })
 }

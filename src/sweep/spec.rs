@@ -351,6 +351,9 @@ impl SweepSpec {
                 return Err(doc.error_keys(&["devices", &format!("[{i}]")], format!("`{d}`: expected cpu, cuda or cuda:N")));
             }
         }
+        if let Some(a) = &raw.analysis {
+            super::analysis_hook::check_value(&doc, a)?;
+        }
         if raw.trials_per_device == 0 {
             return Err(doc.error_keys(&["trials_per_device"], "must be at least 1"));
         }

@@ -116,9 +116,9 @@ pub fn reduced_grid() -> Vec<Vec<f64>> {
 /// The log-space model on these points.
 pub fn model(points: &Points, delta: f64) -> LseModel {
     let terms = vec![
-        Term { intercept: 0, slope: Some((3, 0)) },
-        Term { intercept: 1, slope: Some((4, 1)) },
-        Term { intercept: 2, slope: None },
+        Term::new(0, Some((3, 0))),
+        Term::new(1, Some((4, 1))),
+        Term::new(2, None),
     ];
     let ln = |c: &str| points.col(c).iter().map(|v| v.ln()).collect::<Vec<f64>>();
     LseModel::new(terms, vec![ln("N"), ln("D")], ln("loss"), delta)

@@ -1,6 +1,10 @@
 //! The laws and their shared multi-start machinery for log-space Huber (LSE) fits.
 
+pub mod annealing;
 pub mod chinchilla;
+pub mod deepseek;
+pub mod isoflop;
+pub mod moe_sparsity;
 pub mod power;
 pub mod steplaw;
 
@@ -106,4 +110,33 @@ impl MultiStart {
             extra,
         }
     }
+}
+
+/// By-run bootstrap of an LSE law: each resample of `points` is refitted with one L-BFGS run
+/// from `start` (paper parameters; the full-data estimate) and summarised through `stats`.
+/// Returns the summary and the number of refits that did not report convergence (kept, as
+/// Besiroglu et al. 2024 do).
+pub fn bootstrap_refit(
+    points: &super::Points,
+    start: &[f64],
+    names: &[String],
+    opts: &super::FitOptions,
+    model: impl Fn(&super::Points) -> LseModel + Sync,
+    stats: impl Fn(&[f64]) -> Vec<f64> + Sync,
+) -> (super::bootstrap::BootstrapSummary, usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let not_conv = AtomicUsize::new(0);
+    let lb = opts.lbfgs();
+    let s = super::bootstrap::bootstrap(&points.run_groups(), names, &opts.bootstrap, |idx| {
+        let m = model(&points.select(idx));
+        let r = minimize(|q, g| m.scaled_objective(q, g), &m.to_internal(start), &lb);
+        if !r.f.is_finite() {
+            return None;
+        }
+        if !r.converged {
+            not_conv.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(stats(&m.to_paper(&r.x)))
+    });
+    (s, not_conv.into_inner())
 }

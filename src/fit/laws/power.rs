@@ -47,7 +47,7 @@ pub fn default_grid() -> Vec<Vec<f64>> {
 /// The log-space model of `y` against `x` on these points.
 pub fn model(points: &Points, x: &str, y: &str, delta: f64) -> LseModel {
     let ln = |c: &str| points.col(c).iter().map(|v| v.ln()).collect::<Vec<f64>>();
-    LseModel::new(vec![Term { intercept: 0, slope: Some((2, 0)) }, Term { intercept: 1, slope: None }], vec![ln(x)], ln(y), delta)
+    LseModel::new(vec![Term::new(0, Some((2, 0))), Term::new(1, None)], vec![ln(x)], ln(y), delta)
 }
 
 /// Fits y = E + A·x^(−α) with `opts.x`/`opts.y` as columns.

@@ -144,7 +144,7 @@ fn distinct(v: impl Iterator<Item = f64>) -> usize {
 }
 
 /// Quadratic-surface optimum in (ln lr, ln bs) over the cell's near-best runs.
-fn interpolate(rows: &[usize], lr: &[f64], bs: &[f64], loss: &[f64]) -> Option<(f64, f64, f64, &'static str)> {
+pub(crate) fn interpolate(rows: &[usize], lr: &[f64], bs: &[f64], loss: &[f64]) -> Option<(f64, f64, f64, &'static str)> {
     let min = rows.iter().map(|&i| loss[i]).fold(f64::INFINITY, f64::min);
     let mut sel: Vec<usize> = rows.iter().copied().filter(|&i| loss[i] <= min * 1.01).collect();
     let enough = |s: &[usize]| s.len() >= 10 && distinct(s.iter().map(|&i| lr[i])) >= 3 && distinct(s.iter().map(|&i| bs[i])) >= 3;
@@ -235,7 +235,7 @@ pub fn fit(mut points: Points, opts: &FitOptions) -> Result<FitResult, FitError>
         let mean_law = StepLaw::from_slice(&COEF_NAMES.iter().map(|k| s.mean[*k]).collect::<Vec<_>>());
         boot_json = json!({
             "resamples": s.resamples, "failed": s.failed, "seed": s.seed, "level": s.level, "unit": "near-optimal runs",
-            "mean": s.mean, "sd": s.sd, "ci": s.ci,
+            "mean": s.mean, "sd": s.sd, "ci": s.ci, "samples": super::isoflop::sample_rows(&s.samples, 5),
             "mean_law": {"lr_c": mean_law.lr_intercept.exp(), "lr_alpha": mean_law.lr_coef_n, "lr_beta": mean_law.lr_coef_d,
                           "bs_c": mean_law.bs_intercept.exp(), "bs_gamma": mean_law.bs_coef_d},
         });
