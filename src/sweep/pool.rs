@@ -68,17 +68,18 @@ impl Events {
         }
     }
 
-    pub fn finished(&self, slot: usize, key: &str, status: &str, value: Option<f64>) {
+    pub fn finished(&self, slot: usize, key: &str, status: &str, value: Option<f64>, last: bool) {
         if let Some(b) = self.bars.lock().unwrap_or_else(|p| p.into_inner())[slot].take() {
             b.finish_and_clear();
             self.multi.remove(&b);
         }
-        let n = self.done.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = if last { self.done.fetch_add(1, Ordering::SeqCst) + 1 } else { self.done.load(Ordering::SeqCst) };
         self.overall.set_position(n as u64);
         self.line(format!(
-            "sweep: [{n}/{}] {key} {status}{}",
+            "sweep: [{n}/{}] {key} {status}{}{}",
             self.total,
-            value.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default()
+            value.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default(),
+            if last { "" } else { " (will retry)" }
         ));
     }
 
@@ -121,7 +122,7 @@ pub fn run_slots(ctx: &Ctx, devices: &[String], per_device: usize, max_trials: O
                     Claim::Trial(c) => {
                         ran.fetch_add(1, Ordering::SeqCst);
                         let e = ctx.run_trial(&c, dev, i)?;
-                        ctx.events.finished(i, &c.trial.key, e.status, e.value);
+                        ctx.events.finished(i, &c.trial.key, e.status, e.value, e.last);
                         Ok(true)
                     }
                 });

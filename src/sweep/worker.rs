@@ -50,6 +50,8 @@ pub struct Ctx<'a> {
 /// A claimed trial.
 pub struct Claimed {
     pub trial_id: u64,
+    /// Earlier trials of the same slot (retries).
+    pub attempt: usize,
     pub trial: Trial,
     pub run_dir: PathBuf,
 }
@@ -67,6 +69,8 @@ pub enum Claim {
 pub struct Ended {
     pub status: &'static str,
     pub value: Option<f64>,
+    /// The slot is done (not a failure that will be retried).
+    pub last: bool,
 }
 
 pub fn now_unix() -> f64 {
@@ -121,7 +125,7 @@ impl<'a> Ctx<'a> {
                 let mut ops: Vec<Op> = stale.iter().flat_map(|&id| study::stale_ops(id)).collect();
                 ops.push(study::claim_op(self.study_id, &trial, &run_dir, attempt, search.as_deref(), &who)?);
                 let trial_id = r.next_trial_id();
-                return Ok((ops, Claim::Trial(Box::new(Claimed { trial_id, trial, run_dir }))));
+                return Ok((ops, Claim::Trial(Box::new(Claimed { trial_id, attempt, trial, run_dir }))));
             }
             Ok((Vec::new(), if waiting { Claim::Wait } else { Claim::AllDone }))
         })
@@ -283,7 +287,8 @@ impl<'a> Ctx<'a> {
         ops.push(Op::set_state(id, state, values));
         self.journal.append(ops)?;
         let _ = std::fs::remove_file(&hb);
-        Ok(Ended { status: status_name, value })
+        let last = status_name != study::FAILED || c.attempt >= self.sweep.max_retries;
+        Ok(Ended { status: status_name, value, last })
     }
 
     fn should_prune(&self, c: &Claimed, curve: &[(usize, f64)]) -> Result<bool> {
