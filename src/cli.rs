@@ -100,6 +100,11 @@ enum Cmd {
         #[arg(long)]
         no_plots: bool,
     },
+    /// Sweeps: plan, run, worker, status, slurm (see README "Sweeps").
+    Sweep {
+        #[command(subcommand)]
+        cmd: crate::cli_sweep::SweepCmd,
+    },
     /// Training throughput of an architecture (and PyTorch eager, when bench/.venv has torch).
     Bench {
         config: PathBuf,
@@ -182,6 +187,7 @@ pub fn run() -> Result<i32> {
                 }
             }
         }
+        Cmd::Sweep { cmd } => crate::cli_sweep::run(cmd),
         Cmd::Check { config, sets } => {
             let spec = load_run(&config, &sets)?;
             print!("{}", serde_yaml_ng::to_string(&spec)?);

@@ -3,7 +3,7 @@
 //! Data flow, one folder per stage:
 //! `config` (YAML → specs) → `blocks` (token mixers, registry) → `model` (language model,
 //! parameters, accounting) → `train` (loop, optimizer, schedule, checkpoints, records) → `sweep`
-//! (study record: an Optuna journal) → `fit` (scaling laws) → `plot` (figures and the report).
+//! (sweep runner, study record: an Optuna journal) → `fit` (scaling laws) → `plot` (plots, report).
 //! `data` provides token streams; `ops` the core ops with exact autograd.
 
 pub mod blocks;

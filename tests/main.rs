@@ -42,6 +42,8 @@ mod data_prepare;
 mod journal;
 /// TensorBoard event files beside metrics.csv: framing, CRCs, resume, EventAccumulator.
 mod tensorboard;
+/// Sweeps: expansion, identity, plan, runs with real kills, concurrent workers, retries.
+mod sweep;
 /// IsoFLOP, DeepSeek, MoE-sparsity and annealing laws on synthetic data; degenerate input.
 mod fit_laws;
 /// Plots (SVG/PNG), report and the sweep analysis hook.

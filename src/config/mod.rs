@@ -30,7 +30,8 @@ pub struct YamlDoc {
     pub file: PathBuf,
     text: String,
     pub value: Value,
-    /// Key paths set from the command line, with the original `k=v` text.
+    /// Key paths set from outside the file (command line, sweep), with where they came from
+    /// (e.g. `--set model.d_model=256`).
     overrides: Vec<(String, String)>,
 }
 
@@ -72,8 +73,39 @@ impl YamlDoc {
             .map_err(|e| Error::Input(format!("--set {assignment}: value is not valid YAML: {e}")))?;
         set_path(&mut self.value, &split_path(key), new)
             .map_err(|m| Error::Input(format!("--set {assignment}: {m}")))?;
-        self.overrides.push((key.to_string(), assignment.to_string()));
+        self.overrides.push((key.to_string(), format!("--set {assignment}")));
         Ok(())
+    }
+
+    /// Sets `key` (dotted path) to `value`; `origin` says where the value came from in error
+    /// messages (e.g. `sweeps/x.yaml:12 grid.model.d_model`).
+    pub fn set_value(&mut self, key: &str, value: Value, origin: &str) -> Result<()> {
+        set_path(&mut self.value, &split_path(key), value).map_err(|m| Error::Input(format!("{origin}: {key}: {m}")))?;
+        self.overrides.push((key.to_string(), origin.to_string()));
+        Ok(())
+    }
+
+    /// The file's text as read.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// A located error for a path of literal mapping keys, which may themselves contain dots
+    /// (sweep files use dotted keys such as `grid: {model.d_model: [..]}`); `[i]` items are list
+    /// indices. The message shows the keys joined with dots.
+    pub fn error_keys(&self, keys: &[&str], message: impl Into<String>) -> Error {
+        let segs: Vec<Seg> = keys
+            .iter()
+            .map(|k| match k.strip_prefix('[').and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse().ok()) {
+                Some(i) => Seg::Index(i),
+                None => Seg::Key(k.to_string()),
+            })
+            .collect();
+        let mut path = String::new();
+        for k in keys {
+            path = join_path(&path, k);
+        }
+        Error::Config { file: self.file.clone(), line: locate_segs(&self.text, segs), key_path: path, message: message.into() }
     }
 
     /// Deserializes the whole document.
@@ -100,7 +132,7 @@ impl YamlDoc {
             .find(|(k, _)| key_path == k || key_path.starts_with(&format!("{k}.")) || key_path.starts_with(&format!("{k}[")));
         let line = match overridden {
             Some((_, arg)) => {
-                message.push_str(&format!(" (set by --set {arg})"));
+                message.push_str(&format!(" (set by {arg})"));
                 None
             }
             None => locate_line(&self.text, key_path),
@@ -188,6 +220,10 @@ fn set_path(root: &mut Value, path: &[Seg], new: Value) -> std::result::Result<(
 /// Finds the 1-based line of `key_path` in block-style YAML `text` by following indentation.
 /// Returns the deepest line found (the parent's line when the leaf is in flow style).
 pub fn locate_line(text: &str, key_path: &str) -> Option<usize> {
+    locate_segs(text, split_path(key_path))
+}
+
+fn locate_segs(text: &str, segs: Vec<Seg>) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let indent = |l: &str| l.len() - l.trim_start().len();
     let significant = |l: &str| {
@@ -197,7 +233,7 @@ pub fn locate_line(text: &str, key_path: &str) -> Option<usize> {
     // Scope: lines (start, end) exclusive, whose content is deeper than `parent_indent`.
     let (mut start, mut end, mut parent_indent): (usize, usize, isize) = (0, lines.len(), -1);
     let mut found = None;
-    for seg in split_path(key_path) {
+    for seg in segs {
         let mut hit = None;
         match &seg {
             Seg::Key(k) => {
