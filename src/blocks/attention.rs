@@ -66,19 +66,26 @@ impl AttentionConfig {
     }
 }
 
+/// The head-layout checks every attention-family block shares: `num_heads ≥ 1`, `d_model`
+/// divisible by it when `head_dim` is derived, `num_kv_heads` dividing `num_heads`.
+pub fn check_heads(num_heads: usize, num_kv_heads: usize, head_dim: Option<usize>, d_model: usize) -> std::result::Result<(), (String, String)> {
+    let err = |k: &str, m: String| Err((k.to_string(), m));
+    if num_heads == 0 {
+        return err("num_heads", "must be at least 1".into());
+    }
+    if head_dim.is_none() && d_model % num_heads != 0 {
+        return err("num_heads", format!("d_model {d_model} is not divisible by num_heads {num_heads}"));
+    }
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return err("num_kv_heads", format!("must divide num_heads {num_heads}; got {num_kv_heads}"));
+    }
+    Ok(())
+}
+
 impl BlockConfig for AttentionConfig {
     fn check(&self, d_model: usize) -> std::result::Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
-        if self.num_heads == 0 {
-            return err("num_heads", "must be at least 1".into());
-        }
-        if self.head_dim.is_none() && d_model % self.num_heads != 0 {
-            return err("num_heads", format!("d_model {d_model} is not divisible by num_heads {}", self.num_heads));
-        }
-        let kv = self.kv_heads();
-        if kv == 0 || self.num_heads % kv != 0 {
-            return err("num_kv_heads", format!("must divide num_heads {}; got {kv}", self.num_heads));
-        }
+        check_heads(self.num_heads, self.kv_heads(), self.head_dim, d_model)?;
         let hd = self.head_dim(d_model);
         if hd == 0 || hd % 2 != 0 {
             return err("head_dim", format!("must be even (RoPE rotates pairs); got {hd}"));

@@ -106,16 +106,7 @@ impl FoxConfig {
 impl BlockConfig for FoxConfig {
     fn check(&self, d_model: usize) -> std::result::Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
-        if self.num_heads == 0 {
-            return err("num_heads", "must be at least 1".into());
-        }
-        if self.head_dim.is_none() && d_model % self.num_heads != 0 {
-            return err("num_heads", format!("d_model {d_model} is not divisible by num_heads {}", self.num_heads));
-        }
-        let kv = self.kv_heads();
-        if kv == 0 || self.num_heads % kv != 0 {
-            return err("num_kv_heads", format!("must divide num_heads {}; got {kv}", self.num_heads));
-        }
+        super::attention::check_heads(self.num_heads, self.kv_heads(), self.head_dim, d_model)?;
         let hd = self.head_dim(d_model);
         if hd == 0 || (self.use_rope && hd % 2 != 0) {
             return err("head_dim", format!("must be >= 1 (and even with use_rope); got {hd}"));
