@@ -255,3 +255,42 @@ fn steplaw_heatmap_and_hparams_on_released_runs() {
     assert!(svg.contains("non-embedding parameters N") && svg.contains("training tokens D") && svg.contains("bootstrap band"));
     assert!(dir.join("fit.json").is_file() && dir.join("report.html").is_file());
 }
+
+/// `best_per: [N]` keeps the best row (lowest loss over lr × batch) of every size after `where`,
+/// records the removals, and the `arch` plot still shows every architecture of the input.
+#[test]
+fn best_per_selects_the_frontier_and_arch_plot_sees_all_rows() {
+    let dir = scratch("bestper");
+    let results = write_results(&dir);
+    let spec = "analysis:
+  fits:
+    - law: power
+      name: frontier_attention
+      where: {arch: attention}
+      best_per: [N]
+      options: {x: C, y: loss}
+      plots: [frontier, arch]
+";
+    let doc = YamlDoc::from_text(&dir.join("bp.yaml"), spec.into()).unwrap();
+    let value = doc.value.get("analysis").unwrap().clone();
+    let out = dir.join("analysis");
+    run_analysis(&doc, "analysis", &value, &results, &out).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("frontier_attention/fit.json")).unwrap()).unwrap();
+    // Completed attention rows: 3 budgets × 5 sizes, minus the diverged cell (1 size) and the
+    // failed trial's size keeps its other rows: one point per distinct N.
+    let table = mixscale::fit::csv::Table::read(&results).unwrap();
+    let (jn, ja, js) = (table.column("N").unwrap(), table.column("arch").unwrap(), table.column("status").unwrap());
+    let mut sizes: Vec<&str> = table.records.iter().filter(|(_, f)| f[ja] == "attention" && f[js] == "completed").map(|(_, f)| f[jn].as_str()).collect();
+    sizes.sort();
+    sizes.dedup();
+    assert_eq!(j["n_points"].as_u64().unwrap() as usize, sizes.len(), "{j}");
+    let ex: Vec<&str> = j["exclusions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(ex.iter().any(|e| e.contains("not the lowest `loss` of their (N) group (`best_per`)")), "{ex:?}");
+    let svg = std::fs::read_to_string(out.join("frontier_attention/arch.svg")).unwrap();
+    assert!(svg.contains("attention") && svg.contains("mamba2"), "arch plot should list both architectures (legend)");
+    // An unknown key next to best_per is a located error listing the known ones.
+    let bad = "analysis:\n  fits:\n    - law: power\n      best_pre: [N]\n";
+    let doc = YamlDoc::from_text(&dir.join("bad.yaml"), bad.into()).unwrap();
+    let e = check_analysis(&doc, "analysis", doc.value.get("analysis").unwrap()).unwrap_err().to_string();
+    assert!(e.contains("bad.yaml:4") && e.contains("best_pre") && e.contains("best_per"), "{e}");
+}

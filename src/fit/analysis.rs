@@ -8,6 +8,7 @@
 //!     - law: chinchilla                # one of fit::KNOWN_LAWS
 //!       name: compute_optimal          # optional: output subfolder (default: the law)
 //!       where: {arch: attention}       # optional: keep rows whose column equals the value
+//!       best_per: [N]                  # optional: then only the lowest-loss row per N (best lr)
 //!       options: {drop_highest: 0, bootstrap: {resamples: 200}}   # fit::FitOptions keys
 //!       plots: [frontier, residuals]   # optional: default = the law's standard plots
 //!       predict_at: [1.0e21]           # optional: compute budgets (FLOPs) for predictions
@@ -21,6 +22,7 @@
 //! without stopping the others.
 
 use super::csv::Table;
+use super::select;
 use super::input::{completed_rows, Input};
 use super::{fit_table, write_json_atomic, FitOptions, FitResult, KNOWN_LAWS};
 use crate::config::{join_path, YamlDoc};
@@ -54,6 +56,10 @@ pub struct FitSpec {
     /// Row filters: keep rows whose column equals the value (numbers compare numerically).
     #[serde(default, rename = "where")]
     pub filter: BTreeMap<String, Value>,
+    /// After `where`: keep only the lowest-loss row (the law's `y` for `power`) of each group
+    /// of rows sharing these columns, e.g. `[N]` = the best learning rate per model size.
+    #[serde(default)]
+    pub best_per: Vec<String>,
     /// Fit options (keys of [`FitOptions`]).
     #[serde(default)]
     pub options: FitOptions,
@@ -195,13 +201,20 @@ pub fn run_spec(spec: &AnalysisSpec, input: &Input, out_dir: &Path, flat: bool) 
             None => input.table.clone(),
         };
         let (table, mut ex) = filter_rows(&base, &f.filter);
+        let (table, mut ex_best) = if f.best_per.is_empty() {
+            (table, vec![])
+        } else {
+            let y = if f.law == "power" { opts.y.as_str() } else { "loss" };
+            select::best_per(&table, &f.best_per, opts.columns.header_for(y))
+        };
+        ex.append(&mut ex_best);
         ex.splice(0..0, input.exclusions.iter().cloned());
         let mut outcome = FitOutcome { name, spec: f.clone(), dir: dir.clone(), result: Err(String::new()), figures: vec![], plot_errors: vec![], residual_summary: None };
         match fit_table(&table, &ex, &f.law, &opts) {
             Ok((points, result)) => {
                 write_json_atomic(&dir.join("fit.json"), &result).map_err(|e| Error::Other(e.to_string()))?;
-                let kinds = f.plots.clone().unwrap_or_else(|| plot::default_plots(&f.law, &table, &input.run_dirs));
-                let ctx = plot::PlotContext { law: &f.law, points: &points, result: &result, table: &table, run_dirs: &input.run_dirs, options: &opts };
+                let kinds = f.plots.clone().unwrap_or_else(|| plot::default_plots(&f.law, &base, &input.run_dirs));
+                let ctx = plot::PlotContext { law: &f.law, points: &points, result: &result, table: &table, all_rows: &base, run_dirs: &input.run_dirs, options: &opts };
                 outcome.residual_summary = plot::residuals::summary(&ctx);
                 for k in &kinds {
                     match plot::draw(k, &ctx, &dir) {

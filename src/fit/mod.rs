@@ -31,6 +31,7 @@ pub mod laws;
 pub mod lbfgs;
 pub mod ols;
 pub mod points;
+pub mod select;
 
 pub use bootstrap::BootstrapOptions;
 pub use error::FitError;

@@ -54,7 +54,7 @@ impl ColumnMap {
     pub fn steplaw() -> Self {
         ColumnMap::default().with("loss", "smooth loss").with("batch_tokens", "bs").scaled("batch_tokens", 2048.0)
     }
-    fn header_for<'a>(&'a self, name: &'a str) -> &'a str {
+    pub fn header_for<'a>(&'a self, name: &'a str) -> &'a str {
         self.alias.get(name).map(String::as_str).unwrap_or(name)
     }
 }

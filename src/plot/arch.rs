@@ -1,5 +1,6 @@
 //! Loss vs compute per architecture (ablations): one colour per value of the `arch` column,
-//! with each architecture's lower envelope (best loss at or below each compute).
+//! with each architecture's lower envelope (best loss at or below each compute). Drawn from every
+//! row of the input (`PlotContext::all_rows`), not only the rows one fit selected.
 
 use super::chart::{self, Series, Style, XySpec};
 use super::common::{color, log_range, not_applicable};
@@ -22,7 +23,7 @@ pub fn architectures(table: &Table) -> Vec<String> {
 }
 
 pub fn plot(ctx: &PlotContext, dir: &Path) -> Result<Vec<Figure>, PlotError> {
-    let t = ctx.table;
+    let t = ctx.all_rows;
     let archs = architectures(t);
     let ja = t.column("arch").ok_or_else(|| not_applicable("arch", "the input has no `arch` column"))?;
     let num = |name: &str| t.numeric_column(name).ok().flatten();

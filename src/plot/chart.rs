@@ -100,12 +100,50 @@ where
     // Log axes over less than a decade get few or no "nice" ticks: draw those linearly.
     let xl = spec.x_log && spec.x.1 / spec.x.0 >= 10.0;
     let yl = spec.y_log && spec.y.1 / spec.y.0 >= 10.0;
+    // Log axes get labels at 1-2-5 (or 1-3, or decades) × 10^k, so a span of one or two decades
+    // is labelled more than once (plotters' own log key points are decades only).
+    let xlog = || (spec.x.0..spec.x.1).log_scale().with_key_points(log_ticks(spec.x.0, spec.x.1));
+    let ylog = || (spec.y.0..spec.y.1).log_scale().with_key_points(log_ticks(spec.y.0, spec.y.1));
     match (xl, yl) {
         (false, false) => inner(area, spec, spec.x.0..spec.x.1, spec.y.0..spec.y.1),
-        (true, false) => inner(area, spec, (spec.x.0..spec.x.1).log_scale(), spec.y.0..spec.y.1),
-        (false, true) => inner(area, spec, spec.x.0..spec.x.1, (spec.y.0..spec.y.1).log_scale()),
-        (true, true) => inner(area, spec, (spec.x.0..spec.x.1).log_scale(), (spec.y.0..spec.y.1).log_scale()),
+        (true, false) => inner(area, spec, xlog(), spec.y.0..spec.y.1),
+        (false, true) => inner(area, spec, spec.x.0..spec.x.1, ylog()),
+        (true, true) => inner(area, spec, xlog(), ylog()),
     }
+}
+
+/// Tick positions for a log axis over `[lo, hi]` (`0 < lo < hi`): m·10^k inside the range with
+/// m ∈ {1, 2, 5} up to 3 decades, {1, 3} up to 6, decades beyond (every other decade past 12),
+/// so an axis carries roughly 4–12 labels.
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi > lo && hi.is_finite()) {
+        return vec![];
+    }
+    let decades = (hi / lo).log10();
+    let (mults, step): (&[f64], i32) = if decades <= 3.0 {
+        (&[1.0, 2.0, 5.0], 1)
+    } else if decades <= 6.0 {
+        (&[1.0, 3.0], 1)
+    } else if decades <= 12.0 {
+        (&[1.0], 1)
+    } else {
+        (&[1.0], 2)
+    };
+    let (k0, k1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    let mut v = Vec::new();
+    for k in k0..=k1 {
+        if step > 1 && k.rem_euclid(step) != 0 {
+            continue;
+        }
+        for m in mults {
+            let t = m * 10f64.powi(k);
+            // Tolerate round-off at the ends (ranges often start exactly at a tick).
+            if t >= lo * (1.0 - 1e-9) && t <= hi * (1.0 + 1e-9) {
+                v.push(t);
+            }
+        }
+    }
+    v
 }
 
 fn inner<DB, XR, YR>(area: &DrawingArea<DB, Shift>, spec: &XySpec, xr: XR, yr: YR) -> PlotDraw
@@ -179,4 +217,24 @@ where
             .draw()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_ticks;
+
+    #[test]
+    fn log_ticks_label_short_and_long_ranges() {
+        // 1.5 decades (the quickstart's compute axis): 1-2-5 ticks, more than one label.
+        let t = log_ticks(3.0e10, 9.0e11);
+        assert_eq!(t, vec![5.0e10, 1.0e11, 2.0e11, 5.0e11]);
+        // 5 decades: 1-3 ticks, first and last inside the range.
+        let t = log_ticks(1.0e17, 1.0e22);
+        assert_eq!(t.len(), 11);
+        assert_eq!((t[0], t[t.len() - 1]), (1.0e17, 1.0e22));
+        // 20 decades: every other decade, still a handful.
+        let t = log_ticks(1.0, 1.0e20);
+        assert_eq!(t.len(), 11);
+        assert!(log_ticks(2.0, 1.0).is_empty() && log_ticks(0.0, 1.0).is_empty());
+    }
 }

@@ -50,8 +50,11 @@ pub struct PlotContext<'a> {
     /// Points as read for the fit (before the law's own exclusions).
     pub points: &'a Points,
     pub result: &'a FitResult,
-    /// The input table (string columns such as `arch`).
+    /// The rows the fit used (after `where` and `best_per`; string columns such as `arch`).
     pub table: &'a Table,
+    /// Every row of the input, before the fit's selection: the `arch` plot compares all
+    /// architectures whatever rows one fit keeps.
+    pub all_rows: &'a Table,
     /// Run folders with a `metrics.csv`.
     pub run_dirs: &'a [PathBuf],
     pub options: &'a FitOptions,
