@@ -166,6 +166,24 @@ fn gpu_every_block_matches_cpu() {
         for ((name, a), (_, b)) in gc.iter().zip(&gg) {
             assert_close(&format!("{kind}: grad {name} cuda f32"), a, b, 1e-4);
         }
+        // bf16: the gradient-comparison variant (MoBA selects every block: crate::precision::grad_sets).
+        let spec = crate::util::spec_from(crate::util::TINY, &crate::precision::grad_sets(kind, sets)).unwrap();
+        let run = |d: &Device, p: Precision| {
+            let m = LanguageModel::new_mixed(&spec.model, spec.train.seq_len, 1, DType::F32, p.compute_dtype(DType::F32), d).unwrap();
+            let b = data.train_batch(0, 2, d).unwrap();
+            let mut grads = BTreeMap::new();
+            objective::begin_step(&m);
+            let out = objective::micro_grads(&m, &b, 1.0, &mut grads).unwrap();
+            let grads: Vec<(String, Tensor)> = m
+                .params
+                .params
+                .iter()
+                .filter(|(_, p)| p.kind != ParamKind::Buffer)
+                .map(|(k, _)| (k.clone(), grads.get(k).unwrap_or_else(|| panic!("{kind}: {k}: no gradient on {d:?}")).to_device(&Device::Cpu).unwrap()))
+                .collect();
+            (out.main, grads)
+        };
+        let (lc, gc) = run(&Device::Cpu, Precision::F32);
         let (lb, gb) = run(&g, Precision::Bf16);
         assert!((lc - lb).abs() <= 16.0 * u * lc.abs(), "{kind}: loss cpu f32 {lc} vs cuda bf16 {lb}");
         for ((name, a), (_, b)) in gc.iter().zip(&gb) {

@@ -10,10 +10,14 @@
 //!   A lower bound (> u/16) checks that bf16 is really used.
 //! - gradients: each parameter's bf16 gradient within 0.15 relative L2 of the f32 one. The
 //!   backward multiplies rounded activations by rounded incoming gradients through the whole
-//!   depth, and small gradients (gates, norm gains) are sums of many such products with
-//!   cancellation; 0.15 is measured headroom over the worst case seen (~0.04) and far below the
-//!   O(1) error of a missing or mis-scaled term.
-//! - losses over 6 AdamW steps: within 2% of the f32 run's loss at every step (loss ≈ ln 64 ≈
+//!   depth, and small gradients (gates, decay parameters, norm gains) are sums over all positions
+//!   with cancellation, which amplifies relative error; measured worst cases are 0.02-0.05
+//!   (Mamba-2's D, GDN's A_log, RWKV-7's norm gain; the test prints each kind's worst next to
+//!   the error of f32 compute with bf16-rounded weights), so 0.15 is ~3x headroom while a
+//!   missing or mis-scaled term (error O(1)) fails. Before the attention cores computed P·V in
+//!   f32, FoX Pro's forget-gate bias failed this bound (0.22): rounding dP = dO·Vᵀ to bf16
+//!   ahead of the softmax backward's cancellation (see src/ops/attn.rs).
+//! - losses over 6 AdamW steps: within 2% of the f32 run's loss at every step (measured: < 0.05%) (loss ≈ ln 64 ≈
 //!   4.2: 2% ≈ 0.08 nats ≈ 40u relative). Forward error alone is a few u; after the first update
 //!   the two runs' weights differ by O(lr·u)-relative amounts that Adam's normalised steps do not
 //!   amplify in 6 steps. Both runs must also lower the loss.
@@ -46,6 +50,18 @@ pub const KINDS: &[(&str, &[&str])] = &[
     ("mtp_gloeckle", &["model.mtp={kind: gloeckle, n: 2}"]),
     ("mtp_deepseek", &["model.mtp={kind: deepseek, depth: 1}"]),
 ];
+
+/// The overrides of `kind` for gradient comparisons. MoBA's top-k block selection is
+/// discontinuous: a near-tie of gating scores q·mean(k_block) flips under bf16 rounding of q, and
+/// a query then attends to other keys (an O(1) change of its gradient, not a precision error).
+/// Gradient comparisons therefore select every block (top_k = T / block_size: the selection code
+/// still runs); the forward and training comparisons keep the sparse selection.
+pub fn grad_sets(kind: &str, sets: &'static [&'static str]) -> Vec<&'static str> {
+    match kind {
+        "moba" => vec!["model.layer_pattern=[moba]", "model.blocks={moba: {num_heads: 2, block_size: 4, top_k: 4}}"],
+        _ => sets.to_vec(),
+    }
+}
 
 fn spec(sets: &[&str]) -> RunSpec {
     crate::util::spec_from(crate::util::TINY, sets).unwrap()
@@ -124,7 +140,7 @@ fn bf16_forward_matches_f32_within_rounding_every_block() {
 fn bf16_gradients_reach_f32_masters_every_block() {
     let mut failures = Vec::new();
     for (kind, sets) in KINDS {
-        let s = spec(sets);
+        let s = spec(&grad_sets(kind, sets));
         let (f, h) = (model(&s, Precision::F32), model(&s, Precision::Bf16));
         perturb(&f);
         perturb(&h);
