@@ -26,7 +26,10 @@
 #      and prints where the binary is and which CUDA libraries it needs.
 #
 # Usage:   scripts/build-cuda.sh [extra cargo args]
-#          CARGO_SUBCOMMAND=test scripts/build-cuda.sh --no-run --test main   (the test binary, for gpu-check.sh)
+#          scripts/build-cuda.sh --tests   both binaries scripts/gpu-check.sh needs: the mixscale binary
+#                                          and the integration-test binary (`cargo test --release
+#                                          --features cuda --no-run --test main`, which also builds
+#                                          the mixscale binary); prints both paths
 # Env:     CUDA_VENV, CARGO_TARGET_DIR, CUDA_COMPUTE_CAP, CUDARC_CUDA_VERSION, PYTHON (venv creator),
 #          NICE_LEVEL (default 19; the dev machines are shared), CUDA_SKIP_BUILD=1 (only set up the toolchain).
 # Cost:    ~1.2 GB venv; a cold build is ~20+ minutes on 2 cores, mostly nvcc compiling candle-kernels.
@@ -117,7 +120,18 @@ fi
 log "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDARC_CUDA_VERSION=$CUDARC_CUDA_VERSION CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 log "RUSTFLAGS=$RUSTFLAGS"
 start=$(date +%s)
-"${NICE[@]}" cargo "${CARGO_SUBCOMMAND:-build}" --release --features cuda "$@"
+TESTBIN=""
+if [[ ${1:-} == --tests ]]; then
+  shift
+  # The test build's stderr names the test executable: "Executable tests/main.rs (…/deps/main-HASH)".
+  mkdir -p "$CARGO_TARGET_DIR"
+  "${NICE[@]}" cargo test --release --features cuda --no-run --test main "$@" 2>&1 | tee "$CARGO_TARGET_DIR/.build-cuda-tests.log" >&2
+  TESTBIN=$(sed -nE 's/.*Executable tests\/main\.rs \((.*)\)$/\1/p' "$CARGO_TARGET_DIR/.build-cuda-tests.log" | tail -1)
+  [[ -n $TESTBIN && $TESTBIN != /* ]] && TESTBIN=$ROOT/$TESTBIN
+  [[ -x $TESTBIN ]] || { log "test binary not found in the cargo output"; exit 1; }
+else
+  "${NICE[@]}" cargo "${CARGO_SUBCOMMAND:-build}" --release --features cuda "$@"
+fi
 log "cargo build took $(( $(date +%s) - start )) s"
 
 BIN=$CARGO_TARGET_DIR/release/mixscale
@@ -131,3 +145,7 @@ log "CUDA libraries it needs (DT_NEEDED):"
 readelf -d "$BIN" | grep -E 'NEEDED.*(cu|nvrtc)' | sed -E 's/.*\[(.*)\]/  \1/' >&2
 if readelf -d "$BIN" | grep -qE 'R(UN)?PATH'; then log "WARNING: binary has an rpath/runpath"; fi
 echo "$BIN"
+if [[ -n $TESTBIN ]]; then
+  log "test binary: $TESTBIN ($(du -h "$TESTBIN" | cut -f1)); on the GPU machine: MIXSCALE_TESTS=<it> scripts/gpu-check.sh"
+  echo "$TESTBIN"
+fi

@@ -43,6 +43,9 @@ enum Cmd {
         /// cpu, cuda or cuda:N (CUDA needs a binary built with --features cuda).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Training precision, overriding `train.precision` (f32, bf16 = bf16 compute with f32 master weights).
+        #[arg(long, value_parser = ["f32", "bf16"])]
+        precision: Option<String>,
     },
     /// Token data: `data prepare` tokenizes text/JSONL into shards.
     #[command(subcommand)]
@@ -126,7 +129,16 @@ enum Cmd {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Training precision, overriding `train.precision` (f32, bf16 = bf16 compute with f32 master weights).
+        #[arg(long, value_parser = ["f32", "bf16"])]
+        precision: Option<String>,
     },
+}
+
+/// `--precision P` is `--set train.precision=P` (applied last, so it wins).
+fn with_precision(mut sets: Vec<String>, precision: Option<String>) -> Vec<String> {
+    sets.extend(precision.map(|p| format!("train.precision={p}")));
+    sets
 }
 
 /// Loads an architecture file with overrides, checks it and resolves block options.
@@ -143,8 +155,8 @@ pub fn load_run(path: &Path, sets: &[String]) -> mixscale::Result<RunSpec> {
 pub fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Train { config, sets, out, resume, overwrite, stop_at_step, quiet, device } => {
-            let spec = load_run(&config, &sets)?;
+        Cmd::Train { config, sets, out, resume, overwrite, stop_at_step, quiet, device, precision } => {
+            let spec = load_run(&config, &with_precision(sets, precision))?;
             let device = mixscale::device::parse(&device)?;
             let stem = config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
             let out = out.unwrap_or_else(|| Path::new("runs").join(stem));
@@ -221,8 +233,8 @@ pub fn run() -> Result<i32> {
         Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
             fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
-        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device } => {
-            let spec = load_run(&config, &sets)?;
+        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device, precision } => {
+            let spec = load_run(&config, &with_precision(sets, precision))?;
             let device = mixscale::device::parse(&device)?;
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
@@ -230,7 +242,7 @@ pub fn run() -> Result<i32> {
             let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, device };
             let r = bench::bench(&spec, &opts).context("benchmark")?;
             r.check()?;
-            println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps, {}", config.display(), mixscale::device::describe(&opts.device));
+            println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps, {}, {}", config.display(), mixscale::device::describe(&opts.device), spec.train.precision.name());
             println!("{:<10} {:>12} {:>10} {:>14}", "impl", "tokens/s", "step ms", "model GFLOP/s");
             println!("{:<10} {:>12.0} {:>10.1} {:>14.2}", "mixscale", r.tokens_per_s, r.step_ms, r.model_flops_per_s / 1e9);
             match r.torch_tokens_per_s {

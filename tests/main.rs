@@ -52,3 +52,5 @@ mod plot;
 mod moe;
 /// Multi-token prediction (Gloeckle, DeepSeek-V3): gradients, label shifts, main-loss semantics.
 mod mtp;
+/// Mixed precision (bf16 compute, f32 masters) for every block kind: forward, gradients, training.
+mod precision;

@@ -168,7 +168,9 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
 
 /// L2 normalisation over the last dim: x / sqrt(Σx² + eps) (fla `l2norm`).
 fn l2norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)? + eps)?.sqrt()?)
+    // The sum of squares in f32 for bf16/f16 inputs (a bf16 accumulator loses the small terms).
+    let xf = x.to_dtype(gate_dtype(x.dtype()))?;
+    xf.broadcast_div(&(xf.sqr()?.sum_keepdim(D::Minus1)? + eps)?.sqrt()?)?.to_dtype(x.dtype())
 }
 
 const L2_EPS: f64 = 1e-6;

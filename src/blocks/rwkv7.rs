@@ -311,7 +311,9 @@ impl Rwkv7 {
         let a = sigmoid(&lora(&xa, &self.a_lora, false)?.broadcast_add(&self.a0)?)?;
         let g = sigmoid(&xg.matmul(&self.g_lora.w1)?)?.matmul(&self.g_lora.w2)?;
         let kk = k.broadcast_mul(&self.k_k)?.reshape((b, t, h, n))?;
-        let kk = kk.broadcast_div(&kk.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)?;
+        // L2 normalization with f32 statistics for bf16/f16 activations.
+        let kkf = kk.to_dtype(gt)?;
+        let kk = kkf.broadcast_div(&kkf.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)?.to_dtype(x.dtype())?;
         let k = k.mul(&((&a - 1.0)?.broadcast_mul(&self.k_a)? + 1.0)?)?;
         let heads4 = |x: &Tensor| x.reshape((b, t, h, n));
         let (r4, k4, v4, a4) = (heads4(&r)?, heads4(&k)?, heads4(&v)?, heads4(&a)?);

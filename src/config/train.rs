@@ -46,6 +46,52 @@ pub struct TrainSpec {
     /// `divergence_factor` × the first step's loss.
     #[serde(default = "default_divergence_factor")]
     pub divergence_factor: f64,
+    /// Arithmetic precision of training: `f32` (default) or `bf16` mixed precision (bf16
+    /// activations and matmuls, f32 master weights, optimizer state, gates/decays, norm
+    /// statistics, softmax and loss; [`crate::model::params`]). Written to `config.yaml` only
+    /// when not `f32`, so configs (and sweep trial keys) from before the option are unchanged.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+    /// The activation/matmul dtype for master weights of dtype `master`: bf16 under `bf16`
+    /// (whatever the master dtype), else the master dtype itself.
+    pub fn compute_dtype(&self, master: candle_core::DType) -> candle_core::DType {
+        match self {
+            Precision::F32 => master,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision `{s}`; known: f32, bf16")),
+        }
+    }
 }
 
 /// AdamW with decoupled weight decay (Loshchilov & Hutter 2019), PyTorch's update form.

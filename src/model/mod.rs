@@ -77,11 +77,17 @@ impl LanguageModel {
     /// Builds the model with its initial weights (deterministic in `seed`). The spec's blocks
     /// must have been resolved (`blocks::resolve_blocks`).
     pub fn new(spec: &ModelSpec, max_seq_len: usize, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::new_mixed(spec, max_seq_len, seed, dtype, dtype, device)
+    }
+
+    /// [`Self::new`] with master weights (the `Var`s) in `master` and computation in `compute`
+    /// (mixed precision, `train.precision: bf16`: f32 masters, bf16 compute; [`params`]).
+    pub fn new_mixed(spec: &ModelSpec, max_seq_len: usize, seed: u64, master: DType, compute: DType, device: &Device) -> Result<Self> {
         let mut store = ParamStore::default();
         let d = spec.d_model;
         let std = spec.init.std;
         let out_std = if spec.init.residual_rescale { std / (2.0 * spec.n_layers as f64).sqrt() } else { std };
-        let mut root = ParamBuilder::new(&mut store, seed, dtype, device);
+        let mut root = ParamBuilder::mixed(&mut store, seed, master, compute, device);
         let embed = root.normal_as("embed", &[spec.vocab_size, d], std, ParamKind::Embedding)?;
         let mut layers = Vec::with_capacity(spec.n_layers);
         for i in 0..spec.n_layers {
@@ -101,8 +107,10 @@ impl LanguageModel {
         Ok(Self { spec: spec.clone(), params: store, embed, layers, final_norm, head, mtp })
     }
 
-    /// Token embeddings `[B, T, d]` for tokens `[B, T]` (u32).
+    /// Token embeddings `[B, T, d]` for tokens `[B, T]` (u32). Every forward pass starts here, so
+    /// under mixed precision this is where the compute copies are refreshed from the masters.
     fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.params.refresh_casts()?;
         let (b, t) = tokens.dims2()?;
         self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.spec.d_model))
     }

@@ -27,14 +27,17 @@ pub fn attn_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if hq % hkv != 0 {
         candle_core::bail!("attn: Hq={hq} is not a multiple of Hkv={hkv}");
     }
-    let q = q.transpose(1, 2)?.contiguous()?; // [B,Hq,T,D]
-    let k = expand_kv(&k.transpose(1, 2)?, hq / hkv)?; // [B,Hq,T,D]
-    let v = expand_kv(&v.transpose(1, 2)?, hq / hkv)?;
+    // Scores, softmax and P·V in the reduction dtype (f32 for bf16 inputs, as flash-attention's
+    // f32 accumulators), output in the input dtype.
+    let (dt, rt) = (v.dtype(), super::reduction_dtype(v.dtype()));
+    let q = q.transpose(1, 2)?.contiguous()?.to_dtype(rt)?; // [B,Hq,T,D]
+    let k = expand_kv(&k.transpose(1, 2)?, hq / hkv)?.to_dtype(rt)?; // [B,Hq,T,D]
+    let v = expand_kv(&v.transpose(1, 2)?, hq / hkv)?.to_dtype(rt)?;
     let scale = 1.0 / (d as f64).sqrt();
     let s = (q.matmul(&k.transpose(2, 3)?)? * scale)?; // [B,Hq,T,T]
     let s = s.broadcast_add(&causal_mask(t, s.dtype(), s.device())?)?;
-    let p = crate::ops::softmax::softmax_last_dim(&s.to_dtype(super::reduction_dtype(s.dtype()))?)?.to_dtype(v.dtype())?;
-    let o = p.matmul(&v)?; // [B,Hq,T,D]
+    let p = crate::ops::softmax::softmax_last_dim(&s)?;
+    let o = p.matmul(&v)?.to_dtype(dt)?; // [B,Hq,T,D]
     o.transpose(1, 2)?.contiguous()
 }
 

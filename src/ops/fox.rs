@@ -42,8 +42,10 @@ pub fn fox_composed(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Te
     let bias = cum.unsqueeze(3)?.broadcast_sub(&cum.unsqueeze(2)?)?; // [B,Hq,T,T]: G_i − G_j
     let s = ((qh.matmul(&kh.transpose(2, 3)?)? * (1.0 / (d as f64).sqrt()))? + bias)?;
     let s = s.broadcast_add(&causal_mask(t, rt, q.device())?)?;
-    let p = super::softmax::softmax_last_dim(&s)?.to_dtype(v.dtype())?;
-    p.matmul(&vh)?.transpose(1, 2)?.contiguous()
+    // P·V in the reduction dtype too (as flash-attention's f32 accumulators): for bf16 inputs
+    // the backward's dP = dO·Vᵀ stays f32 before the softmax backward's cancellation.
+    let p = super::softmax::softmax_last_dim(&s)?;
+    p.matmul(&vh.to_dtype(rt)?)?.to_dtype(v.dtype())?.transpose(1, 2)?.contiguous()
 }
 
 /// Plain f64 reference, row-major slices: q `[B,T,Hq,D]`, k, v `[B,T,Hkv,D]`, g `[B,T,Hq]`.

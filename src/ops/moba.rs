@@ -66,8 +66,10 @@ pub fn moba_composed(q: &Tensor, k: &Tensor, v: &Tensor, block_size: usize, top_
     let vh = expand_kv(&v.transpose(1, 2)?, hq / hkv)?;
     let s = (qh.matmul(&kh.transpose(2, 3)?)? * (1.0 / (d as f64).sqrt()))?;
     let s = (s + mask)?.broadcast_add(&causal_mask(t, rt, q.device())?)?;
-    let p = super::softmax::softmax_last_dim(&s)?.to_dtype(v.dtype())?;
-    p.matmul(&vh)?.transpose(1, 2)?.contiguous()
+    // P·V in the reduction dtype too (as flash-attention's f32 accumulators): for bf16 inputs
+    // the backward's dP = dO·Vᵀ stays f32 before the softmax backward's cancellation.
+    let p = super::softmax::softmax_last_dim(&s)?;
+    p.matmul(&vh.to_dtype(rt)?)?.to_dtype(v.dtype())?.transpose(1, 2)?.contiguous()
 }
 
 /// Dense `[T,D]` copy of head h of batch bb from `[B,T,H,D]` values.

@@ -20,6 +20,22 @@ pub mod ssd_chunked;
 
 use crate::error::{Error, Result};
 
+/// Whether a fused CPU kernel (a CustomOp with only `cpu_fwd`) may run on `xs`: all on the
+/// CPU, all the same dtype, f32 or f64.
+///
+/// **Guard pattern for CPU-only CustomOps** (CUDA binaries run the same code): the public op
+/// dispatches `if cpu_fusable(&[..]) { fused(..) } else { composed(..) }`, where the composed
+/// form is built from candle primitives (any device, any float dtype incl. bf16, exact
+/// autograd); the fused entry point itself bails on non-CPU inputs. A CustomOp without
+/// `cuda_fwd` reached from a CUDA tensor fails the whole GPU run ("no cuda implementation"),
+/// and bf16 inputs (mixed precision) must take the composed path unless the kernel has a bf16
+/// instantiation. `tests/gpu.rs` checks statically that every file implementing a CustomOp
+/// without `cuda_fwd` is CPU-guarded, and on a GPU machine runs every block on CUDA.
+pub fn cpu_fusable(xs: &[&Tensor]) -> bool {
+    let Some(first) = xs.first() else { return false };
+    matches!(first.dtype(), DType::F32 | DType::F64) && xs.iter().all(|x| x.device().is_cpu() && x.dtype() == first.dtype())
+}
+
 /// The dtype reductions (softmax, norms, losses) run in: f64 for f64 inputs, else f32.
 pub fn reduction_dtype(dt: DType) -> DType {
     if dt == DType::F64 {

@@ -37,7 +37,8 @@ pub struct BenchReport {
 
 pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
     let dev = o.device.clone();
-    let model = LanguageModel::new(&spec.model, o.seq_len, spec.train.seed, DType::F32, &dev)?;
+    // f32 master weights; bf16 compute under `train.precision: bf16` (as `mixscale train`).
+    let model = LanguageModel::new_mixed(&spec.model, o.seq_len, spec.train.seed, DType::F32, spec.train.precision.compute_dtype(DType::F32), &dev)?;
     let acc = Accounting::of(&model, o.seq_len);
     let data = DataSource::new(&spec.data, spec.train.seed, o.seq_len)?;
     let mut opt = AdamW::new(&spec.train.optimizer, &model.params)?;
@@ -72,6 +73,9 @@ fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, S
     let m = &spec.model;
     if !o.device.is_cpu() {
         return (None, "the PyTorch reference runs on the CPU only".into());
+    }
+    if !spec.train.precision.is_f32() {
+        return (None, "the PyTorch reference runs in f32 only".into());
     }
     if m.layer_pattern.iter().any(|b| b != "attention") {
         return (None, "no PyTorch reference for this architecture yet".into());

@@ -40,6 +40,7 @@ pub struct TrainOptions {
     /// Draw a progress bar on stderr (only on a terminal).
     pub progress: bool,
     pub device: Device,
+    /// Dtype of the master weights (the `Var`s); the compute dtype follows `train.precision`.
     pub dtype: DType,
     /// The architecture file, recorded in the summary.
     pub config_file: String,
@@ -177,7 +178,8 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
     checkpoint::write_atomic(&config_path, config_text.as_bytes())?;
 
     let dev = &opts.device;
-    let model = LanguageModel::new(&spec.model, t.seq_len, t.seed, opts.dtype, dev)?;
+    // `opts.dtype` is the master-weight dtype; `train.precision: bf16` computes in bf16.
+    let model = LanguageModel::new_mixed(&spec.model, t.seq_len, t.seed, opts.dtype, t.precision.compute_dtype(opts.dtype), dev)?;
     let acc = Accounting::of(&model, t.seq_len);
     let data = DataSource::new(&spec.data, t.seed, t.seq_len)?;
     data.check_val(t.eval_sequences)?;
@@ -317,6 +319,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         git_revision: record::git_revision(),
         mixscale_version: env!("CARGO_PKG_VERSION").to_string(),
         config: opts.config_file.clone(),
+        precision: t.precision,
         last_step_metrics: extra_columns.iter().cloned().zip(last_extra).filter_map(|(k, v)| v.map(|v| (k, v))).collect(),
     };
     checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary).expect("summary").as_bytes())?;

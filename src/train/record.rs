@@ -188,6 +188,9 @@ pub struct Summary {
     pub git_revision: String,
     pub mixscale_version: String,
     pub config: String,
+    /// `train.precision` of the run (`f32` in summaries from before the option).
+    #[serde(default)]
+    pub precision: crate::config::train::Precision,
     /// The last step's extra metrics columns (MoE load/balance statistics, MTP head losses), by
     /// column name; empty for dense next-token models.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
