@@ -66,21 +66,35 @@ fn torch_reference_has_mixscales_parameters_for_every_preset() {
     assert!(runs.len() >= 11);
 }
 
+/// Presets whose loss trend is not (yet) checked, and why.
+const TREND_OPEN: &[(&str, &str)] = &[
+    ("mamba2", "open: over 6 steps torch's loss drops ~1.5x more than mixscale's (3 seeds); parameter tables equal, chunked SSD checked against the recurrence"),
+    ("mqar_attention", "loss over 16 answer positions per sequence: a 6-step drop of ~0.02 is within noise"),
+    ("mad_in_context_recall", "vocab 16: ln V too small for the trend check"),
+];
+
 /// Tiny presets (d 64, 2 layers, seq 128, batch 2) trained 6 steps on the same batches:
-/// both start at ≈ ln V and end at about the same loss, which is clearly below the start.
+/// both start at ≈ ln V and the loss drops agree within 35 % (all presets but [`TREND_OPEN`]).
 #[test]
-#[ignore = "mamba2 (torch drops ~1.5x more over 6 steps on 3 seeds) and mqar_attention disagree; open, see bench/README.md"]
 fn torch_reference_trains_like_mixscale_on_tiny_presets() {
+    trend_check(&|name| !TREND_OPEN.iter().any(|(n, _)| *n == name));
+}
+
+/// The presets of [`TREND_OPEN`] (known to fail; run with --ignored to see the numbers).
+#[test]
+#[ignore = "known open differences, see TREND_OPEN"]
+fn torch_reference_trend_open_presets() {
+    trend_check(&|name| name == "mamba2" || name == "mqar_attention");
+}
+
+fn trend_check(select: &dyn Fn(&str) -> bool) {
     let Some(py) = python() else { return };
     let dir = crate::util::tempdir();
-    let all = presets(&["model.d_model=64", "model.n_layers=2"]);
+    let all: Vec<_> = presets(&["model.d_model=64", "model.n_layers=2"]).into_iter().filter(|(n, _)| select(n)).collect();
     let o = opts(&py, 2, 128, 0, 6);
     let mut jobs = Vec::new();
     let mut ours = Vec::new();
     for (i, (name, spec)) in all.iter().enumerate() {
-        if spec.model.vocab_size < 64 {
-            continue; // the MAD preset (vocab 16): ln V is too small for the trend check
-        }
         let tokens = dir.path().join(format!("tokens_{i}.u32"));
         let m = bench::run_mixscale(spec, &o, Some(&tokens)).unwrap();
         jobs.push(torch::TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, 1, Some(tokens)));
@@ -108,5 +122,6 @@ fn torch_reference_trains_like_mixscale_on_tiny_presets() {
             failures.push(format!("{name}: loss drops differ: mixscale {dm:.4}, torch {dt:.4}"));
         }
     }
+    assert!(!ours.is_empty());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
