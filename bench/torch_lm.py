@@ -13,11 +13,13 @@ preset) and the data are random tokens.
 Every preset's mixers live in torch_mixers_attn.py / torch_mixers_linear.py, the FFN / MoE in
 torch_moe.py, the model and MTP objective in torch_model.py (see bench/README.md). A step is
 zero_grad, forward, backward, global-norm clip, AdamW step (decay only on the parameters
-mixscale decays). Output fields: tokens_per_s, step_ms (timed steps only, warmup excluded),
+mixscale decays); with `init_weights` in the job (a safetensors file of mixscale's initial
+weights) the model starts from mixscale's exact values instead of a fresh init. Output fields: tokens_per_s, step_ms (timed steps only, warmup excluded),
 params_total, param_table ({name: [shape, decay]} with mixscale's names), peak_rss_kb
 (getrusage ru_maxrss of this process), losses (main-head loss of every step, warmup
-included), loss_first, loss_last, threads, torch_version. --profile prints torch.profiler's
-top ops for one extra untimed step to stderr.
+included), grad_norms (global norm before clipping, every step), loss_first, loss_last,
+threads, torch_version. --profile prints torch.profiler's top ops for one extra untimed step
+to stderr.
 """
 import argparse
 import json
@@ -110,6 +112,24 @@ def batches(job, vocab):
     return out
 
 
+def load_safetensors(path):
+    """{name: f32 tensor} from a safetensors file (f32/f64 entries; no extra package)."""
+    import struct
+    import numpy as np
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, base = json.loads(raw[8:8 + n]), 8 + n
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        dt = {"F32": "<f4", "F64": "<f8"}[v["dtype"]]
+        out[k] = torch.from_numpy(np.frombuffer(raw[base + a:base + b], dtype=dt).copy()).float().view(v["shape"])
+    return out
+
+
 def main():
     a, jobs = parse_args()
     for job in jobs:
@@ -124,6 +144,11 @@ def run(a, job):
     named = model.mixscale_names()
     params = [p for _, p in named]
     table = {n: [list(p.shape), bool(p.decay)] for n, p in named}
+    if job.get("init_weights"):  # start from mixscale's initial values (equivalence checks)
+        w = load_safetensors(job["init_weights"])
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(w[n])
     total = sum(p.numel() for p in params)
     if a.params_only:
         print(json.dumps({"impl": "torch", "params_total": total, "param_table": table}))
@@ -140,11 +165,12 @@ def run(a, job):
         inputs, targets, mask = data[i]
         opt.zero_grad(set_to_none=True)
         loss = model.train_step_loss(inputs, targets, mask)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norms.append(float(norm))
         opt.step()
         return float(loss)
 
+    norms = []
     losses = [step(i) for i in range(job["warmup"])]
     t0 = time.perf_counter()
     for i in range(job["warmup"], job["warmup"] + job["steps"]):
@@ -163,7 +189,7 @@ def run(a, job):
         "tokens_per_s": tokens / elapsed, "step_ms": 1000.0 * elapsed / job["steps"],
         "params_total": total, "param_table": table,
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
+        "losses": losses, "grad_norms": norms[: len(losses)], "loss_first": losses[0], "loss_last": losses[-1],
         "config": {k: job[k] for k in ("batch", "seq_len", "warmup", "steps", "seed")}}))
 
 

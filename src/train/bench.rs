@@ -52,13 +52,18 @@ pub struct MixscaleRun {
     pub param_table: ParamTable,
     /// Main-head training loss of every step (warmup included).
     pub losses: Vec<f64>,
+    /// Global gradient norm (before clipping) of every step.
+    #[serde(default)]
+    pub grad_norms: Vec<f64>,
     /// Peak RSS of the process that ran it (KiB; None off Linux/Unix).
     pub peak_rss_kb: Option<u64>,
 }
 
 /// Times `o.steps` optimizer steps after `o.warmup` untimed ones, in this process. With
-/// `tokens_out`, writes the batches (u32 LE inputs, targets, mask per step) for PyTorch.
-pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>) -> Result<MixscaleRun> {
+/// `tokens_out`, writes the batches (u32 LE inputs, targets, mask per step) for PyTorch; with
+/// `weights_out`, the initial weights (safetensors, mixscale's names) so PyTorch can start from
+/// the very same values.
+pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>, weights_out: Option<&Path>) -> Result<MixscaleRun> {
     let dev = o.device.clone();
     let model = LanguageModel::new(&spec.model, o.seq_len, spec.train.seed, DType::F32, &dev)?;
     let acc = Accounting::of(&model, o.seq_len);
@@ -68,8 +73,12 @@ pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>)
     if let Some(path) = tokens_out {
         write_tokens(&batches, path)?;
     }
+    if let Some(path) = weights_out {
+        candle_core::safetensors::save(&model.params.tensors(), path)?;
+    }
     let mut elapsed = 0.0;
     let mut losses = Vec::with_capacity(batches.len());
+    let mut grad_norms = Vec::with_capacity(batches.len());
     for (i, b) in batches.iter().enumerate() {
         let t0 = Instant::now();
         let (loss, mut grads, _) = compute_grads_with_stats(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
@@ -81,6 +90,7 @@ pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>)
             elapsed += t0.elapsed().as_secs_f64();
         }
         losses.push(loss);
+        grad_norms.push(n);
     }
     let tps = (o.steps * o.batch * o.seq_len) as f64 / elapsed;
     Ok(MixscaleRun {
@@ -90,6 +100,7 @@ pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>)
         params_total: acc.params_total,
         param_table: torch::param_table(&model),
         losses,
+        grad_norms,
         peak_rss_kb: peak_rss_kb(),
     })
 }
@@ -173,7 +184,7 @@ pub fn run_worker(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, 
 /// The worker's side: run in-process and write `DIR/mixscale.json` (+ `DIR/tokens.u32`).
 pub fn worker_main(spec: &RunSpec, o: &BenchOptions, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
-    let r = run_mixscale(spec, o, Some(&dir.join("tokens.u32")))?;
+    let r = run_mixscale(spec, o, Some(&dir.join("tokens.u32")), None)?;
     let path = dir.join("mixscale.json");
     let text = serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?;
     std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })

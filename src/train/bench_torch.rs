@@ -63,6 +63,8 @@ pub struct TorchJob {
     pub threads: usize,
     pub seed: u64,
     pub tokens_file: Option<PathBuf>,
+    /// Start from these weights (safetensors written by mixscale) instead of a fresh init.
+    pub init_weights: Option<PathBuf>,
 }
 
 impl TorchJob {
@@ -78,6 +80,7 @@ impl TorchJob {
             threads,
             seed: spec.train.seed,
             tokens_file,
+            init_weights: None,
         }
     }
 }
@@ -97,6 +100,8 @@ pub struct TorchRun {
     pub peak_rss_kb: Option<u64>,
     #[serde(default)]
     pub losses: Vec<f64>,
+    #[serde(default)]
+    pub grad_norms: Vec<f64>,
 }
 
 /// A path that exists, or a bare program name found on PATH (e.g. `python3`).
