@@ -43,9 +43,9 @@ for arch in architectures/*.yaml; do
   timeout 150 "$BIN" bench "$arch" --device cuda:0 --batch 8 --seq-len 1024 --steps 5 --warmup 2 \
     --set model.d_model=768 --set model.n_layers=12 --set model.vocab_size=50304 \
     "${heads[@]}" > "$CHECK_DIR/bench-$name.txt" 2>&1
-  line=$(grep -E "^mixscale " "$CHECK_DIR/bench-$name.txt")
+  line=$(grep -E "^$name " "$CHECK_DIR/bench-$name.txt")
   if [ -n "$line" ]; then
-    tps=$(echo "$line" | awk '{print $2}'); gf=$(echo "$line" | awk '{print $4}')
+    tps=$(echo "$line" | awk '{print $3}'); gf=$(echo "$line" | awk '{print $6}')
     mfu=$(awk -v g="$gf" -v p="$PEAK" 'BEGIN { if (p > 0) printf "%.1f%%", 100 * g / 1000 / p; else print "-" }')
     ROWS+=$(printf "%-22s %12s %14s %8s" "$name" "$tps" "$gf" "$mfu")$'\n'
   else

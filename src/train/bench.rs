@@ -246,8 +246,8 @@ pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std:
     }
     writeln!(
         out,
-        "{:<22} {:>9} {:>11} {:>11} {:>6} {:>6} {:>6} {:>7} {:>7} {:>13} {:>13}",
-        "preset", "params", "mix tok/s", "torch tok/s", "ratio", "mixMFU", "thMFU", "mixMiB", "thMiB", "mix loss", "torch loss"
+        "{:<22} {:>9} {:>11} {:>11} {:>6} {:>9} {:>6} {:>6} {:>7} {:>7} {:>13} {:>13}",
+        "preset", "params", "mix tok/s", "torch tok/s", "ratio", "mixGF/s", "mixMFU", "thMFU", "mixMiB", "thMiB", "mix loss", "torch loss"
     )?;
     for r in rows {
         let m = &r.mixscale;
@@ -259,12 +259,13 @@ pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std:
         let ratio = r.ratio().map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:<22} {:>9} {:>11.0} {:>11} {:>6} {:>6.3} {:>6} {:>7} {:>7} {:>13} {:>13}",
+            "{:<22} {:>9} {:>11.0} {:>11} {:>6} {:>9.2} {:>6.3} {:>6} {:>7} {:>7} {:>13} {:>13}",
             r.name,
             m.params_total,
             m.tokens_per_s,
             ttps,
             ratio,
+            m.tokens_per_s * m.flops_per_token / 1e9,
             r.mfu(m.tokens_per_s),
             tmfu,
             mib(m.peak_rss_kb),
