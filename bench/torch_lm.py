@@ -1,144 +1,52 @@
 #!/usr/bin/env python3
-"""PyTorch (eager, f32, CPU) reference of mixscale's attention language model, for
-`mixscale bench`: times full training steps and prints ONE JSON line to stdout.
+"""PyTorch (eager, f32, CPU) reference of mixscale's language models, for `mixscale bench`:
+times full training steps and prints ONE JSON line to stdout.
 
-Mirrors the mixscale attention-LM config (defaults = the bench config: vocab 512,
-d_model 128, 4 layers, 4 heads, ffn_hidden 352 swiglu, tied embeddings, seq 256,
-batch 16). KEEP IN SYNC WITH src/model (the Rust side) -- in particular:
-  * RMSNorm: x / sqrt(mean(x^2, -1) + 1e-6) * g, g init ones (also used as optional
-    per-head q/k norm over head_dim, applied BEFORE RoPE);
-  * RoPE: half-split layout (NeoX / HF `rotate_half`), theta_i = theta^(-2i/D),
-    positions 0..T-1;
-  * init: embedding and all Linear weights N(0, 0.02), residual output projections
-    (attn Wo, FFN down) N(0, 0.02/sqrt(2*n_layers)), untied head N(0, 0.02); no biases;
-  * GQA: query head h uses kv head h // (H/Hkv) (repeat_interleave);
-  * AdamW(betas=(0.9, 0.95), eps=1e-8, wd=0.1 on >=2-D params, 0 on norm gains),
-    global-norm grad clipping at 1.0; loss = mean CE over all B*T next-token targets.
-Data are random token ids from a seeded generator, a fresh (B, T+1) batch per step.
-loss_first is the loss of the very first (warmup) step (~ln(vocab) at init);
-loss_last is the loss of the last timed step. --profile prints torch.profiler's
-top ops by self CPU time for one extra (untimed) step to stderr.
+Normal use: `mixscale bench` writes a job file and runs `torch_lm.py --model-json JOB`. The job
+holds mixscale's *resolved* model config (the JSON of ModelSpec after --set overrides, with
+every block option filled in), the optimizer (AdamW lr/betas/eps/weight decay), grad clip,
+batch, seq_len, warmup, steps, threads, seed and the path of the token batches mixscale itself
+trains on (u32 LE, per step inputs [B,T] then targets [B,T]), so both sides see the same data.
+Without `--model-json` the legacy flags describe an attention LM (defaults = the attention
+preset) and the data are random tokens.
+
+Every preset's mixers live in torch_mixers_attn.py / torch_mixers_linear.py, the FFN / MoE in
+torch_moe.py, the model and MTP objective in torch_model.py (see bench/README.md). A step is
+zero_grad, forward, backward, global-norm clip, AdamW step (decay only on the parameters
+mixscale decays); with `init_weights` in the job (a safetensors file of mixscale's initial
+weights) the model starts from mixscale's exact values instead of a fresh init. Output fields: tokens_per_s, step_ms (timed steps only, warmup excluded),
+params_total, param_table ({name: [shape, decay]} with mixscale's names), peak_rss_kb
+(getrusage ru_maxrss of this process), losses (main-head loss of every step, warmup
+included), grad_norms (global norm before clipping, every step), loss_first, loss_last,
+threads, torch_version. --profile prints torch.profiler's top ops for one extra untimed step
+to stderr.
 """
 import argparse
 import json
-import math
+import resource
 import sys
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-EPS = 1e-6
+from torch_model import LM
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.g = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * self.g
-
-
-def rope_tables(seq_len, head_dim, theta):
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # theta^(-2i/D)
-    freqs = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]     # [T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)                                             # [T, D]
-    return emb.cos().float(), emb.sin().float()
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x, cos, sin):  # x [B, H, T, D], cos/sin [T, D]
-    return x * cos + rotate_half(x) * sin
-
-
-class Attention(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.h, self.hkv, self.d = a.n_heads, a.n_kv_heads, a.head_dim
-        self.wq = nn.Linear(a.d_model, self.h * self.d, bias=False)
-        self.wk = nn.Linear(a.d_model, self.hkv * self.d, bias=False)
-        self.wv = nn.Linear(a.d_model, self.hkv * self.d, bias=False)
-        self.wo = nn.Linear(self.h * self.d, a.d_model, bias=False)
-        self.q_norm = RMSNorm(self.d) if a.qk_norm else None
-        self.k_norm = RMSNorm(self.d) if a.qk_norm else None
-
-    def forward(self, x, cos, sin):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.h, self.d)
-        k = self.wk(x).view(B, T, self.hkv, self.d)
-        v = self.wv(x).view(B, T, self.hkv, self.d)
-        if self.q_norm is not None:  # per-head RMSNorm over head_dim, before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.hkv != self.h:  # GQA: query head h -> kv head h // (H/Hkv)
-            k = k.repeat_interleave(self.h // self.hkv, dim=1)
-            v = v.repeat_interleave(self.h // self.hkv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(D)
-        return self.wo(o.transpose(1, 2).reshape(B, T, self.h * self.d))
-
-
-class FFN(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.kind = a.ffn
-        if self.kind == "swiglu":
-            self.gate = nn.Linear(a.d_model, a.ffn_hidden, bias=False)
-        self.up = nn.Linear(a.d_model, a.ffn_hidden, bias=False)
-        self.down = nn.Linear(a.ffn_hidden, a.d_model, bias=False)
-
-    def forward(self, x):
-        if self.kind == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.relu(self.up(x)).square())  # relu2
-
-
-class Block(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.attn_norm, self.attn = RMSNorm(a.d_model), Attention(a)
-        self.ffn_norm, self.ffn = RMSNorm(a.d_model), FFN(a)
-
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
-
-
-class LM(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.emb = nn.Parameter(torch.empty(a.vocab, a.d_model))
-        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layers))
-        self.norm = RMSNorm(a.d_model)
-        self.head = None if a.tied else nn.Parameter(torch.empty(a.vocab, a.d_model))
-        cos, sin = rope_tables(a.seq_len, a.head_dim, a.rope_theta)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-        # init: everything N(0, 0.02), residual output projections scaled down
-        for p in [self.emb] + ([self.head] if self.head is not None else []):
-            nn.init.normal_(p, 0.0, 0.02)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                resid = name.endswith("attn.wo") or name.endswith("ffn.down")
-                nn.init.normal_(m.weight, 0.0, 0.02 / math.sqrt(2 * a.n_layers) if resid else 0.02)
-
-    def forward(self, idx, targets):
-        T = idx.shape[1]
-        x = F.embedding(idx, self.emb)
-        for blk in self.blocks:
-            x = blk(x, self.cos[:T], self.sin[:T])
-        logits = self.norm(x) @ (self.emb if self.head is None else self.head).t()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+def legacy_spec(a):
+    """The attention-LM model config described by the legacy flags."""
+    return {
+        "vocab_size": a.vocab, "d_model": a.d_model, "n_layers": a.n_layers, "layer_pattern": ["attention"],
+        "blocks": {"attention": {"num_heads": a.n_heads, "num_kv_heads": a.n_kv_heads, "head_dim": a.head_dim,
+                                 "qk_norm": a.qk_norm, "rope_theta": a.rope_theta, "norm_eps": 1e-6, "short_conv": 0}},
+        "ffn": {"kind": a.ffn, "hidden_size": a.ffn_hidden}, "norm_eps": 1e-6, "tied_embeddings": a.tied,
+        "init": {"std": 0.02, "residual_rescale": True},
+    }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-json", action="append", help="job file written by `mixscale bench` (overrides the "
+                   "model/run flags; repeat to run several jobs one after another, one JSON line each)")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=4)
@@ -159,55 +67,130 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--profile", action="store_true", help="print top ops of one step to stderr")
+    p.add_argument("--params-only", action="store_true", help="build the model, print the parameter table, no training")
     a = p.parse_args(argv)
     a.head_dim = a.head_dim or a.d_model // a.n_heads
-    if a.n_heads % a.n_kv_heads or a.head_dim % 2 or a.steps < 1:
-        p.error("need n_heads % n_kv_heads == 0, even head_dim, steps >= 1")
-    return a
+    if a.model_json:
+        jobs = []
+        for path in a.model_json:
+            with open(path) as f:
+                jobs.append(json.load(f))
+    else:
+        if a.n_heads % a.n_kv_heads or a.head_dim % 2:
+            p.error("need n_heads % n_kv_heads == 0 and an even head_dim")
+        jobs = [{"model": legacy_spec(a), "batch": a.batch, "seq_len": a.seq_len, "warmup": a.warmup, "steps": a.steps,
+               "threads": a.threads, "seed": a.seed, "grad_clip": 1.0, "tokens_file": None,
+               "optimizer": {"lr": a.lr, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}}]
+    if any(j["steps"] < 1 for j in jobs) and not a.params_only:
+        p.error("steps must be >= 1")
+    return a, jobs
+
+
+def batches(job, vocab):
+    """(inputs, targets, mask or None) per step: mixscale's batches when a tokens file is given
+    (u32 LE; per step inputs [B,T], targets [B,T], mask [B,T]), else random tokens."""
+    B, T, n = job["batch"], job["seq_len"], job["warmup"] + job["steps"] + 1
+    path = job.get("tokens_file")
+    if path:
+        import numpy as np
+        raw = torch.from_numpy(np.fromfile(path, dtype="<u4").astype("int64"))
+        per = 3 * B * T
+        if raw.numel() < per or raw.numel() % per:
+            raise SystemExit(f"{path}: expected a multiple of {per} u32 values, got {raw.numel()}")
+        steps = raw.numel() // per
+        view = raw.view(steps, 3, B, T)
+        out = []
+        for i in range(n):
+            inputs, targets, mask = view[i % steps]
+            out.append((inputs, targets, None if bool((mask != 0).all()) else (mask != 0).float()))
+        return out
+    gen = torch.Generator().manual_seed(job["seed"])
+    out = []
+    for _ in range(n):
+        tok = torch.randint(0, vocab, (B, T + 1), generator=gen)
+        out.append((tok[:, :-1], tok[:, 1:], None))
+    return out
+
+
+def load_safetensors(path):
+    """{name: f32 tensor} from a safetensors file (f32/f64 entries; no extra package)."""
+    import struct
+    import numpy as np
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, base = json.loads(raw[8:8 + n]), 8 + n
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        dt = {"F32": "<f4", "F64": "<f8"}[v["dtype"]]
+        out[k] = torch.from_numpy(np.frombuffer(raw[base + a:base + b], dtype=dt).copy()).float().view(v["shape"])
+    return out
 
 
 def main():
-    a = parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    model = LM(a)
-    params = list(model.parameters())
+    a, jobs = parse_args()
+    for job in jobs:
+        run(a, job)
+
+
+def run(a, job):
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(job["seed"])
+    spec = job["model"]
+    model = LM(spec, job["seq_len"])
+    named = model.mixscale_names()
+    params = [p for _, p in named]
+    table = {n: [list(p.shape), bool(p.decay)] for n, p in named}
+    if job.get("init_weights"):  # start from mixscale's initial values (equivalence checks)
+        w = load_safetensors(job["init_weights"])
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(w[n])
+    total = sum(p.numel() for p in params)
+    if a.params_only:
+        print(json.dumps({"impl": "torch", "params_total": total, "param_table": table}))
+        return
+    o = job["optimizer"]
     opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
-    gen = torch.Generator().manual_seed(a.seed)
+        [{"params": [p for p in params if p.decay], "weight_decay": o["weight_decay"]},
+         {"params": [p for p in params if not p.decay], "weight_decay": 0.0}],
+        lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"], foreach=False)
+    data = batches(job, spec["vocab_size"])
+    clip = job.get("grad_clip", 1.0)
 
-    def step():
-        tok = torch.randint(0, a.vocab, (a.batch, a.seq_len + 1), generator=gen)
+    def step(i):
+        inputs, targets, mask = data[i]
         opt.zero_grad(set_to_none=True)
-        loss = model(tok[:, :-1], tok[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss = model.train_step_loss(inputs, targets, mask)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norms.append(float(norm))
         opt.step()
-        return loss.detach()
+        return float(loss)
 
-    losses = [step() for _ in range(a.warmup)]
+    norms = []
+    losses = [step(i) for i in range(job["warmup"])]
     t0 = time.perf_counter()
-    for _ in range(a.steps):
-        losses.append(step())
+    for i in range(job["warmup"], job["warmup"] + job["steps"]):
+        losses.append(step(i))
     elapsed = time.perf_counter() - t0
 
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
+            step(len(data) - 1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
 
-    cfg = {k: getattr(a, k) for k in ("vocab", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                                      "head_dim", "ffn_hidden", "ffn", "qk_norm", "rope_theta",
-                                      "tied", "seq_len", "batch", "warmup", "steps", "seed", "lr")}
+    tokens = job["batch"] * job["seq_len"] * job["steps"]
     print(json.dumps({
         "impl": "torch", "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "tokens_per_s": a.batch * a.seq_len * a.steps / elapsed,
-        "step_ms": 1000.0 * elapsed / a.steps,
-        "params_total": sum(p.numel() for p in params),
-        "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "config": cfg}))
+        "tokens_per_s": tokens / elapsed, "step_ms": 1000.0 * elapsed / job["steps"],
+        "params_total": total, "param_table": table,
+        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "losses": losses, "grad_norms": norms[: len(losses)], "loss_first": losses[0], "loss_last": losses[-1],
+        "config": {k: job[k] for k in ("batch", "seq_len", "warmup", "steps", "seed")}}))
 
 
 if __name__ == "__main__":

@@ -45,14 +45,15 @@ fi
 
 echo "== bench at ~125M parameters (d_model 768, 12 layers, vocab 50304), batch 8 x 1024, f32 and bf16"
 BENCH_END=$(($(date +%s) + $(budget 230)))
-cell() { # tokens/s, GFLOP/s and MFU of one bench output file, or why it failed
+cell() { # tokens/s, GFLOP/s and MFU of preset $2's row in bench output file $1, or why it failed
   local line tps gf
-  line=$(grep -E "^mixscale " "$1")
+  line=$(grep -E "^$2 " "$1")
   if [ -z "$line" ]; then
     if grep -q "timed out" "$1"; then echo "timeout"; else echo "failed"; fi
     return
   fi
-  tps=$(echo "$line" | awk '{print $2}'); gf=$(echo "$line" | awk '{print $4}')
+  # Columns of `mixscale bench`'s table: preset params mix-tok/s torch-tok/s ratio mix-GF/s ...
+  tps=$(echo "$line" | awk '{print $3}'); gf=$(echo "$line" | awk '{print $6}')
   awk -v t="$tps" -v g="$gf" -v p="$PEAK" 'BEGIN { if (p > 0) printf "%.0f %.0f %.1f%%", t, g, 100 * g / 1000 / p; else printf "%.0f %.0f -", t, g }'
 }
 ROWS=""
@@ -71,7 +72,7 @@ for arch in architectures/*.yaml; do
     timeout "$((left < 25 ? left : 25))" "$BIN" bench "$arch" --device cuda:0 --precision "$prec" --batch 8 --seq-len 1024 --steps 3 --warmup 1 \
       --set model.d_model=768 --set model.n_layers=12 --set model.vocab_size=50304 \
       "${heads[@]}" >"$out" 2>&1 || { [ $? = 124 ] && echo "timed out" >>"$out"; }
-    cells+=("$(cell "$out")")
+    cells+=("$(cell "$out" "$name")")
   done
   ROWS+=$(printf "%-22s | %-28s | %-28s" "$name" "${cells[0]}" "${cells[1]}")$'\n'
 done

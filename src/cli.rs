@@ -108,9 +108,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: crate::cli_sweep::SweepCmd,
     },
-    /// Training throughput of an architecture (and PyTorch eager, when bench/.venv has torch).
+    /// Training throughput of architectures side by side with PyTorch eager (bench/README.md).
     Bench {
-        config: PathBuf,
+        /// Architecture YAMLs (several: one table).
+        #[arg(required_unless_present = "all")]
+        configs: Vec<PathBuf>,
+        /// Every architectures/*.yaml preset.
+        #[arg(long, conflicts_with = "configs")]
+        all: bool,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         #[arg(long, default_value_t = 16)]
@@ -126,12 +131,21 @@ enum Cmd {
         threads: Option<usize>,
         #[arg(long, default_value = "bench/.venv/bin/python")]
         torch_python: PathBuf,
+        /// Folder with torch_lm.py.
+        #[arg(long, default_value = "bench")]
+        bench_dir: PathBuf,
+        /// Also write the rows as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Training precision, overriding `train.precision` (f32, bf16 = bf16 compute with f32 master weights).
         #[arg(long, value_parser = ["f32", "bf16"])]
         precision: Option<String>,
+        /// Internal: run the mixscale side of one config in this process, results into DIR.
+        #[arg(long, hide = true, value_name = "DIR")]
+        worker: Option<PathBuf>,
     },
 }
 
@@ -142,6 +156,43 @@ fn with_precision(mut sets: Vec<String>, precision: Option<String>) -> Vec<Strin
 }
 
 /// Loads an architecture file with overrides, checks it and resolves block options.
+/// `mixscale bench`: every config back to back (mixscale worker, then PyTorch), one table.
+fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench::BenchOptions, device: &str, json: Option<PathBuf>) -> Result<i32> {
+    let configs = if all {
+        let mut v: Vec<PathBuf> = std::fs::read_dir("architectures")
+            .context("--all reads architectures/ (run from the repository root)")?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        configs
+    };
+    let specs: Vec<RunSpec> = configs.iter().map(|c| load_run(c, sets)).collect::<mixscale::Result<_>>()?;
+    let exe = std::env::current_exe().context("locating the mixscale binary")?;
+    let sgemm = bench::sgemm_peak(&opts.device, 10).context("sgemm peak")?;
+    let scratch = std::env::temp_dir().join(format!("mixscale-bench-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for (i, (config, spec)) in configs.iter().zip(&specs).enumerate() {
+        let name = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        eprintln!("[{}/{}] {name}", i + 1, configs.len());
+        let work = scratch.join(format!("{i}"));
+        std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
+        rows.push(bench::bench_preset(&exe, &name, config, sets, spec, opts, device, &work, sgemm).with_context(|| format!("benchmark {}", config.display()))?);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let header = format!(
+        "mixscale bench | batch {} x seq {}, {} threads, {} timed steps after {} warmup, {}",
+        opts.batch, opts.seq_len, opts.threads, opts.steps, opts.warmup, mixscale::device::describe(&opts.device)
+    );
+    bench::print_table(&mut std::io::stdout(), &rows, &header)?;
+    if let Some(p) = json {
+        std::fs::write(&p, serde_json::to_string_pretty(&rows)?).with_context(|| format!("{}", p.display()))?;
+    }
+    Ok(0)
+}
+
 pub fn load_run(path: &Path, sets: &[String]) -> mixscale::Result<RunSpec> {
     let mut doc = YamlDoc::load(path)?;
     for s in sets {
@@ -233,26 +284,19 @@ pub fn run() -> Result<i32> {
         Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
             fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
-        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device, precision } => {
-            let spec = load_run(&config, &with_precision(sets, precision))?;
-            let device = mixscale::device::parse(&device)?;
+        Cmd::Bench { configs, all, sets, batch, seq_len, steps, warmup, threads, torch_python, bench_dir, json, device, precision, worker } => {
+            let sets = with_precision(sets, precision);
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, device };
-            let r = bench::bench(&spec, &opts).context("benchmark")?;
-            r.check()?;
-            println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps, {}, {}", config.display(), mixscale::device::describe(&opts.device), spec.train.precision.name());
-            println!("{:<10} {:>12} {:>10} {:>14}", "impl", "tokens/s", "step ms", "model GFLOP/s");
-            println!("{:<10} {:>12.0} {:>10.1} {:>14.2}", "mixscale", r.tokens_per_s, r.step_ms, r.model_flops_per_s / 1e9);
-            match r.torch_tokens_per_s {
-                Some(t) => {
-                    println!("{:<10} {:>12.0}", "pytorch", t);
-                    println!("ratio mixscale/pytorch: {:.2}x ({})", r.tokens_per_s / t, r.torch_note);
-                }
-                None => println!("pytorch: skipped ({})", r.torch_note),
+            let dev = mixscale::device::parse(&device)?;
+            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, bench_dir, device: dev };
+            if let Some(dir) = worker {
+                let spec = load_run(&configs[0], &sets)?;
+                bench::worker_main(&spec, &opts, &dir).context("benchmark")?;
+                return Ok(0);
             }
-            Ok(0)
+            bench_command(configs, all, &sets, &opts, &device, json)
         }
     }
 }

@@ -28,6 +28,8 @@ mod config_errors;
 mod training;
 /// Every preset in architectures/ parses, resolves and builds.
 mod presets;
+/// PyTorch references in bench/ vs mixscale: parameter tables, loss trends (skipped without torch).
+mod bench_torch;
 /// CPU vs CUDA parity (skipped without a GPU).
 mod gpu;
 /// Token files and MQAR through the training loop: masked loss, accuracy, located errors.

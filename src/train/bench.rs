@@ -1,17 +1,32 @@
-//! `mixscale bench`: training throughput (tokens/s, model FLOP/s) of one architecture at a
-//! given batch and sequence length, and — when `bench/.venv` holds PyTorch — the same model in
-//! PyTorch eager (`bench/torch_lm.py`) timed in the same run, with the ratio.
+//! `mixscale bench`: training throughput of one or more architectures at a given batch and
+//! sequence length, side by side with the same model in PyTorch eager (`bench/torch_lm.py`),
+//! when `bench/.venv` (or `--torch-python`) holds torch.
+//!
+//! Per preset, back to back with the same thread count: mixscale in a child process
+//! (`mixscale bench CONFIG --worker DIR`, so its peak RSS is its own), then PyTorch on the very
+//! batches mixscale trained on. Both time full optimizer steps (forward, backward, global-norm
+//! clip, AdamW) after `warmup` untimed steps. Reported: tokens/s, the ratio, model FLOP/s
+//! (mixscale's accounting, [`crate::model::count`]) as a fraction of the sgemm peak measured in
+//! the same run (best of 1024³ f32 candle matmuls, same threads), peak RSS of each process
+//! (`getrusage(RUSAGE_SELF).ru_maxrss` at the end of the run, both sides: the whole process,
+//! data and interpreter included), and the first/last training losses. A comparison whose
+//! parameter tables (names, shapes, weight-decay flags) differ is marked *not comparable*.
 
-use super::{clip_grads, compute_grads, global_norm, optim::AdamW};
+#[path = "bench_torch.rs"]
+pub mod torch;
+
+use super::{clip_grads, compute_grads_with_stats, global_norm, optim::AdamW};
 use crate::config::RunSpec;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::model::count::Accounting;
 use crate::model::LanguageModel;
-use candle_core::{DType, Device};
-use serde::Serialize;
-use std::path::Path;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+use torch::{ParamTable, TorchJob, TorchRun};
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -20,22 +35,35 @@ pub struct BenchOptions {
     pub steps: usize,
     pub warmup: usize,
     pub threads: usize,
-    /// Python with torch; skipped when it does not exist.
-    pub torch_python: std::path::PathBuf,
+    /// Python with torch; the comparison is skipped when it does not exist.
+    pub torch_python: PathBuf,
+    /// Folder holding `torch_lm.py`.
+    pub bench_dir: PathBuf,
     pub device: Device,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct BenchReport {
+/// The mixscale side of one preset.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MixscaleRun {
     pub tokens_per_s: f64,
     pub step_ms: f64,
-    pub model_flops_per_s: f64,
+    pub flops_per_token: f64,
     pub params_total: usize,
-    pub torch_tokens_per_s: Option<f64>,
-    pub torch_note: String,
+    pub param_table: ParamTable,
+    /// Main-head training loss of every step (warmup included).
+    pub losses: Vec<f64>,
+    /// Global gradient norm (before clipping) of every step.
+    #[serde(default)]
+    pub grad_norms: Vec<f64>,
+    /// Peak RSS of the process that ran it (KiB; None off Linux/Unix).
+    pub peak_rss_kb: Option<u64>,
 }
 
-pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
+/// Times `o.steps` optimizer steps after `o.warmup` untimed ones, in this process. With
+/// `tokens_out`, writes the batches (u32 LE inputs, targets, mask per step) for PyTorch; with
+/// `weights_out`, the initial weights (safetensors, mixscale's names) so PyTorch can start from
+/// the very same values.
+pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>, weights_out: Option<&Path>) -> Result<MixscaleRun> {
     let dev = o.device.clone();
     // f32 master weights; bf16 compute under `train.precision: bf16` (as `mixscale train`).
     let model = LanguageModel::new_mixed(&spec.model, o.seq_len, spec.train.seed, DType::F32, spec.train.precision.compute_dtype(DType::F32), &dev)?;
@@ -43,10 +71,18 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
     let data = DataSource::new(&spec.data, spec.train.seed, o.seq_len)?;
     let mut opt = AdamW::new(&spec.train.optimizer, &model.params)?;
     let batches: Vec<_> = (0..o.warmup + o.steps).map(|i| data.train_batch((i * o.batch) as u64, o.batch, &dev)).collect::<Result<_>>()?;
+    if let Some(path) = tokens_out {
+        write_tokens(&batches, path)?;
+    }
+    if let Some(path) = weights_out {
+        candle_core::safetensors::save(&model.params.tensors(), path)?;
+    }
     let mut elapsed = 0.0;
+    let mut losses = Vec::with_capacity(batches.len());
+    let mut grad_norms = Vec::with_capacity(batches.len());
     for (i, b) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let (_loss, mut grads) = compute_grads(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
+        let (loss, mut grads, _) = compute_grads_with_stats(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
         let n = global_norm(&grads)?;
         clip_grads(&mut grads, n, spec.train.grad_clip)?;
         opt.step(&model.params, &grads, spec.train.optimizer.lr)?;
@@ -54,103 +90,212 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
         if i >= o.warmup {
             elapsed += t0.elapsed().as_secs_f64();
         }
+        losses.push(loss);
+        grad_norms.push(n);
     }
-    let tokens = (o.steps * o.batch * o.seq_len) as f64;
-    let tps = tokens / elapsed;
-    let (torch_tokens_per_s, torch_note) = run_torch(spec, o, acc.params_total);
-    Ok(BenchReport {
+    let tps = (o.steps * o.batch * o.seq_len) as f64 / elapsed;
+    Ok(MixscaleRun {
         tokens_per_s: tps,
-        step_ms: 1000.0 * elapsed / o.steps as f64,
-        model_flops_per_s: tps * acc.flops_per_token,
+        step_ms: 1000.0 * elapsed / o.steps.max(1) as f64,
+        flops_per_token: acc.flops_per_token,
         params_total: acc.params_total,
-        torch_tokens_per_s,
-        torch_note,
+        param_table: torch::param_table(&model),
+        losses,
+        grad_norms,
+        peak_rss_kb: peak_rss_kb(),
     })
 }
 
-/// Runs `bench/torch_lm.py` with the same model and batch, when possible.
-fn run_torch(spec: &RunSpec, o: &BenchOptions, params: usize) -> (Option<f64>, String) {
-    let m = &spec.model;
-    if !o.device.is_cpu() {
-        return (None, "the PyTorch reference runs on the CPU only".into());
+/// Per step: inputs `[B,T]`, targets `[B,T]`, mask `[B,T]` (1 = scored), u32 little-endian.
+fn write_tokens(batches: &[crate::data::Batch], path: &Path) -> Result<()> {
+    let mut out = Vec::new();
+    for b in batches {
+        let ones;
+        let mask = match &b.mask {
+            Some(m) => m.to_dtype(DType::F32)?.ne(0f32)?.to_dtype(DType::U32)?,
+            None => {
+                ones = b.inputs.ones_like()?.to_dtype(DType::U32)?;
+                ones
+            }
+        };
+        for t in [&b.inputs, &b.targets, &mask] {
+            let v: Vec<u32> = t.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+            v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        }
     }
-    if !spec.train.precision.is_f32() {
-        return (None, "the PyTorch reference runs in f32 only".into());
+    std::fs::write(path, out).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
+}
+
+/// Peak resident set size of this process in KiB (`getrusage(RUSAGE_SELF).ru_maxrss`).
+pub fn peak_rss_kb() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes into the zeroed struct we own.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) } == 0 {
+            let v = r.ru_maxrss as u64;
+            return Some(if cfg!(target_os = "macos") { v / 1024 } else { v });
+        }
     }
-    if m.layer_pattern.iter().any(|b| b != "attention") {
-        return (None, "no PyTorch reference for this architecture yet".into());
+    None
+}
+
+/// Best FLOP/s of `reps` 1024×1024×1024 f32 matmuls through candle on `dev` (after two
+/// untimed ones), with the threads candle is using now.
+pub fn sgemm_peak(dev: &Device, reps: usize) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?;
+    let mut best = f64::INFINITY;
+    for i in 0..reps + 2 {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        dev.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        drop(c);
+        if i >= 2 {
+            best = best.min(dt);
+        }
     }
-    if !python_exists(&o.torch_python) {
-        return (None, format!("{} not found; run bench/setup_torch.sh to compare with PyTorch", o.torch_python.display()));
+    Ok(2.0 * (n * n * n) as f64 / best)
+}
+
+/// Runs the mixscale side in a child process (`exe bench CONFIG --worker DIR ...`), so its peak
+/// RSS is its own; the batches land in `DIR/tokens.u32`.
+pub fn run_worker(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, device: &str, dir: &Path) -> Result<MixscaleRun> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("bench").arg(config).arg("--worker").arg(dir);
+    for s in sets {
+        cmd.arg("--set").arg(s);
     }
-    let a: crate::blocks::attention::AttentionConfig = match crate::blocks::parse(&m.blocks["attention"]) {
-        Ok(a) => a,
-        Err(e) => return (None, e.to_string()),
-    };
-    let ffn = match m.ffn.kind {
-        crate::config::model::FfnKind::Swiglu => "swiglu",
-        crate::config::model::FfnKind::Relu2 => "relu2",
-        crate::config::model::FfnKind::Rwkv7Cmix => return (None, "no PyTorch reference for the rwkv7_cmix FFN".into()),
-    };
-    let mut cmd = std::process::Command::new(&o.torch_python);
-    cmd.arg(Path::new("bench").join("torch_lm.py"));
-    let args: Vec<String> = vec![
-        "--vocab".into(), m.vocab_size.to_string(),
-        "--d-model".into(), m.d_model.to_string(),
-        "--n-layers".into(), m.n_layers.to_string(),
-        "--n-heads".into(), a.num_heads.to_string(),
-        "--n-kv-heads".into(), a.kv_heads().to_string(),
-        "--head-dim".into(), a.head_dim(m.d_model).to_string(),
-        "--ffn-hidden".into(), m.ffn.hidden(m.d_model).to_string(),
-        "--ffn".into(), ffn.into(),
-        "--rope-theta".into(), a.rope_theta.to_string(),
-        "--seq-len".into(), o.seq_len.to_string(),
-        "--batch".into(), o.batch.to_string(),
-        "--warmup".into(), o.warmup.to_string(),
-        "--steps".into(), o.steps.to_string(),
-        "--threads".into(), o.threads.to_string(),
-        "--lr".into(), spec.train.optimizer.lr.to_string(),
-    ];
-    cmd.args(&args);
-    if a.qk_norm {
-        cmd.arg("--qk-norm");
+    for (k, v) in [("--batch", o.batch), ("--seq-len", o.seq_len), ("--steps", o.steps), ("--warmup", o.warmup), ("--threads", o.threads)] {
+        cmd.arg(k).arg(v.to_string());
     }
-    if !m.tied_embeddings {
-        cmd.arg("--untied");
-    }
-    let out = match cmd.output() {
-        Ok(o) => o,
-        Err(e) => return (None, format!("could not run PyTorch reference: {e}")),
-    };
+    cmd.arg("--device").arg(device).env("RAYON_NUM_THREADS", o.threads.to_string());
+    let out = cmd.output().map_err(|e| Error::Other(format!("could not run {}: {e}", exe.display())))?;
     if !out.status.success() {
-        return (None, format!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Other(format!("mixscale bench worker for {} failed: {}", config.display(), err.trim())));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-    match serde_json::from_str::<serde_json::Value>(line) {
-        Ok(v) => {
-            let tps = v["tokens_per_s"].as_f64();
-            let tp = v["params_total"].as_u64().unwrap_or(0) as usize;
-            let note = if tp != params { format!("parameter counts differ: torch {tp} vs mixscale {params}") } else { format!("torch {}", v["torch_version"].as_str().unwrap_or("?")) };
-            (tps, note)
-        }
-        Err(e) => (None, format!("unreadable PyTorch output ({e}): {line}")),
+    let path = dir.join("mixscale.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+/// The worker's side: run in-process and write `DIR/mixscale.json` (+ `DIR/tokens.u32`).
+pub fn worker_main(spec: &RunSpec, o: &BenchOptions, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let r = run_mixscale(spec, o, Some(&dir.join("tokens.u32")), None)?;
+    let path = dir.join("mixscale.json");
+    let text = serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub name: String,
+    pub mixscale: MixscaleRun,
+    pub torch: Option<TorchRun>,
+    /// Why there is no (comparable) PyTorch number; None when comparable.
+    pub note: Option<String>,
+    pub comparable: bool,
+    pub sgemm_flops: f64,
+}
+
+impl BenchRow {
+    /// Pairs the two sides; parameter tables must be equal for the row to be comparable.
+    pub fn new(name: String, mixscale: MixscaleRun, torch: std::result::Result<TorchRun, String>, sgemm_flops: f64) -> Self {
+        let (torch, note) = match torch {
+            Ok(t) => {
+                let diff = torch::compare_params(&mixscale.param_table, &t.param_table);
+                let note = diff.map(|d| format!("NOT COMPARABLE: torch {} params vs mixscale {}; {d}", t.params_total, mixscale.params_total));
+                (Some(t), note)
+            }
+            Err(e) => (None, Some(e)),
+        };
+        let comparable = torch.is_some() && note.is_none();
+        Self { name, mixscale, torch, note, comparable, sgemm_flops }
+    }
+
+    pub fn ratio(&self) -> Option<f64> {
+        let t = self.torch.as_ref().filter(|_| self.comparable)?;
+        Some(self.mixscale.tokens_per_s / t.tokens_per_s)
+    }
+
+    fn mfu(&self, tps: f64) -> f64 {
+        tps * self.mixscale.flops_per_token / self.sgemm_flops
     }
 }
 
-/// A path that exists, or a bare program name found on PATH (e.g. `python3`).
-fn python_exists(p: &Path) -> bool {
-    if p.components().count() > 1 || p.exists() {
-        return p.exists();
-    }
-    std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file())).unwrap_or(false)
+fn mib(kb: Option<u64>) -> String {
+    kb.map(|k| format!("{:.0}", k as f64 / 1024.0)).unwrap_or_else(|| "-".into())
 }
 
-impl BenchReport {
-    pub fn check(&self) -> Result<()> {
-        if !self.tokens_per_s.is_finite() {
-            return Err(Error::Other("benchmark produced no timing".into()));
-        }
-        Ok(())
+fn loss_pair(l: &[f64]) -> String {
+    match (l.first(), l.last()) {
+        (Some(a), Some(b)) => format!("{a:.3}>{b:.3}"),
+        _ => "-".into(),
     }
+}
+
+/// Prints the table (one line per preset, notes below).
+pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std::io::Result<()> {
+    writeln!(out, "{header}")?;
+    if let Some(r) = rows.first() {
+        writeln!(out, "sgemm peak (1024^3 f32, candle, same threads): {:.1} GFLOP/s; MFU = model FLOP/s / sgemm peak", r.sgemm_flops / 1e9)?;
+    }
+    writeln!(
+        out,
+        "{:<22} {:>9} {:>11} {:>11} {:>6} {:>9} {:>6} {:>6} {:>7} {:>7} {:>13} {:>13}",
+        "preset", "params", "mix tok/s", "torch tok/s", "ratio", "mixGF/s", "mixMFU", "thMFU", "mixMiB", "thMiB", "mix loss", "torch loss"
+    )?;
+    for r in rows {
+        let m = &r.mixscale;
+        let (ttps, tmfu, trss, tloss) = match (&r.torch, r.comparable) {
+            (Some(t), true) => (format!("{:.0}", t.tokens_per_s), format!("{:.3}", r.mfu(t.tokens_per_s)), mib(t.peak_rss_kb), loss_pair(&t.losses)),
+            (Some(_), false) => ("n/c".into(), "-".into(), "-".into(), "-".into()),
+            _ => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let ratio = r.ratio().map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:<22} {:>9} {:>11.0} {:>11} {:>6} {:>9.2} {:>6.3} {:>6} {:>7} {:>7} {:>13} {:>13}",
+            r.name,
+            m.params_total,
+            m.tokens_per_s,
+            ttps,
+            ratio,
+            m.tokens_per_s * m.flops_per_token / 1e9,
+            r.mfu(m.tokens_per_s),
+            tmfu,
+            mib(m.peak_rss_kb),
+            trss,
+            loss_pair(&m.losses),
+            tloss
+        )?;
+    }
+    for r in rows {
+        match &r.note {
+            Some(n) => writeln!(out, "{}: {n}", r.name)?,
+            None => writeln!(out, "{}: comparable (same {} parameters, names, shapes, decay flags; torch {})", r.name, r.mixscale.params_total, r.torch.as_ref().map(|t| t.torch_version.as_str()).unwrap_or("?"))?,
+        }
+    }
+    Ok(())
+}
+
+/// Benchmarks one preset: mixscale in a worker process, then PyTorch on the same batches.
+/// `work` is a scratch folder for this preset.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_preset(exe: &Path, name: &str, config: &Path, sets: &[String], spec: &RunSpec, o: &BenchOptions, device: &str, work: &Path, sgemm: f64) -> Result<BenchRow> {
+    let m = run_worker(exe, config, sets, o, device, work)?;
+    let torch = if !spec.train.precision.is_f32() {
+        Err("the PyTorch reference runs in f32 only".into())
+    } else if o.device.is_cpu() {
+        let job = TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, o.threads, Some(work.join("tokens.u32")));
+        torch::run_torch(&o.torch_python, &o.bench_dir, work, &[job], false).map(|mut v| v.remove(0))
+    } else {
+        Err("the PyTorch reference runs on the CPU only".into())
+    };
+    Ok(BenchRow::new(name.to_string(), m, torch, sgemm))
 }
