@@ -126,6 +126,9 @@ enum Cmd {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Also print the time per step of each phase (forward, backward, grad norm, clip, optimizer).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -221,13 +224,13 @@ pub fn run() -> Result<i32> {
         Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
             fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
-        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device } => {
+        Cmd::Bench { config, sets, batch, seq_len, steps, warmup, threads, torch_python, device, profile } => {
             let spec = load_run(&config, &sets)?;
             let device = mixscale::device::parse(&device)?;
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, device };
+            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, device, profile };
             let r = bench::bench(&spec, &opts).context("benchmark")?;
             r.check()?;
             println!("{} | batch {batch} x seq {seq_len}, {threads} threads, {steps} timed steps, {}", config.display(), mixscale::device::describe(&opts.device));
@@ -239,6 +242,9 @@ pub fn run() -> Result<i32> {
                     println!("ratio mixscale/pytorch: {:.2}x ({})", r.tokens_per_s / t, r.torch_note);
                 }
                 None => println!("pytorch: skipped ({})", r.torch_note),
+            }
+            for (phase, ms) in &r.phases {
+                println!("  phase {phase:<18} {ms:>9.1} ms/step ({:>4.1}%)", 100.0 * ms / r.step_ms);
             }
             Ok(0)
         }

@@ -2,7 +2,7 @@
 //! given batch and sequence length, and — when `bench/.venv` holds PyTorch — the same model in
 //! PyTorch eager (`bench/torch_lm.py`) timed in the same run, with the ratio.
 
-use super::{clip_grads, compute_grads, global_norm, optim::AdamW};
+use super::{compute_grads, global_norm, optim::AdamW};
 use crate::config::RunSpec;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
@@ -23,6 +23,8 @@ pub struct BenchOptions {
     /// Python with torch; skipped when it does not exist.
     pub torch_python: std::path::PathBuf,
     pub device: Device,
+    /// Also time the phases of each step (forward, backward, grad norm, clipped optimizer step).
+    pub profile: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -33,6 +35,8 @@ pub struct BenchReport {
     pub params_total: usize,
     pub torch_tokens_per_s: Option<f64>,
     pub torch_note: String,
+    /// Mean milliseconds per timed step of each phase (with `profile`), in step order.
+    pub phases: Vec<(String, f64)>,
 }
 
 pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
@@ -43,16 +47,50 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
     let mut opt = AdamW::new(&spec.train.optimizer, &model.params)?;
     let batches: Vec<_> = (0..o.warmup + o.steps).map(|i| data.train_batch((i * o.batch) as u64, o.batch, &dev)).collect::<Result<_>>()?;
     let mut elapsed = 0.0;
+    let mut phases: Vec<(String, f64)> = Vec::new();
     for (i, b) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let (_loss, mut grads) = compute_grads(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
+        let mut marks: Vec<(&str, Instant)> = Vec::new();
+        let grads = if o.profile && !matches!(model.mtp, Some(crate::model::mtp::Mtp::Gloeckle { .. })) {
+            // The same computation as `compute_grads` (one micro-batch), split at the phases.
+            crate::model::objective::begin_step(&model);
+            let terms = crate::model::mtp::loss_terms(&model, &b.inputs, &b.targets, b.mask.as_ref())?;
+            let total = terms.total()?;
+            total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            marks.push(("forward", Instant::now()));
+            let g = total.backward()?;
+            let mut grads = std::collections::BTreeMap::new();
+            crate::model::mtp::collect_grads(&model, &g, &mut grads)?;
+            drop(g);
+            marks.push(("backward", Instant::now()));
+            grads
+        } else {
+            let (_loss, grads) = compute_grads(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
+            marks.push(("forward+backward", Instant::now()));
+            grads
+        };
         let n = global_norm(&grads)?;
-        clip_grads(&mut grads, n, spec.train.grad_clip)?;
-        opt.step(&model.params, &grads, spec.train.optimizer.lr)?;
+        marks.push(("grad norm", Instant::now()));
+        opt.step_clipped(&model.params, &grads, spec.train.optimizer.lr, super::optim::clip_coef(n, spec.train.grad_clip))?;
         o.device.synchronize()?;
+        marks.push(("optimizer", Instant::now()));
+        drop(grads);
+        marks.push(("free", Instant::now()));
         if i >= o.warmup {
             elapsed += t0.elapsed().as_secs_f64();
+            let mut prev = t0;
+            for (k, (name, t)) in marks.iter().enumerate() {
+                let ms = 1000.0 * (*t - prev).as_secs_f64() / o.steps as f64;
+                match phases.get_mut(k) {
+                    Some(p) => p.1 += ms,
+                    None => phases.push((name.to_string(), ms)),
+                }
+                prev = *t;
+            }
         }
+    }
+    if !o.profile {
+        phases.clear();
     }
     let tokens = (o.steps * o.batch * o.seq_len) as f64;
     let tps = tokens / elapsed;
@@ -64,6 +102,7 @@ pub fn bench(spec: &RunSpec, o: &BenchOptions) -> Result<BenchReport> {
         params_total: acc.params_total,
         torch_tokens_per_s,
         torch_note,
+        phases,
     })
 }
 
