@@ -18,7 +18,8 @@ out=${PROFILE_DIR:-/tmp/mixscale-profile}
 mkdir -p "$out"
 name=$(basename "$preset" .yaml)
 profile=${PROFILE:-release}
-(cd "$root" && cargo build --profile "$profile" --bin mixscale >&2)
+# NO_BUILD=1: profile the binary already built.
+[ -n "${NO_BUILD:-}" ] || (cd "$root" && cargo build --profile "$profile" --bin mixscale >&2)
 bin=$tgt/$profile/mixscale
 command -v perf >/dev/null || { echo "perf not found" >&2; exit 1; }
 perf record -F 999 -g -o "$out/$name.data" -- "$bin" bench "$preset" --threads "$threads" --profile \
