@@ -146,6 +146,9 @@ enum Cmd {
         /// Internal: run the mixscale side of one config in this process, results into DIR.
         #[arg(long, hide = true, value_name = "DIR")]
         worker: Option<PathBuf>,
+        /// Also print the time per step of each phase (forward, backward, grad norm, clip, optimizer).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -284,13 +287,13 @@ pub fn run() -> Result<i32> {
         Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
             fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
-        Cmd::Bench { configs, all, sets, batch, seq_len, steps, warmup, threads, torch_python, bench_dir, json, device, precision, worker } => {
+        Cmd::Bench { configs, all, sets, batch, seq_len, steps, warmup, threads, torch_python, bench_dir, json, device, precision, worker, profile } => {
             let sets = with_precision(sets, precision);
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
             let dev = mixscale::device::parse(&device)?;
-            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, bench_dir, device: dev };
+            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, bench_dir, device: dev, profile };
             if let Some(dir) = worker {
                 let spec = load_run(&configs[0], &sets)?;
                 bench::worker_main(&spec, &opts, &dir).context("benchmark")?;

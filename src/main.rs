@@ -12,6 +12,7 @@ mod cli_sweep;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    mixscale::ops::cpu::set_threading_defaults();
     let code = match cli::run() {
         Ok(code) => code,
         Err(e) => {

@@ -57,7 +57,7 @@ impl Ffn {
         let x2 = xin.reshape((b * t, d))?;
         let up = x2.matmul(&self.w_up)?;
         let h = match (&self.kind, &self.w_gate) {
-            (FfnKind::Swiglu, Some(g)) => (x2.matmul(g)?.silu()? * up)?,
+            (FfnKind::Swiglu, Some(g)) => crate::ops::swiglu::swiglu(&x2.matmul(g)?, &up)?,
             _ => up.relu()?.sqr()?,
         };
         h.matmul(&self.w_down)?.reshape((b, t, d))

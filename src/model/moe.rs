@@ -85,7 +85,7 @@ struct Expert {
 
 impl Expert {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        (x.matmul(&self.w_gate)?.silu()? * x.matmul(&self.w_up)?)?.matmul(&self.w_down)
+        crate::ops::swiglu::swiglu(&x.matmul(&self.w_gate)?, &x.matmul(&self.w_up)?)?.matmul(&self.w_down)
     }
 }
 

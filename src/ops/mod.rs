@@ -17,6 +17,7 @@ pub mod short_conv;
 pub mod softmax;
 pub mod ssd;
 pub mod ssd_chunked;
+pub mod swiglu;
 
 use crate::error::{Error, Result};
 

@@ -15,7 +15,7 @@
 #[path = "bench_torch.rs"]
 pub mod torch;
 
-use super::{clip_grads, compute_grads_with_stats, global_norm, optim::AdamW};
+use super::{compute_grads_with_stats, global_norm, optim::{clip_coef, AdamW}};
 use crate::config::RunSpec;
 use crate::data::DataSource;
 use crate::error::{Error, Result};
@@ -40,6 +40,8 @@ pub struct BenchOptions {
     /// Folder holding `torch_lm.py`.
     pub bench_dir: PathBuf,
     pub device: Device,
+    /// Also time the phases of each step (forward, backward, grad norm, clipped optimizer step).
+    pub profile: bool,
 }
 
 /// The mixscale side of one preset.
@@ -57,6 +59,9 @@ pub struct MixscaleRun {
     pub grad_norms: Vec<f64>,
     /// Peak RSS of the process that ran it (KiB; None off Linux/Unix).
     pub peak_rss_kb: Option<u64>,
+    /// Mean milliseconds per timed step of each phase (with `profile`), in step order.
+    #[serde(default)]
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Times `o.steps` optimizer steps after `o.warmup` untimed ones, in this process. With
@@ -80,18 +85,54 @@ pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>,
     let mut elapsed = 0.0;
     let mut losses = Vec::with_capacity(batches.len());
     let mut grad_norms = Vec::with_capacity(batches.len());
+    let mut phases: Vec<(String, f64)> = Vec::new();
     for (i, b) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let (loss, mut grads, _) = compute_grads_with_stats(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
+        let mut marks: Vec<(&str, Instant)> = Vec::new();
+        let (loss, grads) = if o.profile && !matches!(model.mtp, Some(crate::model::mtp::Mtp::Gloeckle { .. })) {
+            // The same computation as `compute_grads` (one micro-batch), split at the phases.
+            crate::model::objective::begin_step(&model);
+            let terms = crate::model::mtp::loss_terms(&model, &b.inputs, &b.targets, b.mask.as_ref())?;
+            let total = terms.total()?;
+            let loss = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            marks.push(("forward", Instant::now()));
+            let g = total.backward()?;
+            let mut grads = std::collections::BTreeMap::new();
+            crate::model::mtp::collect_grads(&model, &g, &mut grads)?;
+            drop(g);
+            marks.push(("backward", Instant::now()));
+            // The objective including auxiliary terms (MoE balance, MTP), not only the main head.
+            (loss, grads)
+        } else {
+            let (loss, grads, _) = compute_grads_with_stats(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
+            marks.push(("forward+backward", Instant::now()));
+            (loss, grads)
+        };
         let n = global_norm(&grads)?;
-        clip_grads(&mut grads, n, spec.train.grad_clip)?;
-        opt.step(&model.params, &grads, spec.train.optimizer.lr)?;
+        marks.push(("grad norm", Instant::now()));
+        // As the training loop: clipping folded into the fused AdamW step.
+        opt.step_clipped(&model.params, &grads, spec.train.optimizer.lr, clip_coef(n, spec.train.grad_clip))?;
         o.device.synchronize()?;
+        marks.push(("optimizer", Instant::now()));
+        drop(grads);
+        marks.push(("free", Instant::now()));
         if i >= o.warmup {
             elapsed += t0.elapsed().as_secs_f64();
+            let mut prev = t0;
+            for (k, (name, t)) in marks.iter().enumerate() {
+                let ms = 1000.0 * (*t - prev).as_secs_f64() / o.steps as f64;
+                match phases.get_mut(k) {
+                    Some(p) => p.1 += ms,
+                    None => phases.push((name.to_string(), ms)),
+                }
+                prev = *t;
+            }
         }
         losses.push(loss);
         grad_norms.push(n);
+    }
+    if !o.profile {
+        phases.clear();
     }
     let tps = (o.steps * o.batch * o.seq_len) as f64 / elapsed;
     Ok(MixscaleRun {
@@ -103,6 +144,7 @@ pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>,
         losses,
         grad_norms,
         peak_rss_kb: peak_rss_kb(),
+        phases,
     })
 }
 
@@ -170,6 +212,9 @@ pub fn run_worker(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, 
     }
     for (k, v) in [("--batch", o.batch), ("--seq-len", o.seq_len), ("--steps", o.steps), ("--warmup", o.warmup), ("--threads", o.threads)] {
         cmd.arg(k).arg(v.to_string());
+    }
+    if o.profile {
+        cmd.arg("--profile");
     }
     cmd.arg("--device").arg(device).env("RAYON_NUM_THREADS", o.threads.to_string());
     let out = cmd.output().map_err(|e| Error::Other(format!("could not run {}: {e}", exe.display())))?;
@@ -274,6 +319,10 @@ pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std:
             loss_pair(&m.losses),
             tloss
         )?;
+    }
+    for r in rows.iter().filter(|r| !r.mixscale.phases.is_empty()) {
+        let p: Vec<String> = r.mixscale.phases.iter().map(|(k, ms)| format!("{k} {ms:.1} ms")).collect();
+        writeln!(out, "{} phases per step: {}", r.name, p.join(", "))?;
     }
     for r in rows {
         match &r.note {

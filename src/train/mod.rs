@@ -223,7 +223,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
         let lr = t.optimizer.lr * schedule::lr_factor(&t.schedule, step, total);
         let t0 = Instant::now();
         let pos = state.data_position;
-        let (train_loss, mut grads, step_stats) =
+        let (train_loss, grads, step_stats) =
             compute_grads_with_stats(&model, accum, |m| data.train_batch(pos + (m * mb) as u64, mb, dev))?;
         let extra_values = step_stats.values(&model);
         state.data_position += t.batch_size as u64;
@@ -248,8 +248,7 @@ pub fn train(spec: &RunSpec, opts: &TrainOptions) -> Result<Outcome> {
             last_extra = extra_values;
             break;
         }
-        clip_grads(&mut grads, grad_norm, t.grad_clip)?;
-        opt.step(&model.params, &grads, lr)?;
+        opt.step_clipped(&model.params, &grads, lr, optim::clip_coef(grad_norm, t.grad_clip))?;
         objective::after_step(&model, &step_stats)?;
         state.step = step + 1;
         state.adam_t = opt.t;
@@ -364,19 +363,20 @@ pub fn compute_grads_with_stats(
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut norm2 = 0.0;
     for g in grads.values() {
-        norm2 += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        norm2 += match optim::fused::sum_squares(g)? {
+            Some(s) => s,
+            None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
+        };
     }
     Ok(norm2.sqrt())
 }
 
 /// Global-norm clipping as PyTorch's `clip_grad_norm_`: scale by max/(norm + 1e-6) when < 1.
+/// (The training loop folds this into [`AdamW::step_clipped`].)
 pub fn clip_grads(grads: &mut BTreeMap<String, Tensor>, norm: f64, max: f64) -> Result<()> {
-    if max > 0.0 {
-        let coef = max / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.values_mut() {
-                *g = (&*g * coef)?;
-            }
+    if let Some(coef) = optim::clip_coef(norm, max) {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(())

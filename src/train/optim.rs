@@ -2,6 +2,12 @@
 //! `θ ← θ(1 − lr·wd)` (decayed params only), `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`,
 //! `θ ← θ − (lr / (1−β1^t)) · m / (sqrt(v)/sqrt(1−β2^t) + ε)`.
 //! State (m, v, t) is saved with checkpoints so a resumed run continues bit-exactly.
+//!
+//! CPU f32/f64 parameters are updated in place by the fused kernels of [`fused`] (three
+//! streaming passes, gradient clipping folded in); other devices and dtypes use the composed
+//! form [`AdamW::step_composed`], the reference the fused form is tested against bit for bit.
+
+pub mod fused;
 
 use crate::config::train::AdamWSpec;
 use crate::model::params::ParamStore;
@@ -29,28 +35,68 @@ impl AdamW {
 
     /// One update with gradients `grads` (by parameter name) at learning rate `lr`.
     pub fn step(&mut self, params: &ParamStore, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_clipped(params, grads, lr, None)
+    }
+
+    /// [`Self::step`] with every gradient first scaled by `clip` (the global-norm clipping
+    /// coefficient of [`clip_coef`]), as `g * clip` would.
+    pub fn step_clipped(&mut self, params: &ParamStore, grads: &BTreeMap<String, Tensor>, lr: f64, clip: Option<f64>) -> Result<()> {
         self.t += 1;
-        let s = &self.spec;
+        let s = self.spec.clone();
         let bc1 = 1.0 - s.beta1.powi(self.t as i32);
         let bc2 = 1.0 - s.beta2.powi(self.t as i32);
         let step_size = lr / bc1;
         for (k, p) in &params.params {
             let Some(g) = grads.get(k) else { continue };
-            // Everything here is detached from the autograd graph: a state tensor that kept
-            // its op history would chain every step's gradients together (a memory leak).
-            let g = g.detach();
-            let m = (self.m[k].affine(s.beta1, 0.0)? + g.affine(1.0 - s.beta1, 0.0)?)?.detach();
-            let v = (self.v[k].affine(s.beta2, 0.0)? + g.sqr()?.affine(1.0 - s.beta2, 0.0)?)?.detach();
-            let mut theta = p.var.as_tensor().detach();
-            if p.decay && s.weight_decay > 0.0 {
-                theta = theta.affine(1.0 - lr * s.weight_decay, 0.0)?;
+            let theta = p.var.as_tensor();
+            if !fused::fusable(theta, g) {
+                let g = match clip {
+                    Some(c) => (g * c)?,
+                    None => g.clone(),
+                };
+                self.update_composed(k, p, &g, lr, step_size, bc2)?;
+                continue;
             }
-            let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), s.eps)?;
-            let upd = (m.div(&denom)?).affine(step_size, 0.0)?;
-            p.var.set(&(theta - upd)?)?;
-            self.m.insert(k.clone(), m);
-            self.v.insert(k.clone(), v);
+            let g = g.contiguous()?;
+            let (m, v) = (&self.m[k], &self.v[k]);
+            m.inplace_op2(&g, &fused::Moment { beta: s.beta1, squared: false, coef: clip })?;
+            v.inplace_op2(&g, &fused::Moment { beta: s.beta2, squared: true, coef: clip })?;
+            let decay = (p.decay && s.weight_decay > 0.0).then_some(1.0 - lr * s.weight_decay);
+            theta.inplace_op3(m, v, &fused::Theta { decay, inv_sqrt_bc2: 1.0 / bc2.sqrt(), eps: s.eps, step_size })?;
         }
+        Ok(())
+    }
+
+    /// The composed form of [`Self::step`] (candle tensor ops, any device and dtype).
+    pub fn step_composed(&mut self, params: &ParamStore, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.t += 1;
+        let s = self.spec.clone();
+        let bc1 = 1.0 - s.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - s.beta2.powi(self.t as i32);
+        let step_size = lr / bc1;
+        for (k, p) in &params.params {
+            let Some(g) = grads.get(k) else { continue };
+            self.update_composed(k, p, g, lr, step_size, bc2)?;
+        }
+        Ok(())
+    }
+
+    fn update_composed(&mut self, k: &str, p: &crate::model::params::Param, g: &Tensor, lr: f64, step_size: f64, bc2: f64) -> Result<()> {
+        let s = &self.spec;
+        // Everything here is detached from the autograd graph: a state tensor that kept
+        // its op history would chain every step's gradients together (a memory leak).
+        let g = g.detach();
+        let m = (self.m[k].affine(s.beta1, 0.0)? + g.affine(1.0 - s.beta1, 0.0)?)?.detach();
+        let v = (self.v[k].affine(s.beta2, 0.0)? + g.sqr()?.affine(1.0 - s.beta2, 0.0)?)?.detach();
+        let mut theta = p.var.as_tensor().detach();
+        if p.decay && s.weight_decay > 0.0 {
+            theta = theta.affine(1.0 - lr * s.weight_decay, 0.0)?;
+        }
+        let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), s.eps)?;
+        let upd = (m.div(&denom)?).affine(step_size, 0.0)?;
+        p.var.set(&(theta - upd)?)?;
+        self.m.insert(k.to_string(), m);
+        self.v.insert(k.to_string(), v);
         Ok(())
     }
 
@@ -87,6 +133,16 @@ impl AdamW {
         Ok(())
     }
 }
+
+/// The global-norm clipping coefficient of PyTorch's `clip_grad_norm_`: `max/(norm + 1e-6)`
+/// when that is below 1 (and `max > 0`), else None (no clipping).
+pub fn clip_coef(norm: f64, max: f64) -> Option<f64> {
+    let coef = max / (norm + 1e-6);
+    (max > 0.0 && coef < 1.0).then_some(coef)
+}
+
+#[cfg(test)]
+mod fused_tests;
 
 #[cfg(test)]
 mod tests {
