@@ -59,14 +59,18 @@ fn ssd_matches_mamba_ssm_two_groups() {
     check_against_golden("ssd", "ssd_g2", &["y", "final_state"]);
 }
 
-/// fla `naive_recurrent_gated_delta_rule` with an initial state, T = 21.
+/// fla `naive_recurrent_gated_delta_rule` with an initial state, T = 21; fused kernel and
+/// composed chunked form.
 #[test]
 fn gated_delta_rule_matches_fla_with_state() {
     check_against_golden("gated_delta_rule", "gated_delta_rule_state", &["o", "final_state"]);
+    check_against_golden("gated_delta_rule_chunked", "gated_delta_rule_state", &["o", "final_state"]);
 }
 
-/// No initial state, T = 70 (two chunks of 64 here, the second padded).
+/// No initial state, T = 70 (fused: five checkpoint segments; chunked: two chunks of 64, the
+/// second padded).
 #[test]
 fn gated_delta_rule_matches_fla_t70() {
     check_against_golden("gated_delta_rule", "gated_delta_rule_t70", &["o", "final_state"]);
+    check_against_golden("gated_delta_rule_chunked", "gated_delta_rule_t70", &["o", "final_state"]);
 }

@@ -7,6 +7,7 @@ pub mod attn_fused;
 pub mod cpu;
 pub mod fox;
 pub mod gated_delta_rule;
+pub mod gdr_fused;
 pub mod moba;
 pub mod moba_fused;
 pub mod norm;
@@ -57,7 +58,18 @@ pub static OPS: &[OpEntry] = &[
     },
     OpEntry {
         name: "gated_delta_rule",
-        about: "gated delta rule (chunked, C=64); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H], initial_state [B,H,K,V] -> o, final_state",
+        about: "gated delta rule (fused CPU kernel); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H], initial_state [B,H,K,V] -> o, final_state",
+        inputs: &["q", "k", "v", "g", "beta"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = gdr_fused::gdr_train(&t["q"], &t["k"], &t["v"], &t["g"], &t["beta"], s0, gated_delta_rule::DEFAULT_CHUNK, true)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "gated_delta_rule_chunked",
+        about: "gated delta rule, composed chunked WY form (C=64); inputs and outputs as gated_delta_rule",
         inputs: &["q", "k", "v", "g", "beta"],
         optional: &["initial_state"],
         forward: |t| {
