@@ -51,12 +51,14 @@ fn check_against_golden(op_name: &str, name: &str, outputs: &[&str]) {
 #[test]
 fn ssd_matches_mamba_ssm_one_group_with_state() {
     check_against_golden("ssd", "ssd_g1_state", &["y", "final_state"]);
+    check_against_golden("ssd_chunked", "ssd_g1_state", &["y", "final_state"]);
 }
 
 /// Two groups of two heads, no initial state, T = 19.
 #[test]
 fn ssd_matches_mamba_ssm_two_groups() {
     check_against_golden("ssd", "ssd_g2", &["y", "final_state"]);
+    check_against_golden("ssd_chunked", "ssd_g2", &["y", "final_state"]);
 }
 
 /// fla `naive_recurrent_gated_delta_rule` with an initial state, T = 21; fused kernel and

@@ -18,6 +18,7 @@ pub mod short_conv;
 pub mod softmax;
 pub mod ssd;
 pub mod ssd_chunked;
+pub mod ssd_fused;
 
 use crate::error::{Error, Result};
 
@@ -80,7 +81,17 @@ pub static OPS: &[OpEntry] = &[
     },
     OpEntry {
         name: "ssd",
-        about: "Mamba-2 SSD (chunked, C=256); x [B,T,H,P], dt [B,T,H], A [H], Bm, Cm [B,T,G,N], initial_state [B,H,P,N] -> y, final_state",
+        about: "Mamba-2 SSD (fused CPU kernel); x [B,T,H,P], dt [B,T,H], A [H], Bm, Cm [B,T,G,N], initial_state [B,H,P,N] -> y, final_state",
+        inputs: &["x", "dt", "A", "Bm", "Cm"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let (y, s) = ssd_fused::ssd_train(&t["x"], &t["dt"], &t["A"], &t["Bm"], &t["Cm"], t.get("initial_state"), ssd::DEFAULT_CHUNK, true)?;
+            Ok(vec![("y".into(), y), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "ssd_chunked",
+        about: "Mamba-2 SSD, composed chunked form (C=256); inputs and outputs as ssd",
         inputs: &["x", "dt", "A", "Bm", "Cm"],
         optional: &["initial_state"],
         forward: |t| {
