@@ -14,6 +14,7 @@ pub mod norm;
 pub mod rope;
 pub mod rwkv7;
 pub mod rwkv7_chunk;
+pub mod rwkv7_fused;
 pub mod short_conv;
 pub mod softmax;
 pub mod ssd;
@@ -124,7 +125,18 @@ pub static OPS: &[OpEntry] = &[
     },
     OpEntry {
         name: "rwkv7",
-        about: "RWKV-7 WKV (DPLR delta rule, chunked, C=16); r, w (decay in (0,1)), k, a, b [B,T,H,K], v [B,T,H,V], initial_state [B,H,V,K] -> o, final_state",
+        about: "RWKV-7 WKV (DPLR delta rule, fused CPU kernel); r, w (decay in (0,1)), k, a, b [B,T,H,K], v [B,T,H,V], initial_state [B,H,V,K] -> o, final_state",
+        inputs: &["r", "w", "k", "v", "a", "b"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = rwkv7_fused::rwkv7_train(&t["r"], &t["w"], &t["k"], &t["v"], &t["a"], &t["b"], s0, rwkv7::DEFAULT_CHUNK, true)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "rwkv7_chunked",
+        about: "RWKV-7 WKV, composed chunked form (C=16); inputs and outputs as rwkv7",
         inputs: &["r", "w", "k", "v", "a", "b"],
         optional: &["initial_state"],
         forward: |t| {
