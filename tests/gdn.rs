@@ -1,6 +1,7 @@
 use crate::util::{mixscale, tempdir};
 use candle_core::{DType, Device, Tensor, Var};
 use mixscale::ops::gated_delta_rule::{gdr_chunked, gdr_recurrent, gdr_reference};
+use mixscale::ops::gdr_fused::{self, gdr_fused};
 use mixscale::testing::{assert_close, check_grads, rand_tensor, to_vec};
 use std::collections::HashMap;
 
@@ -197,4 +198,118 @@ fn gdn_op_single_sequence_single_head_chunk64_grads() {
     for (j, w) in want.iter().enumerate() {
         assert_close(&format!("b1 h1 d{}", NAMES[j]), w, &got[j], 1e-4);
     }
+}
+
+fn fused(x: &[Tensor], init: bool) -> (Tensor, Tensor) {
+    gdr_fused(&x[0], &x[1], &x[2], &x[3], &x[4], init.then_some(&x[5])).unwrap()
+}
+
+/// Fused CPU kernel == plain f64 loop (f64 to 1e-12; f32 to 1e-4) and == the composed chunked
+/// form in f32 (1e-4): outputs and final states, T = 1, 15, 16, 37, 130 (checkpoint segments of
+/// 16, partial last segment), with and without an initial state.
+#[test]
+fn gdn_fused_matches_reference_and_chunked() {
+    for (i, t) in [1usize, 15, 16, 37, 130].into_iter().enumerate() {
+        for init in [i % 2 == 0, i % 2 == 1] {
+            let (b, h, dk, dv) = (2, 3, 6, 5);
+            let name = format!("t{t}_init{init}");
+            let x = inputs(b, t, h, dk, dv, 800 + t as u64);
+            let (o_ref, s_ref) = reference(&x, init);
+            let (o, s) = fused(&x, init);
+            assert_eq!((o.dtype(), s.dtype()), (DType::F64, DType::F64));
+            assert_close(&format!("fused o {name}"), &o_ref, &o, 1e-12);
+            assert_close(&format!("fused state {name}"), &s_ref, &s, 1e-12);
+            let (o32, s32) = fused(&f32s(&x), init);
+            assert_eq!((o32.dtype(), s32.dtype()), (DType::F32, DType::F32));
+            assert_close(&format!("fused f32 o {name}"), &o_ref, &o32, 1e-4);
+            assert_close(&format!("fused f32 state {name}"), &s_ref, &s32, 1e-4);
+            let (oc, sc) = chunked(16)(&f32s(&x), init);
+            assert_close(&format!("fused vs chunked f32 o {name}"), &oc, &o32, 1e-4);
+            assert_close(&format!("fused vs chunked f32 state {name}"), &sc, &s32, 1e-4);
+        }
+    }
+}
+
+/// Gradients of the fused kernel w.r.t. q, k, v, g, beta and initial_state == autograd through
+/// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the composed chunked form in f32
+/// (1e-4); the loss weights the final state too.
+#[test]
+fn gdn_fused_grads_match_recurrent_and_chunked() {
+    for t in [1usize, 16, 37, 130] {
+        let (b, h, dk, dv) = (2, 2, 6, 5);
+        let x = inputs(b, t, h, dk, dv, 900 + t as u64);
+        let wo = rand_tensor(&[b, t, h, dv], 1.0, 17);
+        let ws = rand_tensor(&[b, h, dk, dv], 1.0, 18);
+        for init in [false, true] {
+            let want = grads(&recurrent, &x, init, &wo, &ws);
+            let got = grads(&fused, &x, init, &wo, &ws);
+            let got32 = grads(&fused, &f32s(&x), init, &wo, &ws);
+            let chunk32 = grads(&chunked(16), &f32s(&x), init, &wo, &ws);
+            for (j, w) in want.iter().enumerate() {
+                let name = format!("fused d{} t{t}_init{init}", NAMES[j]);
+                assert_close(&format!("{name} f64"), w, &got[j], 1e-10);
+                assert_close(&format!("{name} f32"), w, &got32[j], 1e-4);
+                assert_close(&format!("{name} f32 vs chunked f32"), &chunk32[j], &got32[j], 1e-4);
+            }
+        }
+    }
+}
+
+/// Finite differences of the fused kernel in f64, T = 19 (two checkpoint segments).
+#[test]
+fn gdn_fused_grads_match_finite_differences() {
+    let x = inputs(1, 19, 2, 3, 2, 310);
+    let vars: Vec<(String, Var)> = x.iter().enumerate().map(|(i, t)| (NAMES[i].to_string(), Var::from_tensor(t).unwrap())).collect();
+    let wo = rand_tensor(&[1, 19, 2, 2], 1.0, 19);
+    let ws = rand_tensor(&[1, 2, 3, 2], 1.0, 20);
+    let loss = || {
+        let t: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let (o, s) = gdr_fused(&t[0], &t[1], &t[2], &t[3], &t[4], Some(&t[5])).unwrap();
+        ((o * &wo).unwrap().sum_all().unwrap() + (s * &ws).unwrap().sum_all().unwrap()).unwrap()
+    };
+    check_grads("gdr_fused", &vars, &loss, 20);
+}
+
+/// Strong decay (g = −20 per step) and a second backward through the same graph (the op keeps
+/// no state between calls) give the reference's values and gradients in f32.
+#[test]
+fn gdn_fused_strong_decay_and_repeated_backward() {
+    let mut x = inputs(1, 40, 2, 4, 4, 410);
+    x[3] = ((x[3].clone() * 0.0).unwrap() - 20.0).unwrap();
+    let (o_ref, s_ref) = reference(&x, true);
+    let (o, s) = fused(&f32s(&x), true);
+    assert_close("fused strong decay o", &o_ref, &o, 1e-4);
+    assert_close("fused strong decay state", &s_ref, &s, 1e-4);
+    let wo = rand_tensor(&[1, 40, 2, 4], 1.0, 21);
+    let ws = rand_tensor(&[1, 2, 4, 4], 1.0, 22);
+    let want = grads(&recurrent, &x, true, &wo, &ws);
+    let vars: Vec<Var> = f32s(&x).iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (o, s) = fused(&ts, true);
+    let loss = ((o * wo.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap() + (s * ws.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap()).unwrap();
+    for round in 0..2 {
+        let g = loss.backward().unwrap();
+        for (j, w) in want.iter().enumerate() {
+            assert_close(&format!("fused strong decay d{} round {round}", NAMES[j]), w, g.get(vars[j].as_tensor()).unwrap(), 1e-4);
+        }
+    }
+}
+
+/// The training dispatcher: fused for f32/f64 on the CPU, the composed chunked form for bf16
+/// (or when asked); `gdr_fused` itself refuses bf16 with a clear error.
+#[test]
+fn gdn_train_dispatch_falls_back_for_bf16() {
+    let x = inputs(1, 9, 2, 4, 4, 420);
+    let bf: Vec<Tensor> = x.iter().map(|t| t.to_dtype(DType::BF16).unwrap()).collect();
+    assert!(!gdr_fused::supported(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5])));
+    let err = gdr_fused::gdr_fused(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5])).unwrap_err().to_string();
+    assert!(err.contains("f32 or all f64"), "{err}");
+    let (o, s) = gdr_fused::gdr_train(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5]), 4, true).unwrap();
+    let (oc, sc) = gdr_chunked(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5]), 4).unwrap();
+    assert_eq!(o.dtype(), DType::BF16);
+    assert_close("bf16 dispatch o", &oc, &o, 0.0);
+    assert_close("bf16 dispatch state", &sc, &s, 0.0);
+    let (of, _) = gdr_fused::gdr_train(&x[0], &x[1], &x[2], &x[3], &x[4], Some(&x[5]), 4, true).unwrap();
+    let (oc, _) = gdr_fused::gdr_train(&x[0], &x[1], &x[2], &x[3], &x[4], Some(&x[5]), 4, false).unwrap();
+    assert_close("f64 fused vs forced composed", &oc, &of, 1e-10);
 }

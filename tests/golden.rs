@@ -51,22 +51,28 @@ fn check_against_golden(op_name: &str, name: &str, outputs: &[&str]) {
 #[test]
 fn ssd_matches_mamba_ssm_one_group_with_state() {
     check_against_golden("ssd", "ssd_g1_state", &["y", "final_state"]);
+    check_against_golden("ssd_chunked", "ssd_g1_state", &["y", "final_state"]);
 }
 
 /// Two groups of two heads, no initial state, T = 19.
 #[test]
 fn ssd_matches_mamba_ssm_two_groups() {
     check_against_golden("ssd", "ssd_g2", &["y", "final_state"]);
+    check_against_golden("ssd_chunked", "ssd_g2", &["y", "final_state"]);
 }
 
-/// fla `naive_recurrent_gated_delta_rule` with an initial state, T = 21.
+/// fla `naive_recurrent_gated_delta_rule` with an initial state, T = 21; fused kernel and
+/// composed chunked form.
 #[test]
 fn gated_delta_rule_matches_fla_with_state() {
     check_against_golden("gated_delta_rule", "gated_delta_rule_state", &["o", "final_state"]);
+    check_against_golden("gated_delta_rule_chunked", "gated_delta_rule_state", &["o", "final_state"]);
 }
 
-/// No initial state, T = 70 (two chunks of 64 here, the second padded).
+/// No initial state, T = 70 (fused: five checkpoint segments; chunked: two chunks of 64, the
+/// second padded).
 #[test]
 fn gated_delta_rule_matches_fla_t70() {
     check_against_golden("gated_delta_rule", "gated_delta_rule_t70", &["o", "final_state"]);
+    check_against_golden("gated_delta_rule_chunked", "gated_delta_rule_t70", &["o", "final_state"]);
 }

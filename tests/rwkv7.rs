@@ -1,6 +1,7 @@
 use crate::util::{mixscale, tempdir};
 use candle_core::{DType, Device, Tensor, Var};
 use mixscale::ops::rwkv7::{rwkv7_chunked, rwkv7_recurrent, rwkv7_reference, rwkv7_step};
+use mixscale::ops::rwkv7_fused::{self, rwkv7_fused};
 use mixscale::testing::{assert_close, check_grads, rand_tensor, to_vec};
 use std::collections::HashMap;
 
@@ -27,6 +28,10 @@ type Form = dyn Fn(&[Tensor], bool) -> (Tensor, Tensor);
 
 fn chunked(chunk: usize) -> impl Fn(&[Tensor], bool) -> (Tensor, Tensor) {
     move |x: &[Tensor], init: bool| rwkv7_chunked(&x[0], &x[1], &x[2], &x[3], &x[4], &x[5], init.then_some(&x[6]), chunk).unwrap()
+}
+
+fn fused(x: &[Tensor], init: bool) -> (Tensor, Tensor) {
+    rwkv7_fused(&x[0], &x[1], &x[2], &x[3], &x[4], &x[5], init.then_some(&x[6])).unwrap()
 }
 
 fn recurrent(x: &[Tensor], init: bool) -> (Tensor, Tensor) {
@@ -195,8 +200,8 @@ fn golden(name: &str) -> HashMap<String, Tensor> {
 
 /// The op against fla-core's `dplr_recurrence` (torch, fp32; made by tests/golden/make_rwkv7.py,
 /// which also cross-checks it against BlinkDL's numpy WKV line): outputs, final state and the
-/// gradients of sum(o·dO) for every input, chunked form in f64 and f32 (chunks 4 and 16) and
-/// the recurrent form; with and without initial state, T not a multiple of the chunk.
+/// gradients of sum(o·dO) for every input, chunked form in f64 and f32 (chunks 4 and 16), the
+/// fused CPU kernel in f64 and f32, and the recurrent form; with and without initial state, T not a multiple of the chunk.
 #[test]
 fn rwkv7_op_matches_fla_golden() {
     let g = golden("rwkv7_op.safetensors");
@@ -209,11 +214,13 @@ fn rwkv7_op_matches_fla_golden() {
         x.push(get("initial_state").map(|s| s.to_dtype(DType::F64).unwrap()).unwrap_or_else(|| Tensor::zeros((b, h, dv, dk), DType::F64, &Device::Cpu).unwrap()));
         let d_o = get("dO").unwrap().to_dtype(DType::F64).unwrap();
         let zero_ws = Tensor::zeros((b, h, dv, dk), DType::F64, &Device::Cpu).unwrap();
-        let forms: [(&str, Box<Form>, bool); 4] = [
+        let forms: [(&str, Box<Form>, bool); 6] = [
             ("recurrent f64", Box::new(recurrent), false),
             ("chunked4 f64", Box::new(chunked(4)), false),
             ("chunked16 f64", Box::new(chunked(16)), false),
             ("chunked16 f32", Box::new(chunked(16)), true),
+            ("fused f64", Box::new(fused), false),
+            ("fused f32", Box::new(fused), true),
         ];
         for (fname, f, f32) in forms {
             let xin = if f32 { f32s(&x) } else { x.clone() };
@@ -334,4 +341,81 @@ fn rwkv7_two_layer_model_grads_match_finite_differences() {
     let vars: Vec<(String, Var)> = m.params.params.iter().map(|(k, p)| (k.clone(), p.var.clone())).collect();
     let loss = || m.loss(&inp, &tgt).unwrap();
     check_grads("rwkv7 model", &vars, &loss, 4);
+}
+
+/// Fused CPU kernel == plain f64 loop (f64 to 1e-12, f32 to 1e-4) and == the composed chunked
+/// form in f32 (1e-4), outputs and final states; T = 1, 16, 23, 45 (checkpoint segments of 16),
+/// with and without an initial state, normal and strong decay.
+#[test]
+fn rwkv7_fused_matches_reference_and_chunked() {
+    for (i, t) in [1usize, 16, 23, 45].into_iter().enumerate() {
+        for init in [false, true] {
+            let strong = i % 2 == 1;
+            let (b, h, dk, dv) = (2, 2, 5, 3);
+            let name = format!("t{t}_init{init}_strong{strong}");
+            let x = inputs(b, t, h, dk, dv, 600 + t as u64, strong);
+            let (o_ref, s_ref) = reference(&x, init);
+            let (o, s) = fused(&x, init);
+            assert_close(&format!("fused o {name}"), &o_ref, &o, 1e-12);
+            assert_close(&format!("fused state {name}"), &s_ref, &s, 1e-12);
+            let (o32, s32) = fused(&f32s(&x), init);
+            assert_eq!((o32.dtype(), s32.dtype()), (DType::F32, DType::F32));
+            assert_close(&format!("fused f32 o {name}"), &o_ref, &o32, 1e-4);
+            assert_close(&format!("fused f32 state {name}"), &s_ref, &s32, 1e-4);
+            let (oc, sc) = chunked(16)(&f32s(&x), init);
+            assert_close(&format!("fused vs chunked f32 o {name}"), &oc, &o32, 1e-4);
+            assert_close(&format!("fused vs chunked f32 state {name}"), &sc, &s32, 1e-4);
+        }
+    }
+}
+
+/// Gradients of the fused kernel w.r.t. r, w, k, v, a, b and initial_state == autograd through
+/// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the chunked form in f32 (1e-4).
+#[test]
+fn rwkv7_fused_grads_match_recurrent_and_chunked() {
+    for (t, strong) in [(1usize, false), (16, true), (37, false)] {
+        let (b, h, dk, dv) = (2, 2, 4, 3);
+        let x = inputs(b, t, h, dk, dv, 700 + t as u64, strong);
+        let wo = rand_tensor(&[b, t, h, dv], 1.0, 31);
+        let ws = rand_tensor(&[b, h, dv, dk], 1.0, 32);
+        for init in [false, true] {
+            let want = grads(&recurrent, &x, init, &wo, &ws);
+            let got = grads(&fused, &x, init, &wo, &ws);
+            let got32 = grads(&fused, &f32s(&x), init, &wo, &ws);
+            let chunk32 = grads(&chunked(16), &f32s(&x), init, &wo, &ws);
+            for (j, w) in want.iter().enumerate() {
+                let name = format!("fused d{} t{t}_init{init}", NAMES[j]);
+                assert_close(&format!("{name} f64"), w, &got[j], 1e-10);
+                assert_close(&format!("{name} f32"), w, &got32[j], 1e-4);
+                assert_close(&format!("{name} f32 vs chunked f32"), &chunk32[j], &got32[j], 1e-4);
+            }
+        }
+    }
+}
+
+/// Finite differences of the fused kernel in f64, T = 19 (two checkpoint segments).
+#[test]
+fn rwkv7_fused_grads_match_finite_differences() {
+    let x = inputs(1, 19, 2, 3, 2, 710, false);
+    let vars: Vec<(String, Var)> = x.iter().enumerate().map(|(i, t)| (NAMES[i].to_string(), Var::from_tensor(t).unwrap())).collect();
+    let wo = rand_tensor(&[1, 19, 2, 2], 1.0, 33);
+    let ws = rand_tensor(&[1, 2, 2, 3], 1.0, 34);
+    let loss = || {
+        let t: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let (o, s) = rwkv7_fused(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], Some(&t[6])).unwrap();
+        ((o * &wo).unwrap().sum_all().unwrap() + (s * &ws).unwrap().sum_all().unwrap()).unwrap()
+    };
+    check_grads("rwkv7_fused", &vars, &loss, 20);
+}
+
+/// The training dispatcher uses the composed chunked form for bf16, and `rwkv7_fused` refuses it.
+#[test]
+fn rwkv7_train_dispatch_falls_back_for_bf16() {
+    let x = inputs(1, 9, 2, 4, 4, 720, false);
+    let bf: Vec<Tensor> = x.iter().map(|t| t.to_dtype(DType::BF16).unwrap()).collect();
+    assert!(!rwkv7_fused::supported(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], &bf[5], Some(&bf[6])));
+    assert!(rwkv7_fused(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], &bf[5], Some(&bf[6])).is_err());
+    let (o, _) = rwkv7_fused::rwkv7_train(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], &bf[5], Some(&bf[6]), 4, true).unwrap();
+    let (oc, _) = rwkv7_chunked(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], &bf[5], Some(&bf[6]), 4).unwrap();
+    assert_close("bf16 dispatch o", &oc, &o, 0.0);
 }

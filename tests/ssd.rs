@@ -1,6 +1,7 @@
 use crate::util::{mixscale, tempdir};
 use candle_core::{DType, Device, Tensor, Var};
 use mixscale::ops::ssd::{ssd_chunked, ssd_recurrent, ssd_reference, ssd_step};
+use mixscale::ops::ssd_fused::{self, ssd_fused};
 use mixscale::testing::{assert_close, check_grads, rand_tensor, to_vec};
 use std::collections::HashMap;
 
@@ -24,6 +25,10 @@ type Form = dyn Fn(&[Tensor], bool) -> (Tensor, Tensor);
 
 fn chunked(chunk: usize) -> impl Fn(&[Tensor], bool) -> (Tensor, Tensor) {
     move |x: &[Tensor], init: bool| ssd_chunked(&x[0], &x[1], &x[2], &x[3], &x[4], init.then_some(&x[5]), chunk).unwrap()
+}
+
+fn fused(x: &[Tensor], init: bool) -> (Tensor, Tensor) {
+    ssd_fused(&x[0], &x[1], &x[2], &x[3], &x[4], init.then_some(&x[5])).unwrap()
 }
 
 fn recurrent(x: &[Tensor], init: bool) -> (Tensor, Tensor) {
@@ -209,4 +214,80 @@ fn ssd_op_cli_roundtrip_with_gradients() {
     let (code, _, err) = run(&files);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("ssd: expected"), "{err}");
+}
+
+/// Fused CPU kernel == plain f64 loop (f64 to 1e-12, f32 to 1e-4) and == the composed chunked
+/// form in f32 (1e-4), outputs and final states, for [`SHAPES`] (groups shared by several heads,
+/// T not a multiple of the checkpoint segment) with and without an initial state.
+#[test]
+fn ssd_fused_matches_reference_and_chunked() {
+    for (i, shape) in SHAPES.into_iter().enumerate() {
+        for init in [false, true] {
+            let name = format!("{shape:?}_init{init}");
+            let x = inputs(shape, 800 + i as u64);
+            let (y_ref, s_ref) = reference(&x, init);
+            let (y, s) = fused(&x, init);
+            assert_close(&format!("fused y {name}"), &y_ref, &y, 1e-12);
+            assert_close(&format!("fused state {name}"), &s_ref, &s, 1e-12);
+            let (y32, s32) = fused(&f32s(&x), init);
+            assert_eq!((y32.dtype(), s32.dtype()), (DType::F32, DType::F32));
+            assert_close(&format!("fused f32 y {name}"), &y_ref, &y32, 1e-4);
+            assert_close(&format!("fused f32 state {name}"), &s_ref, &s32, 1e-4);
+            let (yc, sc) = chunked(16)(&f32s(&x), init);
+            assert_close(&format!("fused vs chunked f32 y {name}"), &yc, &y32, 1e-4);
+            assert_close(&format!("fused vs chunked f32 state {name}"), &sc, &s32, 1e-4);
+        }
+    }
+}
+
+/// Gradients of the fused kernel w.r.t. x, dt, A, Bm, Cm and initial_state == autograd through
+/// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the chunked form in f32 (1e-4).
+#[test]
+fn ssd_fused_grads_match_recurrent_and_chunked() {
+    for (i, shape) in [(2, 1, 2, 3, 1, 4), (2, 37, 4, 3, 2, 5), (1, 40, 3, 4, 3, 2)].into_iter().enumerate() {
+        let (b, t, h, p, _, n) = shape;
+        let x = inputs(shape, 900 + i as u64);
+        let wy = rand_tensor(&[b, t, h, p], 1.0, 41);
+        let ws = rand_tensor(&[b, h, p, n], 1.0, 42);
+        for init in [false, true] {
+            let want = grads(&recurrent, &x, init, &wy, &ws);
+            let got = grads(&fused, &x, init, &wy, &ws);
+            let got32 = grads(&fused, &f32s(&x), init, &wy, &ws);
+            let chunk32 = grads(&chunked(16), &f32s(&x), init, &wy, &ws);
+            for (j, w) in want.iter().enumerate() {
+                let name = format!("fused d{} {shape:?}_init{init}", NAMES[j]);
+                assert_close(&format!("{name} f64"), w, &got[j], 1e-10);
+                assert_close(&format!("{name} f32"), w, &got32[j], 1e-4);
+                assert_close(&format!("{name} f32 vs chunked f32"), &chunk32[j], &got32[j], 1e-4);
+            }
+        }
+    }
+}
+
+/// Finite differences of the fused kernel in f64: two groups of two heads, T = 19 (two
+/// checkpoint segments).
+#[test]
+fn ssd_fused_grads_match_finite_differences() {
+    let x = inputs((1, 19, 4, 2, 2, 3), 910);
+    let vars: Vec<(String, Var)> = x.iter().enumerate().map(|(i, t)| (NAMES[i].to_string(), Var::from_tensor(t).unwrap())).collect();
+    let wy = rand_tensor(&[1, 19, 4, 2], 1.0, 43);
+    let ws = rand_tensor(&[1, 4, 2, 3], 1.0, 44);
+    let loss = || {
+        let t: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let (y, s) = ssd_fused(&t[0], &t[1], &t[2], &t[3], &t[4], Some(&t[5])).unwrap();
+        ((y * &wy).unwrap().sum_all().unwrap() + (s * &ws).unwrap().sum_all().unwrap()).unwrap()
+    };
+    check_grads("ssd_fused", &vars, &loss, 20);
+}
+
+/// The training dispatcher uses the composed chunked form for bf16, and `ssd_fused` refuses it.
+#[test]
+fn ssd_train_dispatch_falls_back_for_bf16() {
+    let x = inputs((1, 9, 2, 3, 1, 4), 920);
+    let bf: Vec<Tensor> = x.iter().map(|t| t.to_dtype(DType::BF16).unwrap()).collect();
+    assert!(!ssd_fused::supported(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5])));
+    assert!(ssd_fused(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5])).is_err());
+    let (y, _) = ssd_fused::ssd_train(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5]), 4, true).unwrap();
+    let (yc, _) = ssd_chunked(&bf[0], &bf[1], &bf[2], &bf[3], &bf[4], Some(&bf[5]), 4).unwrap();
+    assert_close("bf16 dispatch y", &yc, &y, 0.0);
 }

@@ -9,7 +9,7 @@
 //! v    = SiLU(ShortConv(x W_v))                          [B,T,H,V]
 //! β    = sigmoid(x W_b)  (×2 if allow_neg_eigval)        [B,T,H]
 //! g    = −exp(A_log) · softplus(x W_a + dt_bias)         [B,T,H]     (log α, f32 or f64)
-//! o    = gdr_chunked(q, k, v, g, β)                      [B,T,H,V]
+//! o    = gdr_chunked(q, k, v, g, β)                      [B,T,H,V]   (or the fused CPU kernel)
 //! o    = RMSNorm_V(o) ⊙ SiLU(x W_g)   (use_gate; else RMSNorm_V(o))
 //! y    = o W_o                                           [B,T,d]
 //! ```
@@ -24,12 +24,16 @@
 //! = softplus⁻¹(dt), dt log-uniform in [1e-3, 0.1] floored at 1e-4 (Mamba2); o_norm `[V]` ones.
 //! A_log, dt_bias, o_norm and the conv weights are not weight-decayed.
 //!
+//! The core op runs through [`crate::ops::gdr_fused`] (fused CPU kernel, hand-written backward)
+//! for f32/f64 on the CPU unless `fused_kernel: false`; else through the composed [`crate::ops::gated_delta_rule::gdr_chunked`].
+//!
 //! Forms: [`GatedDeltaNet::forward`] (chunked, training) and [`GatedDeltaNet::step`] (decode,
 //! conv buffers + recurrent state in [`GdnState`]); the tests tie them together.
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
-use crate::ops::gated_delta_rule::{gdr_chunked, gdr_step};
+use crate::ops::gated_delta_rule::gdr_step;
+use crate::ops::gdr_fused::gdr_train;
 use crate::ops::norm::rms_norm;
 use crate::ops::short_conv::{causal_conv, causal_conv_step};
 use candle_core::{DType, Result, Tensor, D};
@@ -67,6 +71,10 @@ pub struct GatedDeltaNetConfig {
     pub chunk_size: usize,
     /// Epsilon of the per-head output RMSNorm.
     pub norm_eps: f64,
+    /// Run the core op through the fused CPU kernel ([`crate::ops::gdr_fused`]) when the inputs
+    /// are f32/f64 on the CPU; false forces the composed chunked form (it is always used on
+    /// CUDA and for half precision).
+    pub fused_kernel: bool,
 }
 
 impl Default for GatedDeltaNetConfig {
@@ -81,6 +89,7 @@ impl Default for GatedDeltaNetConfig {
             allow_neg_eigval: false,
             chunk_size: 64,
             norm_eps: 1e-5,
+            fused_kernel: true,
         }
     }
 }
@@ -290,13 +299,13 @@ impl Mixer for GatedDeltaNet {
         let kk = l2norm(&proj(&self.wk, 1)?.reshape((b, t, h, k))?, L2_EPS)?;
         let vv = proj(&self.wv, 2)?.reshape((b, t, h, v))?;
         let (beta, g) = self.gates(&x2, b, t)?;
-        let (o, _state) = gdr_chunked(&q, &kk, &vv, &g, &beta, None, self.cfg.chunk_size)?;
+        let (o, _state) = gdr_train(&q, &kk, &vv, &g, &beta, None, self.cfg.chunk_size, self.cfg.fused_kernel)?;
         self.out(&o, &x2)?.reshape((b, t, self.d_model))
     }
 
     /// 2·(projection weights) + 2·conv_size·(2HK + HV) for the convs + the chunked core:
     /// 2·H·[C(3K + 2V) + C²/2 + 3KV] with C = min(chunk_size, seq_len) (see
-    /// [`gdr_chunked`]); element-wise gates and norms are not counted.
+    /// [`crate::ops::gated_delta_rule::gdr_chunked`]); element-wise gates and norms are not counted.
     fn flops_per_token(&self, seq_len: usize) -> f64 {
         let (h, k, v) = self.hkv;
         let d = self.d_model;
@@ -327,12 +336,13 @@ mod tests {
         GatedDeltaNetConfig { num_heads: 2, head_dim: Some(4), expand_v: 1.5, chunk_size, ..Default::default() }
     }
 
-    /// Parallel (chunked) form == token-by-token decode (conv buffers + gdr_step), f64, for the
-    /// option combinations; T = 13 crosses chunk boundaries of 4 with padding.
+    /// Parallel form (fused kernel, and the composed chunked form) == token-by-token decode (conv
+    /// buffers + gdr_step), f64, for the option combinations; T = 13 crosses chunk boundaries of 4.
     #[test]
     fn parallel_matches_step_b2_t13_h2() {
-        for (use_gate, use_short_conv, allow_neg_eigval) in [(true, true, false), (false, true, true), (true, false, false)] {
-            let c = GatedDeltaNetConfig { use_gate, use_short_conv, allow_neg_eigval, ..cfg(4) };
+        let combos = [(true, true, false, true), (false, true, true, true), (true, false, false, true), (true, true, false, false)];
+        for (use_gate, use_short_conv, allow_neg_eigval, fused_kernel) in combos {
+            let c = GatedDeltaNetConfig { use_gate, use_short_conv, allow_neg_eigval, fused_kernel, ..cfg(4) };
             let mut store = ParamStore::default();
             let l = build(&c, 12, &mut store, DType::F64);
             let x = rand_tensor(&[2, 13, 12], 1.0, 3);
@@ -343,10 +353,11 @@ mod tests {
         }
     }
 
-    /// Finite-difference check of the whole layer w.r.t. its input and every parameter.
+    /// Finite-difference check of the whole layer w.r.t. its input and every parameter, through
+    /// the fused kernel and (last config) the composed chunked form.
     #[test]
     fn gradients_match_finite_differences() {
-        for c in [cfg(2), GatedDeltaNetConfig { use_gate: false, allow_neg_eigval: true, ..cfg(3) }] {
+        for c in [cfg(2), GatedDeltaNetConfig { use_gate: false, allow_neg_eigval: true, ..cfg(3) }, GatedDeltaNetConfig { fused_kernel: false, ..cfg(3) }] {
             let mut store = ParamStore::default();
             let l = build(&c, 8, &mut store, DType::F64);
             check_block_grads(&l, &store, &[2, 5, 8]);

@@ -37,7 +37,8 @@ use crate::ops::short_conv::causal_conv;
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::norm::rms_norm;
-use crate::ops::ssd::{ssd_chunked, ssd_step};
+use crate::ops::ssd::ssd_step;
+use crate::ops::ssd_fused::ssd_train;
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +86,10 @@ pub struct Mamba2Config {
     pub norm_eps: f64,
     /// Chunk length of the chunked SSD (256).
     pub chunk_size: usize,
+    /// Run the SSD through the fused CPU kernel ([`crate::ops::ssd_fused`]) when the inputs are
+    /// f32/f64 on the CPU (true); false forces the composed chunked form (always used on CUDA
+    /// and for half precision).
+    pub fused_kernel: bool,
 }
 
 impl Default for Mamba2Config {
@@ -107,6 +112,7 @@ impl Default for Mamba2Config {
             norm_before_gate: false,
             norm_eps: 1e-5,
             chunk_size: 256,
+            fused_kernel: true,
         }
     }
 }
@@ -336,13 +342,13 @@ impl Mixer for Mamba2 {
         }
         let (xh, bm, cm) = self.split_xbc(&xbc.silu()?)?;
         let dt = self.dt(&dt_raw)?.reshape((b, t, self.dims.1))?;
-        let (y, _state) = ssd_chunked(&xh, &dt, &self.a(x.dtype())?, &bm, &cm, None, self.cfg.chunk_size)?;
+        let (y, _state) = ssd_train(&xh, &dt, &self.a(x.dtype())?, &bm, &cm, None, self.cfg.chunk_size, self.cfg.fused_kernel)?;
         let y = self.skip(&y, &xh)?.reshape((b * t, di))?;
         self.out(&y, &z)?.reshape((b, t, self.d_model))
     }
 
     /// 2·(in_proj + out_proj weights) + 2·d_conv·conv_dim for the conv + the chunked core:
-    /// 2·H·[Q(N + P) + 2PN + PN/Q] with Q = min(chunk_size, seq_len) (see [`ssd_chunked`]);
+    /// 2·H·[Q(N + P) + 2PN + PN/Q] with Q = min(chunk_size, seq_len) (see [`crate::ops::ssd::ssd_chunked`]);
     /// element-wise gates, skip and norm are not counted.
     fn flops_per_token(&self, seq_len: usize) -> f64 {
         let (di, h, p, g, n) = self.dims;

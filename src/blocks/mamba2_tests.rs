@@ -15,18 +15,20 @@ fn cfg(chunk_size: usize) -> Mamba2Config {
 }
 
 /// Option combinations exercised by the form and gradient tests (A ∈ [1, 4] at init so that
-/// decays are strong enough to matter within a few tokens).
+/// decays are strong enough to matter within a few tokens); the second forces the composed
+/// chunked SSD (the others run the fused CPU kernel).
 fn variants(chunk: usize) -> Vec<Mamba2Config> {
     let base = Mamba2Config { a_init_range: [1.0, 4.0], dt_min: 0.05, dt_max: 0.5, ..cfg(chunk) };
     vec![
         base.clone(),
+        Mamba2Config { fused_kernel: false, ..base.clone() },
         Mamba2Config { headdim: 2, ngroups: 2, d_has_hdim: true, conv_bias: false, ..base.clone() },
         Mamba2Config { norm_before_gate: true, dt_limit: Some([0.0, 0.3]), ..base.clone() },
         Mamba2Config { rmsnorm: false, ngroups: 3, ..base },
     ]
 }
 
-/// Parallel (chunked SSD) form == token-by-token decode (conv buffer + ssd_step), f64, for the
+/// Parallel (fused or chunked SSD) form == token-by-token decode (conv buffer + ssd_step), f64, for the
 /// option combinations; T = 13 crosses chunk boundaries of 4 with padding.
 #[test]
 fn parallel_matches_step_b2_t13() {

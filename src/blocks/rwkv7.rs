@@ -33,7 +33,8 @@
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
-use crate::ops::rwkv7::{rwkv7_chunked, rwkv7_step};
+use crate::ops::rwkv7::rwkv7_step;
+use crate::ops::rwkv7_fused::rwkv7_train;
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,10 @@ pub struct Rwkv7Config {
     pub chunk_size: usize,
     /// Epsilon of the per-head GroupNorm (ln_x); the reference uses 64e-5.
     pub norm_eps: f64,
+    /// Run WKV-7 through the fused CPU kernel ([`crate::ops::rwkv7_fused`]) when the inputs are
+    /// f32/f64 on the CPU (true); false forces the composed chunked form (always used on CUDA
+    /// and for half precision).
+    pub fused_kernel: bool,
 }
 
 impl Default for Rwkv7Config {
@@ -76,6 +81,7 @@ impl Default for Rwkv7Config {
             gate_low_rank_dim: None,
             chunk_size: crate::ops::rwkv7::DEFAULT_CHUNK,
             norm_eps: 64e-5,
+            fused_kernel: true,
         }
     }
 }
@@ -331,7 +337,7 @@ impl Rwkv7 {
             let (o, s) = rwkv7_step(&one(&r4)?, &one(&w4)?, &one(&k4)?, &one(&v4)?, &one(&aa)?, &one(&bb)?, &s)?;
             (o.unsqueeze(1)?, s)
         } else {
-            rwkv7_chunked(&r4, &w4, &k4, &v4, &aa, &bb, state.s.as_ref(), self.cfg.chunk_size)?
+            rwkv7_train(&r4, &w4, &k4, &v4, &aa, &bb, state.s.as_ref(), self.cfg.chunk_size, self.cfg.fused_kernel)?
         };
         state.s = Some(s);
         let y = self.group_norm(&y)?;

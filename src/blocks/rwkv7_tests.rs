@@ -33,12 +33,19 @@ fn perturb(store: &ParamStore, seed: u64) {
 }
 
 /// Layer 0 then layer 1 (value residual) on the same input: chunked forward, the one-token step
-/// loop, and two carried segments all agree (f64), T = 11 crossing chunks of 4 with padding.
+/// loop, and two carried segments all agree (f64), T = 11 crossing chunks of 4 with padding;
+/// through the fused kernel and the composed chunked form.
 #[test]
 fn parallel_matches_step_and_segments() {
+    for fused_kernel in [true, false] {
+        parallel_matches_step_and_segments_with(Rwkv7Config { fused_kernel, ..cfg(4) });
+    }
+}
+
+fn parallel_matches_step_and_segments_with(c: Rwkv7Config) {
     let mut store = ParamStore::default();
-    let l0 = build(&cfg(4), 8, 0, 2, &mut store, DType::F64);
-    let l1 = build(&cfg(4), 8, 1, 2, &mut store, DType::F64);
+    let l0 = build(&c, 8, 0, 2, &mut store, DType::F64);
+    let l1 = build(&c, 8, 1, 2, &mut store, DType::F64);
     perturb(&store, 40);
     let x = rand_tensor(&[2, 11, 8], 1.0, 3);
     let mut ctx = ForwardCtx::default();
@@ -75,6 +82,12 @@ fn gradients_match_finite_differences() {
     let mut store = ParamStore::default();
     let l0 = build(&cfg(2), 8, 0, 3, &mut store, DType::F64);
     perturb(&store, 50);
+    check_block_grads(&l0, &store, &[2, 5, 8]);
+
+    // Layer 0 through the composed chunked form (the default above is the fused kernel).
+    let mut store = ParamStore::default();
+    let l0 = build(&Rwkv7Config { fused_kernel: false, ..cfg(2) }, 8, 0, 3, &mut store, DType::F64);
+    perturb(&store, 55);
     check_block_grads(&l0, &store, &[2, 5, 8]);
 
     let mut store = ParamStore::default();

@@ -7,16 +7,19 @@ pub mod attn_fused;
 pub mod cpu;
 pub mod fox;
 pub mod gated_delta_rule;
+pub mod gdr_fused;
 pub mod moba;
 pub mod moba_fused;
 pub mod norm;
 pub mod rope;
 pub mod rwkv7;
 pub mod rwkv7_chunk;
+pub mod rwkv7_fused;
 pub mod short_conv;
 pub mod softmax;
 pub mod ssd;
 pub mod ssd_chunked;
+pub mod ssd_fused;
 pub mod swiglu;
 
 use crate::error::{Error, Result};
@@ -74,7 +77,18 @@ pub static OPS: &[OpEntry] = &[
     },
     OpEntry {
         name: "gated_delta_rule",
-        about: "gated delta rule (chunked, C=64); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H], initial_state [B,H,K,V] -> o, final_state",
+        about: "gated delta rule (fused CPU kernel); q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H], initial_state [B,H,K,V] -> o, final_state",
+        inputs: &["q", "k", "v", "g", "beta"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = gdr_fused::gdr_train(&t["q"], &t["k"], &t["v"], &t["g"], &t["beta"], s0, gated_delta_rule::DEFAULT_CHUNK, true)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "gated_delta_rule_chunked",
+        about: "gated delta rule, composed chunked WY form (C=64); inputs and outputs as gated_delta_rule",
         inputs: &["q", "k", "v", "g", "beta"],
         optional: &["initial_state"],
         forward: |t| {
@@ -85,7 +99,17 @@ pub static OPS: &[OpEntry] = &[
     },
     OpEntry {
         name: "ssd",
-        about: "Mamba-2 SSD (chunked, C=256); x [B,T,H,P], dt [B,T,H], A [H], Bm, Cm [B,T,G,N], initial_state [B,H,P,N] -> y, final_state",
+        about: "Mamba-2 SSD (fused CPU kernel); x [B,T,H,P], dt [B,T,H], A [H], Bm, Cm [B,T,G,N], initial_state [B,H,P,N] -> y, final_state",
+        inputs: &["x", "dt", "A", "Bm", "Cm"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let (y, s) = ssd_fused::ssd_train(&t["x"], &t["dt"], &t["A"], &t["Bm"], &t["Cm"], t.get("initial_state"), ssd::DEFAULT_CHUNK, true)?;
+            Ok(vec![("y".into(), y), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "ssd_chunked",
+        about: "Mamba-2 SSD, composed chunked form (C=256); inputs and outputs as ssd",
         inputs: &["x", "dt", "A", "Bm", "Cm"],
         optional: &["initial_state"],
         forward: |t| {
@@ -118,7 +142,18 @@ pub static OPS: &[OpEntry] = &[
     },
     OpEntry {
         name: "rwkv7",
-        about: "RWKV-7 WKV (DPLR delta rule, chunked, C=16); r, w (decay in (0,1)), k, a, b [B,T,H,K], v [B,T,H,V], initial_state [B,H,V,K] -> o, final_state",
+        about: "RWKV-7 WKV (DPLR delta rule, fused CPU kernel); r, w (decay in (0,1)), k, a, b [B,T,H,K], v [B,T,H,V], initial_state [B,H,V,K] -> o, final_state",
+        inputs: &["r", "w", "k", "v", "a", "b"],
+        optional: &["initial_state"],
+        forward: |t| {
+            let s0 = t.get("initial_state");
+            let (o, s) = rwkv7_fused::rwkv7_train(&t["r"], &t["w"], &t["k"], &t["v"], &t["a"], &t["b"], s0, rwkv7::DEFAULT_CHUNK, true)?;
+            Ok(vec![("o".into(), o), ("final_state".into(), s)])
+        },
+    },
+    OpEntry {
+        name: "rwkv7_chunked",
+        about: "RWKV-7 WKV, composed chunked form (C=16); inputs and outputs as rwkv7",
         inputs: &["r", "w", "k", "v", "a", "b"],
         optional: &["initial_state"],
         forward: |t| {

@@ -1,0 +1,397 @@
+//! Fused CPU kernel for the gated delta rule (Gated DeltaNet; Yang, Kautz & Hatamizadeh 2024,
+//! arXiv:2412.06464) with a hand-written backward: same semantics and layouts as
+//! [`super::gated_delta_rule`] (`../shared/reference/ops.md` §4), f32 or f64.
+//!
+//! Algorithm: the token recurrence itself, with state checkpoints (the structure of BlinkDL's
+//! RWKV CUDA kernels and of fla's `fused_recurrent` backward), not the chunked WY form. Per token
+//! and head (S is K×V, scale = K^-½):
+//! ```text
+//! S_a = exp(g_t)·S ;  r_t = v_t − S_aᵀk_t ;  u_t = β_t r_t ;  S = S_a + k_t u_tᵀ ;  o_t = Sᵀ q_t·scale
+//! ```
+//! That is 4KV multiply-adds per token (two passes over a state that stays in L1/L2), against
+//! C(3K + 2V) + C²/2 + 3KV for the chunked form (≈ 3.5× more at the presets' K = 24, V = 48,
+//! C = 64), and no triangular solve. One rayon task per (batch, head); the tasks use the global
+//! rayon pool, i.e. the thread count candle runs with (`RAYON_NUM_THREADS`).
+//!
+//! Backward: the forward saves the state at the start of every segment of [`SEG`] tokens. The
+//! backward walks the segments from last to first, recomputes the segment's decayed states S_a
+//! and residuals r_t from its checkpoint, then steps back through the tokens with dS (the
+//! gradient w.r.t. the state after token t, initialised with the final state's gradient):
+//! ```text
+//! dq_t  = scale·(S_a do_t + k_t (u_t·do_t))               (S_t do_t, S_t = S_a + k_t u_tᵀ)
+//! dS   += scale·q_t do_tᵀ ;  du = dSᵀk_t ;  dk_t = dS u_t
+//! dβ_t  = du·r_t ;  dv_t = β_t du ;  dp = −β_t du
+//! dS   += k_t dpᵀ ;  dk_t += S_a dp ;  dg_t = ⟨dS, S_a⟩ ;  dS ← exp(g_t)·dS
+//! ```
+//! and what is left in dS at t = 0 is the initial state's gradient. Every input gets its exact
+//! gradient; nothing is stored in the op (checkpoints travel in the packed output, as in
+//! [`super::attn_fused`]), so backpropagating the same output twice is correct.
+//!
+//! Packing (candle custom ops take at most three inputs): input 1 is `[q | k | g | β]` along the
+//! last dim (`[B,T,H,2K+2]`), input 2 is v, input 3 the initial state (zeros when absent). The
+//! output is one buffer `[o (B·T·H·V) | final state (B·H·K·V) | checkpoints (B·H·nseg·K·V)]`;
+//! [`gdr_fused`] returns views of the first two parts.
+
+use super::attn_fused::{contiguous, cpu_slice, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Tokens per checkpoint segment (BlinkDL's RWKV-7 kernels use 16).
+pub const SEG: usize = 16;
+
+/// Fused gated delta rule, CPU only; q, k, v, g, beta (and initial_state) all f32 or all f64.
+/// Shapes as [`super::gated_delta_rule::gdr_recurrent`]; returns (o `[B,T,H,V]`, final state
+/// `[B,H,K,V]`), differentiable w.r.t. every input.
+pub fn gdr_fused(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    super::gated_delta_rule::check_shapes(q, k, v, g, beta, s0)?;
+    if !supported(q, k, v, g, beta, s0) {
+        bail!(
+            "gdr_fused: CPU only, all inputs f32 or all f64; got q {:?} on {:?}, k {:?}, v {:?}, g {:?}, beta {:?}, initial_state {:?}",
+            q.dtype(),
+            q.device().location(),
+            k.dtype(),
+            v.dtype(),
+            g.dtype(),
+            beta.dtype(),
+            s0.map(|s| s.dtype())
+        );
+    }
+    let (b, t, h, dk) = q.dims4()?;
+    let dv = v.dim(3)?;
+    let packed = Tensor::cat(&[q, k, &g.unsqueeze(3)?, &beta.unsqueeze(3)?], 3)?.contiguous()?;
+    let s0 = match s0 {
+        Some(s) => s.contiguous()?,
+        None => Tensor::zeros((b, h, dk, dv), q.dtype(), q.device())?,
+    };
+    let out = packed.apply_op3(&v.contiguous()?, &s0, FusedGdr)?;
+    let n_o = b * t * h * dv;
+    let o = out.narrow(0, 0, n_o)?.reshape((b, t, h, dv))?;
+    let s = out.narrow(0, n_o, b * h * dk * dv)?.reshape((b, h, dk, dv))?;
+    Ok((o, s))
+}
+
+/// Whether [`gdr_fused`] takes these inputs: all on the CPU, all f32 or all f64.
+pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, s0: Option<&Tensor>) -> bool {
+    let dt = q.dtype();
+    matches!(dt, DType::F32 | DType::F64)
+        && [q, k, v, g, beta].into_iter().chain(s0).all(|x| x.device().is_cpu() && x.dtype() == dt)
+}
+
+/// The training form: [`gdr_fused`] when `fused` and [`supported`], else the composed chunked
+/// form [`super::gated_delta_rule::gdr_chunked`] (CUDA, half precision, or `fused = false`).
+#[allow(clippy::too_many_arguments)]
+pub fn gdr_train(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, s0: Option<&Tensor>, chunk: usize, fused: bool) -> Result<(Tensor, Tensor)> {
+    if fused && supported(q, k, v, g, beta, s0) {
+        gdr_fused(q, k, v, g, beta, s0)
+    } else {
+        super::gated_delta_rule::gdr_chunked(q, k, v, g, beta, s0, chunk)
+    }
+}
+
+struct FusedGdr;
+
+/// Problem sizes, read from the packed input and v.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    k: usize,
+    v: usize,
+}
+
+impl Dims {
+    fn new(packed: &Shape, v: &Shape) -> Result<Self> {
+        let (b, t, h, w) = packed.dims4()?;
+        let (_, _, _, dv) = v.dims4()?;
+        if w < 4 || w % 2 != 0 {
+            bail!("gdr_fused: packed input width {w} is not 2K+2");
+        }
+        Ok(Self { b, t, h, k: (w - 2) / 2, v: dv })
+    }
+    fn w(&self) -> usize {
+        2 * self.k + 2
+    }
+    fn kv(&self) -> usize {
+        self.k * self.v
+    }
+    fn nseg(&self) -> usize {
+        self.t.div_ceil(SEG)
+    }
+    fn n_o(&self) -> usize {
+        self.b * self.t * self.h * self.v
+    }
+    fn n_s(&self) -> usize {
+        self.b * self.h * self.kv()
+    }
+    /// Offset of row (batch bb, token i, head hh) in a `[B,T,H,X]` tensor, in rows.
+    fn row(&self, bb: usize, i: usize, hh: usize) -> usize {
+        (bb * self.t + i) * self.h + hh
+    }
+}
+
+impl CustomOp3 for FusedGdr {
+    fn name(&self) -> &'static str {
+        "gdr_fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(l1.shape(), l2.shape())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => CpuStorage::F32(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
+            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => CpuStorage::F64(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
+            _ => bail!("gdr_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
+        };
+        let len = d.n_o() + d.n_s() * (1 + d.nseg());
+        Ok((out, Shape::from(len)))
+    }
+
+    fn bwd(&self, x: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::new(x.shape(), v.shape())?;
+        // Only o and the final state are ever exposed; the checkpoints' gradient is zero.
+        let grad = grad_res.narrow(0, 0, d.n_o() + d.n_s())?.contiguous()?;
+        let res = res.contiguous()?;
+        let (dx, dv, ds0) = match x.dtype() {
+            DType::F32 => backward_tensors::<f32>(d, x, v, s0, &res, &grad)?,
+            DType::F64 => backward_tensors::<f64>(d, x, v, s0, &res, &grad)?,
+            dt => bail!("gdr_fused: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dv), Some(ds0)))
+    }
+}
+
+/// `Σ a_i b_i` with 8 independent accumulators (vectorisable, fixed order).
+#[inline(always)]
+pub(super) fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
+/// `y += a·x`.
+#[inline(always)]
+pub(super) fn axpy<T: Elem>(y: &mut [T], a: T, x: &[T]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
+}
+
+/// One token's inputs for one head: q, k rows `[K]`, v row `[V]`, g, β.
+struct Tok<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    g: T,
+    beta: T,
+}
+
+fn tok<'a, T: Elem>(d: Dims, x: &'a [T], v: &'a [T], bb: usize, i: usize, hh: usize) -> Tok<'a, T> {
+    let r = d.row(bb, i, hh);
+    let xr = &x[r * d.w()..(r + 1) * d.w()];
+    Tok { q: &xr[..d.k], k: &xr[d.k..2 * d.k], v: &v[r * d.v..(r + 1) * d.v], g: xr[2 * d.k], beta: xr[2 * d.k + 1] }
+}
+
+/// Advances `s` `[K×V]` by one token. Leaves the decayed state S_a in `s_a` when given, the
+/// residual `r = v − S_aᵀk` in `r`, and writes `o = Sᵀq·scale` when given.
+#[inline(always)]
+fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dv: usize, scale: T, r: &mut [T], s_a: Option<&mut [T]>, o: Option<&mut [T]>) {
+    let a = x.g.exp();
+    r.copy_from_slice(x.v);
+    for (row, &ki) in s.chunks_exact_mut(dv).zip(x.k) {
+        row.iter_mut().for_each(|e| *e *= a);
+        axpy(r, T::zero() - ki, row);
+    }
+    if let Some(sa) = s_a {
+        sa.copy_from_slice(s);
+    }
+    let beta = x.beta;
+    match o {
+        Some(o) => {
+            o.fill(T::zero());
+            for ((row, &ki), &qi) in s.chunks_exact_mut(dv).zip(x.k).zip(x.q) {
+                let c = ki * beta;
+                row.iter_mut().zip(r.iter()).for_each(|(e, &rj)| *e += c * rj);
+                axpy(o, qi * scale, row);
+            }
+        }
+        None => {
+            for (row, &ki) in s.chunks_exact_mut(dv).zip(x.k) {
+                let c = ki * beta;
+                row.iter_mut().zip(r.iter()).for_each(|(e, &rj)| *e += c * rj);
+            }
+        }
+    }
+}
+
+/// Forward over all (batch, head) pairs: the packed output buffer.
+fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
+    let kv = d.kv();
+    let nseg = d.nseg();
+    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| run_head(|| forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
+    let (n_o, n_s) = (d.n_o(), d.n_s());
+    let mut out = vec![T::zero(); n_o + n_s * (1 + nseg)];
+    let (o_all, rest) = out.split_at_mut(n_o);
+    let (s_all, ck_all) = rest.split_at_mut(n_s);
+    for (bh, (o, s, ck)) in heads.iter().enumerate() {
+        let (bb, hh) = (bh / d.h, bh % d.h);
+        for i in 0..d.t {
+            let r = d.row(bb, i, hh);
+            o_all[r * d.v..(r + 1) * d.v].copy_from_slice(&o[i * d.v..(i + 1) * d.v]);
+        }
+        s_all[bh * kv..(bh + 1) * kv].copy_from_slice(s);
+        ck_all[bh * nseg * kv..(bh + 1) * nseg * kv].copy_from_slice(ck);
+    }
+    out
+}
+
+/// One head: (o `[T,V]`, final state `[K,V]`, checkpoints `[nseg,K,V]`).
+#[inline(always)]
+fn forward_head<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T], bh: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (bb, hh) = (bh / d.h, bh % d.h);
+    let scale = T::from_f64((d.k as f64).powf(-0.5));
+    let mut s = s0.to_vec();
+    let mut o = vec![T::zero(); d.t * d.v];
+    let mut ck = Vec::with_capacity(d.nseg() * d.kv());
+    let mut r = vec![T::zero(); d.v];
+    for i in 0..d.t {
+        if i % SEG == 0 {
+            ck.extend_from_slice(&s);
+        }
+        step(&mut s, &tok(d, x, v, bb, i, hh), d.v, scale, &mut r, None, Some(&mut o[i * d.v..(i + 1) * d.v]));
+    }
+    (o, s, ck)
+}
+
+/// Runs a per-head kernel compiled for AVX2+FMA when the CPU has them (the closures and the
+/// generic kernels they call are `inline(always)`), else for the build's baseline.
+#[inline(always)]
+pub(super) fn run_head<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { with_avx2(f) };
+    }
+    f()
+}
+
+/// Backward as tensors shaped like the three op inputs.
+fn backward_tensors<T: Elem>(d: Dims, x: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [x, v, s0, res, grad].iter().map(|t| t.storage_and_layout()).collect();
+    let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
+    let (dx, dv, ds0) = backward(d, sl[0], sl[1], sl[3], sl[4]);
+    drop(sl);
+    drop(guards);
+    let dev = x.device();
+    Ok((Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?, Tensor::from_vec(ds0, s0.shape(), dev)?))
+}
+
+/// Per-head gradients: d[q|k|g|β] `[T,2K+2]`, dv `[T,V]`, ds0 `[K,V]`.
+type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+/// Backward over all heads from the packed forward output `res` and the gradient `grad` of its
+/// `[o | final state]` part.
+fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let kv = d.kv();
+    let nseg = d.nseg();
+    let (n_o, n_s) = (d.n_o(), d.n_s());
+    let ck_all = &res[n_o + n_s..];
+    let (d_o, d_sf) = grad.split_at(n_o);
+    let heads: Vec<HeadGrads<T>> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|bh| {
+            let ck = &ck_all[bh * nseg * kv..(bh + 1) * nseg * kv];
+            run_head(|| backward_head(d, x, v, ck, d_o, &d_sf[bh * kv..(bh + 1) * kv], bh))
+        })
+        .collect();
+    let w = d.w();
+    let mut dx = vec![T::zero(); x.len()];
+    let mut dvv = vec![T::zero(); v.len()];
+    let mut ds0 = vec![T::zero(); n_s];
+    for (bh, (hx, hv, hs)) in heads.iter().enumerate() {
+        let (bb, hh) = (bh / d.h, bh % d.h);
+        for i in 0..d.t {
+            let r = d.row(bb, i, hh);
+            dx[r * w..(r + 1) * w].copy_from_slice(&hx[i * w..(i + 1) * w]);
+            dvv[r * d.v..(r + 1) * d.v].copy_from_slice(&hv[i * d.v..(i + 1) * d.v]);
+        }
+        ds0[bh * kv..(bh + 1) * kv].copy_from_slice(hs);
+    }
+    (dx, dvv, ds0)
+}
+
+/// One head's backward (see the module doc).
+#[inline(always)]
+fn backward_head<T: Elem>(d: Dims, x: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf: &[T], bh: usize) -> HeadGrads<T> {
+    let (bb, hh) = (bh / d.h, bh % d.h);
+    let (dk_, dv_, kv, w) = (d.k, d.v, d.kv(), d.w());
+    let scale = T::from_f64((d.k as f64).powf(-0.5));
+    let mut dx = vec![T::zero(); d.t * w];
+    let mut dvv = vec![T::zero(); d.t * dv_];
+    let mut ds = d_sf.to_vec();
+    // Recomputed per segment: decayed states S_a `[SEG,K,V]` and residuals r `[SEG,V]`.
+    let mut sa = vec![T::zero(); SEG * kv];
+    let mut rr = vec![T::zero(); SEG * dv_];
+    let mut s = vec![T::zero(); kv];
+    let mut du = vec![T::zero(); dv_];
+    let mut u = vec![T::zero(); dv_];
+    for seg in (0..d.nseg()).rev() {
+        let t0 = seg * SEG;
+        let len = SEG.min(d.t - t0);
+        s.copy_from_slice(&ck[seg * kv..(seg + 1) * kv]);
+        for j in 0..len {
+            let xt = tok(d, x, v, bb, t0 + j, hh);
+            step(&mut s, &xt, dv_, scale, &mut rr[j * dv_..(j + 1) * dv_], Some(&mut sa[j * kv..(j + 1) * kv]), None);
+        }
+        for j in (0..len).rev() {
+            let i = t0 + j;
+            let xt = tok(d, x, v, bb, i, hh);
+            let s_a = &sa[j * kv..(j + 1) * kv];
+            let r = &rr[j * dv_..(j + 1) * dv_];
+            let row = d.row(bb, i, hh);
+            let dot_ = &d_o[row * dv_..(row + 1) * dv_];
+            u.iter_mut().zip(r).for_each(|(u, &r)| *u = xt.beta * r);
+            let u_do = dot(&u, dot_);
+            let gx = &mut dx[i * w..(i + 1) * w];
+            du.fill(T::zero());
+            // Pass 1: dq, dS += scale·q doᵀ, du = dSᵀk, dk = dS u.
+            for c in 0..dk_ {
+                let sa_row = &s_a[c * dv_..(c + 1) * dv_];
+                let ds_row = &mut ds[c * dv_..(c + 1) * dv_];
+                gx[c] = scale * (dot(sa_row, dot_) + xt.k[c] * u_do);
+                axpy(ds_row, scale * xt.q[c], dot_);
+                axpy(&mut du, xt.k[c], ds_row);
+                gx[dk_ + c] = dot(ds_row, &u);
+            }
+            let dbeta = dot(&du, r);
+            let gv = &mut dvv[i * dv_..(i + 1) * dv_];
+            gv.iter_mut().zip(&du).for_each(|(g, &x)| *g = xt.beta * x);
+            // dp = −β du, reusing `du`.
+            du.iter_mut().for_each(|x| *x = T::zero() - xt.beta * *x);
+            // Pass 2: dS += k dpᵀ, dk += S_a dp, dg = ⟨dS, S_a⟩, dS ← exp(g)·dS.
+            let a = xt.g.exp();
+            let mut dg = T::zero();
+            for c in 0..dk_ {
+                let sa_row = &s_a[c * dv_..(c + 1) * dv_];
+                let ds_row = &mut ds[c * dv_..(c + 1) * dv_];
+                axpy(ds_row, xt.k[c], &du);
+                gx[dk_ + c] += dot(sa_row, &du);
+                dg += dot(ds_row, sa_row);
+                ds_row.iter_mut().for_each(|e| *e *= a);
+            }
+            gx[2 * dk_] = dg;
+            gx[2 * dk_ + 1] = dbeta;
+        }
+    }
+    (dx, dvv, ds)
+}

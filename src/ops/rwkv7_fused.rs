@@ -1,0 +1,307 @@
+//! Fused CPU kernel for WKV-7, the DPLR delta rule of RWKV-7 "Goose" (Peng et al. 2025,
+//! arXiv:2503.14456), with a hand-written backward: same semantics and layouts as
+//! [`super::rwkv7`] (`../shared/reference/ops.md` §6), f32 or f64.
+//!
+//! Algorithm: the token recurrence with state checkpoints every [`SEG`] tokens, the structure
+//! of BlinkDL's CUDA kernels (`RWKV-v7/train_temp/cuda/wkv7_cuda.cu`, which also checkpoint
+//! every 16 tokens), here one rayon task per (batch, head) on the global pool. Per token, row
+//! i of S (value dim i, S is V×K):
+//! ```text
+//! sa_i = S[i,:]·a ;  S[i,:] = S[i,:]⊙w + sa_i b + v_i k ;  o_i = S[i,:]·r
+//! ```
+//! one pass over the state, 4VK multiply-adds per token.
+//!
+//! Backward, row by row with dS the gradient w.r.t. S_t (S_{t−1} from the recomputed segment,
+//! S_t rebuilt on the fly):
+//! ```text
+//! dS[i,:] += do_i r ;  dr += do_i S_t[i,:] ;  dw += dS[i,:]⊙S_{t−1}[i,:]
+//! dsa_i = dS[i,:]·b ;  db += sa_i dS[i,:] ;  dv_i = dS[i,:]·k ;  dk += v_i dS[i,:]
+//! da += dsa_i S_{t−1}[i,:] ;  dS[i,:] ← dS[i,:]⊙w + dsa_i a
+//! ```
+//!
+//! Packing (three op inputs): `[r | w | k | a | b]` `[B,T,H,5K]`, v, and the initial state
+//! (zeros when absent). Output `[o | final state | checkpoints]`.
+
+use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::gdr_fused::{axpy, dot, run_head};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Tokens per checkpoint segment (as BlinkDL's kernels).
+pub const SEG: usize = 16;
+
+/// Fused WKV-7, CPU only; r, w, k, v, a, b (and initial_state) all f32 or all f64. Shapes as
+/// [`super::rwkv7::rwkv7_recurrent`]; returns (o `[B,T,H,V]`, final state `[B,H,V,K]`),
+/// differentiable w.r.t. every input.
+#[allow(clippy::too_many_arguments)]
+pub fn rwkv7_fused(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b: &Tensor, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    super::rwkv7::check_shapes(r, w, k, v, a, b, s0)?;
+    if !supported(r, w, k, v, a, b, s0) {
+        bail!(
+            "rwkv7_fused: CPU only, all inputs f32 or all f64; got r {:?} on {:?}, w {:?}, k {:?}, v {:?}, a {:?}, b {:?}, initial_state {:?}",
+            r.dtype(),
+            r.device().location(),
+            w.dtype(),
+            k.dtype(),
+            v.dtype(),
+            a.dtype(),
+            b.dtype(),
+            s0.map(|s| s.dtype())
+        );
+    }
+    let (bsz, t, h, dk) = r.dims4()?;
+    let dv = v.dim(3)?;
+    let in1 = Tensor::cat(&[r, w, k, a, b], 3)?.contiguous()?;
+    let s0 = match s0 {
+        Some(s) => s.contiguous()?,
+        None => Tensor::zeros((bsz, h, dv, dk), r.dtype(), r.device())?,
+    };
+    let out = in1.apply_op3(&v.contiguous()?, &s0, FusedWkv7)?;
+    let n_o = bsz * t * h * dv;
+    let o = out.narrow(0, 0, n_o)?.reshape((bsz, t, h, dv))?;
+    let s = out.narrow(0, n_o, bsz * h * dv * dk)?.reshape((bsz, h, dv, dk))?;
+    Ok((o, s))
+}
+
+/// Whether [`rwkv7_fused`] takes these inputs: all on the CPU, all f32 or all f64.
+#[allow(clippy::too_many_arguments)]
+pub fn supported(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b: &Tensor, s0: Option<&Tensor>) -> bool {
+    let d = r.dtype();
+    matches!(d, DType::F32 | DType::F64) && [r, w, k, v, a, b].into_iter().chain(s0).all(|x| x.device().is_cpu() && x.dtype() == d)
+}
+
+/// The training form: [`rwkv7_fused`] when `fused` and [`supported`], else the composed
+/// chunked form [`super::rwkv7::rwkv7_chunked`].
+#[allow(clippy::too_many_arguments)]
+pub fn rwkv7_train(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b: &Tensor, s0: Option<&Tensor>, chunk: usize, fused: bool) -> Result<(Tensor, Tensor)> {
+    if fused && supported(r, w, k, v, a, b, s0) {
+        rwkv7_fused(r, w, k, v, a, b, s0)
+    } else {
+        super::rwkv7::rwkv7_chunked(r, w, k, v, a, b, s0, chunk)
+    }
+}
+
+struct FusedWkv7;
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    k: usize,
+    v: usize,
+}
+
+impl Dims {
+    fn new(in1: &Shape, v: &Shape) -> Result<Self> {
+        let (b, t, h, w5) = in1.dims4()?;
+        let (_, _, _, dv) = v.dims4()?;
+        if w5 == 0 || w5 % 5 != 0 {
+            bail!("rwkv7_fused: packed input width {w5} is not 5K");
+        }
+        Ok(Self { b, t, h, k: w5 / 5, v: dv })
+    }
+    fn vk(&self) -> usize {
+        self.v * self.k
+    }
+    fn nseg(&self) -> usize {
+        self.t.div_ceil(SEG)
+    }
+    fn n_o(&self) -> usize {
+        self.b * self.t * self.h * self.v
+    }
+    fn n_s(&self) -> usize {
+        self.b * self.h * self.vk()
+    }
+    fn row(&self, bb: usize, i: usize, hh: usize) -> usize {
+        (bb * self.t + i) * self.h + hh
+    }
+}
+
+impl CustomOp3 for FusedWkv7 {
+    fn name(&self) -> &'static str {
+        "rwkv7_fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(l1.shape(), l2.shape())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => CpuStorage::F32(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
+            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => CpuStorage::F64(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
+            _ => bail!("rwkv7_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
+        };
+        Ok((out, Shape::from(d.n_o() + d.n_s() * (1 + d.nseg()))))
+    }
+
+    fn bwd(&self, in1: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::new(in1.shape(), v.shape())?;
+        let grad = grad_res.narrow(0, 0, d.n_o() + d.n_s())?.contiguous()?;
+        let res = res.contiguous()?;
+        let (g1, g2, g3) = match in1.dtype() {
+            DType::F32 => backward_tensors::<f32>(d, in1, v, s0, &res, &grad)?,
+            DType::F64 => backward_tensors::<f64>(d, in1, v, s0, &res, &grad)?,
+            dt => bail!("rwkv7_fused: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(g1), Some(g2), Some(g3)))
+    }
+}
+
+/// One token of one head: r, w, k, a, b rows `[K]`, v row `[V]`.
+struct Tok<'a, T> {
+    r: &'a [T],
+    w: &'a [T],
+    k: &'a [T],
+    a: &'a [T],
+    b: &'a [T],
+    v: &'a [T],
+}
+
+fn tok<'a, T: Elem>(d: Dims, in1: &'a [T], v: &'a [T], bb: usize, i: usize, hh: usize) -> Tok<'a, T> {
+    let row = d.row(bb, i, hh);
+    let x = &in1[row * 5 * d.k..(row + 1) * 5 * d.k];
+    let part = |j: usize| &x[j * d.k..(j + 1) * d.k];
+    Tok { r: part(0), w: part(1), k: part(2), a: part(3), b: part(4), v: &v[row * d.v..(row + 1) * d.v] }
+}
+
+/// S[i,:] ← S[i,:]⊙w + (S[i,:]·a) b + v_i k for every row; returns nothing, writes `o` if given.
+#[inline(always)]
+fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dk: usize, mut o: Option<&mut [T]>) {
+    for (i, row) in s.chunks_exact_mut(dk).enumerate() {
+        let sa = dot(row, x.a);
+        let vi = x.v[i];
+        row.iter_mut().zip(x.w).zip(x.b.iter().zip(x.k)).for_each(|((e, &w), (&b, &k))| *e = *e * w + sa * b + vi * k);
+        if let Some(o) = o.as_deref_mut() {
+            o[i] = dot(row, x.r);
+        }
+    }
+}
+
+fn forward<T: Elem>(d: Dims, in1: &[T], v: &[T], s0: &[T]) -> Vec<T> {
+    let (vk, nseg) = (d.vk(), d.nseg());
+    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|bh| {
+            run_head(|| {
+                let (bb, hh) = (bh / d.h, bh % d.h);
+                let mut s = s0[bh * vk..(bh + 1) * vk].to_vec();
+                let mut o = vec![T::zero(); d.t * d.v];
+                let mut ck = Vec::with_capacity(nseg * vk);
+                for i in 0..d.t {
+                    if i % SEG == 0 {
+                        ck.extend_from_slice(&s);
+                    }
+                    step(&mut s, &tok(d, in1, v, bb, i, hh), d.k, Some(&mut o[i * d.v..(i + 1) * d.v]));
+                }
+                (o, s, ck)
+            })
+        })
+        .collect();
+    let (n_o, n_s) = (d.n_o(), d.n_s());
+    let mut out = vec![T::zero(); n_o + n_s * (1 + nseg)];
+    let (o_all, rest) = out.split_at_mut(n_o);
+    let (s_all, ck_all) = rest.split_at_mut(n_s);
+    for (bh, (o, s, ck)) in heads.iter().enumerate() {
+        let (bb, hh) = (bh / d.h, bh % d.h);
+        for i in 0..d.t {
+            let r = d.row(bb, i, hh);
+            o_all[r * d.v..(r + 1) * d.v].copy_from_slice(&o[i * d.v..(i + 1) * d.v]);
+        }
+        s_all[bh * vk..(bh + 1) * vk].copy_from_slice(s);
+        ck_all[bh * nseg * vk..(bh + 1) * nseg * vk].copy_from_slice(ck);
+    }
+    out
+}
+
+fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [in1, v, s0, res, grad].iter().map(|t| t.storage_and_layout()).collect();
+    let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
+    let (g1, g2, g3) = backward(d, sl[0], sl[1], sl[3], sl[4]);
+    drop(sl);
+    drop(guards);
+    let dev = in1.device();
+    Ok((Tensor::from_vec(g1, in1.shape(), dev)?, Tensor::from_vec(g2, v.shape(), dev)?, Tensor::from_vec(g3, s0.shape(), dev)?))
+}
+
+/// Per head: d[r|w|k|a|b] `[T,5K]`, dv `[T,V]`, ds0 `[V,K]`.
+type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+fn backward<T: Elem>(d: Dims, in1: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (vk, nseg, n_o, n_s) = (d.vk(), d.nseg(), d.n_o(), d.n_s());
+    let ck_all = &res[n_o + n_s..];
+    let (d_o, d_sf) = grad.split_at(n_o);
+    let heads: Vec<HeadGrads<T>> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|bh| {
+            let ck = &ck_all[bh * nseg * vk..(bh + 1) * nseg * vk];
+            run_head(|| backward_head(d, in1, v, ck, d_o, &d_sf[bh * vk..(bh + 1) * vk], bh))
+        })
+        .collect();
+    let w1 = 5 * d.k;
+    let mut g1 = vec![T::zero(); in1.len()];
+    let mut g2 = vec![T::zero(); v.len()];
+    let mut g3 = vec![T::zero(); n_s];
+    for (bh, (hx, hv, hs)) in heads.iter().enumerate() {
+        let (bb, hh) = (bh / d.h, bh % d.h);
+        for i in 0..d.t {
+            let r = d.row(bb, i, hh);
+            g1[r * w1..(r + 1) * w1].copy_from_slice(&hx[i * w1..(i + 1) * w1]);
+            g2[r * d.v..(r + 1) * d.v].copy_from_slice(&hv[i * d.v..(i + 1) * d.v]);
+        }
+        g3[bh * vk..(bh + 1) * vk].copy_from_slice(hs);
+    }
+    (g1, g2, g3)
+}
+
+#[inline(always)]
+fn backward_head<T: Elem>(d: Dims, in1: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf: &[T], bh: usize) -> HeadGrads<T> {
+    let (bb, hh) = (bh / d.h, bh % d.h);
+    let (dk, dv, vk) = (d.k, d.v, d.vk());
+    let w1 = 5 * dk;
+    let mut gx = vec![T::zero(); d.t * w1];
+    let mut gv = vec![T::zero(); d.t * dv];
+    let mut ds = d_sf.to_vec();
+    let mut prev = vec![T::zero(); SEG * vk];
+    let mut s = vec![T::zero(); vk];
+    let mut st = vec![T::zero(); dk];
+    for seg in (0..d.nseg()).rev() {
+        let t0 = seg * SEG;
+        let len = SEG.min(d.t - t0);
+        s.copy_from_slice(&ck[seg * vk..(seg + 1) * vk]);
+        for j in 0..len {
+            prev[j * vk..(j + 1) * vk].copy_from_slice(&s);
+            step(&mut s, &tok(d, in1, v, bb, t0 + j, hh), dk, None);
+        }
+        for j in (0..len).rev() {
+            let i = t0 + j;
+            let x = tok(d, in1, v, bb, i, hh);
+            let sp = &prev[j * vk..(j + 1) * vk];
+            let row = d.row(bb, i, hh);
+            let dor = &d_o[row * dv..(row + 1) * dv];
+            let gxr = &mut gx[i * w1..(i + 1) * w1];
+            let (g_r, rest) = gxr.split_at_mut(dk);
+            let (g_w, rest) = rest.split_at_mut(dk);
+            let (g_k, rest) = rest.split_at_mut(dk);
+            let (g_a, g_b) = rest.split_at_mut(dk);
+            let gvr = &mut gv[i * dv..(i + 1) * dv];
+            for c in 0..dv {
+                let spr = &sp[c * dk..(c + 1) * dk];
+                let dsr = &mut ds[c * dk..(c + 1) * dk];
+                let sa = dot(spr, x.a);
+                let vi = x.v[c];
+                st.iter_mut().zip(spr).zip(x.w).zip(x.b.iter().zip(x.k)).for_each(|(((e, &p), &w), (&b, &k))| *e = p * w + sa * b + vi * k);
+                let doi = dor[c];
+                axpy(dsr, doi, x.r);
+                axpy(g_r, doi, &st);
+                g_w.iter_mut().zip(dsr.iter()).zip(spr).for_each(|((g, &dsv), &p)| *g += dsv * p);
+                let dsa = dot(dsr, x.b);
+                axpy(g_b, sa, dsr);
+                gvr[c] = dot(dsr, x.k);
+                axpy(g_k, vi, dsr);
+                axpy(g_a, dsa, spr);
+                dsr.iter_mut().zip(x.w).zip(x.a).for_each(|((e, &w), &a)| *e = *e * w + dsa * a);
+            }
+        }
+    }
+    (gx, gv, ds)
+}

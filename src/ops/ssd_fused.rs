@@ -1,0 +1,321 @@
+//! Fused CPU kernel for Mamba-2's SSD recurrence (Dao & Gu 2024, arXiv:2405.21060) with a
+//! hand-written backward: same semantics and layouts as [`super::ssd`]
+//! (`../shared/reference/ops.md` §5), f32 or f64.
+//!
+//! Algorithm: the token recurrence with state checkpoints, as [`super::gdr_fused`]. Per token
+//! and head (h is P×N, head h reads group h / (H/G)):
+//! ```text
+//! a = exp(dt_t·A) ;  h[p,:] = a·h[p,:] + (dt_t x_t[p])·B_t ;  y_t[p] = h[p,:]·C_t
+//! ```
+//! one pass over the state, 3PN multiply-adds per token (the chunked form costs
+//! Q(N + P) + 2PN + PN/Q, and its backward several times that in candle ops). One rayon task
+//! per (batch, head) on the global pool.
+//!
+//! Backward: the state at the start of every segment of [`SEG`] tokens is saved; the backward
+//! recomputes a segment's states h_{t−1} from its checkpoint, then steps back with dh (gradient
+//! w.r.t. h_t), row by row (h_t[p,:] = a·h_{t−1}[p,:] + dt x_p B rebuilt on the fly):
+//! ```text
+//! dh[p,:] += dy_p C ;  dC += dy_p h_t[p,:] ;  e_p = dh[p,:]·B ;  dx_p = dt e_p ;  ddt += x_p e_p
+//! dB += dt x_p dh[p,:] ;  da += dh[p,:]·h_{t−1}[p,:] ;  dh[p,:] ← a·dh[p,:]
+//! ddt += A·a·da ;  dA += dt·a·da
+//! ```
+//! dB and dC are summed over the heads of a group and dA over batch and time, in a fixed order
+//! (results do not depend on the thread count).
+//!
+//! Packing (three op inputs): `[x | dt]` `[B,T,H,P+1]`, `[Bm | Cm]` `[B,T,G,2N]`, and
+//! `[initial state (B·H·P·N) | A (H)]` flat. Output `[y | final state | checkpoints]`.
+
+use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::gdr_fused::{axpy, dot, run_head};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Tokens per checkpoint segment.
+pub const SEG: usize = 16;
+
+/// Fused SSD, CPU only; x, dt, A, Bm, Cm (and initial_state) all f32 or all f64. Shapes as
+/// [`super::ssd::ssd_recurrent`]; returns (y `[B,T,H,P]`, final state `[B,H,P,N]`),
+/// differentiable w.r.t. every input.
+pub fn ssd_fused(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, s0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    super::ssd::check_shapes(x, dt, a, bm, cm, s0)?;
+    if !supported(x, dt, a, bm, cm, s0) {
+        bail!(
+            "ssd_fused: CPU only, all inputs f32 or all f64; got x {:?} on {:?}, dt {:?}, A {:?}, Bm {:?}, Cm {:?}, initial_state {:?}",
+            x.dtype(),
+            x.device().location(),
+            dt.dtype(),
+            a.dtype(),
+            bm.dtype(),
+            cm.dtype(),
+            s0.map(|s| s.dtype())
+        );
+    }
+    let (b, t, h, p) = x.dims4()?;
+    let n = bm.dim(3)?;
+    let in1 = Tensor::cat(&[x, &dt.unsqueeze(3)?], 3)?.contiguous()?;
+    let in2 = Tensor::cat(&[bm, cm], 3)?.contiguous()?;
+    let s0 = match s0 {
+        Some(s) => s.flatten_all()?,
+        None => Tensor::zeros(b * h * p * n, x.dtype(), x.device())?,
+    };
+    let in3 = Tensor::cat(&[&s0, a], 0)?.contiguous()?;
+    let out = in1.apply_op3(&in2, &in3, FusedSsd)?;
+    let n_y = b * t * h * p;
+    let y = out.narrow(0, 0, n_y)?.reshape((b, t, h, p))?;
+    let s = out.narrow(0, n_y, b * h * p * n)?.reshape((b, h, p, n))?;
+    Ok((y, s))
+}
+
+/// Whether [`ssd_fused`] takes these inputs: all on the CPU, all f32 or all f64.
+pub fn supported(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, s0: Option<&Tensor>) -> bool {
+    let d = x.dtype();
+    matches!(d, DType::F32 | DType::F64) && [x, dt, a, bm, cm].into_iter().chain(s0).all(|t| t.device().is_cpu() && t.dtype() == d)
+}
+
+/// The training form: [`ssd_fused`] when `fused` and [`supported`], else the composed chunked
+/// form [`super::ssd::ssd_chunked`].
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_train(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, s0: Option<&Tensor>, chunk: usize, fused: bool) -> Result<(Tensor, Tensor)> {
+    if fused && supported(x, dt, a, bm, cm, s0) {
+        ssd_fused(x, dt, a, bm, cm, s0)
+    } else {
+        super::ssd::ssd_chunked(x, dt, a, bm, cm, s0, chunk)
+    }
+}
+
+struct FusedSsd;
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    p: usize,
+    g: usize,
+    n: usize,
+}
+
+impl Dims {
+    fn new(in1: &Shape, in2: &Shape) -> Result<Self> {
+        let (b, t, h, p1) = in1.dims4()?;
+        let (_, _, g, n2) = in2.dims4()?;
+        if p1 < 2 || n2 < 2 || n2 % 2 != 0 || g == 0 || h % g != 0 {
+            bail!("ssd_fused: bad packed shapes {in1:?}, {in2:?}");
+        }
+        Ok(Self { b, t, h, p: p1 - 1, g, n: n2 / 2 })
+    }
+    fn pn(&self) -> usize {
+        self.p * self.n
+    }
+    fn nseg(&self) -> usize {
+        self.t.div_ceil(SEG)
+    }
+    fn n_y(&self) -> usize {
+        self.b * self.t * self.h * self.p
+    }
+    fn n_s(&self) -> usize {
+        self.b * self.h * self.pn()
+    }
+    /// Row of (batch, token, head) in `[B,T,H,·]`.
+    fn row(&self, bb: usize, i: usize, hh: usize) -> usize {
+        (bb * self.t + i) * self.h + hh
+    }
+    /// Row of (batch, token, group of head hh) in `[B,T,G,·]`.
+    fn grow(&self, bb: usize, i: usize, hh: usize) -> usize {
+        (bb * self.t + i) * self.g + hh / (self.h / self.g)
+    }
+}
+
+impl CustomOp3 for FusedSsd {
+    fn name(&self) -> &'static str {
+        "ssd_fused"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(l1.shape(), l2.shape())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(bc), CpuStorage::F32(s)) => CpuStorage::F32(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?)),
+            (CpuStorage::F64(x), CpuStorage::F64(bc), CpuStorage::F64(s)) => CpuStorage::F64(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?)),
+            _ => bail!("ssd_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
+        };
+        Ok((out, Shape::from(d.n_y() + d.n_s() * (1 + d.nseg()))))
+    }
+
+    fn bwd(&self, in1: &Tensor, in2: &Tensor, in3: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::new(in1.shape(), in2.shape())?;
+        let grad = grad_res.narrow(0, 0, d.n_y() + d.n_s())?.contiguous()?;
+        let res = res.contiguous()?;
+        let (a, b, c) = match in1.dtype() {
+            DType::F32 => backward_tensors::<f32>(d, in1, in2, in3, &res, &grad)?,
+            DType::F64 => backward_tensors::<f64>(d, in1, in2, in3, &res, &grad)?,
+            dt => bail!("ssd_fused: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(a), Some(b), Some(c)))
+    }
+}
+
+/// One token for one head: x row `[P]`, dt, B and C rows `[N]`.
+struct Tok<'a, T> {
+    x: &'a [T],
+    dt: T,
+    b: &'a [T],
+    c: &'a [T],
+}
+
+fn tok<'a, T: Elem>(d: Dims, in1: &'a [T], in2: &'a [T], bb: usize, i: usize, hh: usize) -> Tok<'a, T> {
+    let (r, gr) = (d.row(bb, i, hh), d.grow(bb, i, hh));
+    let xr = &in1[r * (d.p + 1)..(r + 1) * (d.p + 1)];
+    let bc = &in2[gr * 2 * d.n..(gr + 1) * 2 * d.n];
+    Tok { x: &xr[..d.p], dt: xr[d.p], b: &bc[..d.n], c: &bc[d.n..] }
+}
+
+fn forward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T]) -> Vec<T> {
+    let (pn, nseg) = (d.pn(), d.nseg());
+    let (s0, a) = in3.split_at(d.n_s());
+    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|bh| run_head(|| forward_head(d, in1, in2, &s0[bh * pn..(bh + 1) * pn], a[bh % d.h], bh)))
+        .collect();
+    let (n_y, n_s) = (d.n_y(), d.n_s());
+    let mut out = vec![T::zero(); n_y + n_s * (1 + nseg)];
+    let (y_all, rest) = out.split_at_mut(n_y);
+    let (s_all, ck_all) = rest.split_at_mut(n_s);
+    for (bh, (y, s, ck)) in heads.iter().enumerate() {
+        let (bb, hh) = (bh / d.h, bh % d.h);
+        for i in 0..d.t {
+            let r = d.row(bb, i, hh);
+            y_all[r * d.p..(r + 1) * d.p].copy_from_slice(&y[i * d.p..(i + 1) * d.p]);
+        }
+        s_all[bh * pn..(bh + 1) * pn].copy_from_slice(s);
+        ck_all[bh * nseg * pn..(bh + 1) * nseg * pn].copy_from_slice(ck);
+    }
+    out
+}
+
+/// One head: (y `[T,P]`, final state `[P,N]`, checkpoints `[nseg,P,N]`).
+#[inline(always)]
+fn forward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], s0: &[T], a_h: T, bh: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (bb, hh) = (bh / d.h, bh % d.h);
+    let mut s = s0.to_vec();
+    let mut y = vec![T::zero(); d.t * d.p];
+    let mut ck = Vec::with_capacity(d.nseg() * d.pn());
+    for i in 0..d.t {
+        if i % SEG == 0 {
+            ck.extend_from_slice(&s);
+        }
+        let x = tok(d, in1, in2, bb, i, hh);
+        let a = (x.dt * a_h).exp();
+        let yr = &mut y[i * d.p..(i + 1) * d.p];
+        for ((row, &xp), yp) in s.chunks_exact_mut(d.n).zip(x.x).zip(yr.iter_mut()) {
+            let c = x.dt * xp;
+            row.iter_mut().zip(x.b).for_each(|(e, &bj)| *e = a * *e + c * bj);
+            *yp = dot(row, x.c);
+        }
+    }
+    (y, s, ck)
+}
+
+fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, in2: &Tensor, in3: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [in1, in2, in3, res, grad].iter().map(|t| t.storage_and_layout()).collect();
+    let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
+    let (g1, g2, g3) = backward(d, sl[0], sl[1], sl[2], sl[3], sl[4]);
+    drop(sl);
+    drop(guards);
+    let dev = in1.device();
+    Ok((Tensor::from_vec(g1, in1.shape(), dev)?, Tensor::from_vec(g2, in2.shape(), dev)?, Tensor::from_vec(g3, in3.shape(), dev)?))
+}
+
+/// Per head: d[x|dt] `[T,P+1]`, d[B|C] `[T,2N]`, ds0 `[P,N]`, dA.
+type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>, T);
+
+fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], res: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (pn, nseg, n_y, n_s) = (d.pn(), d.nseg(), d.n_y(), d.n_s());
+    let a = &in3[n_s..];
+    let ck_all = &res[n_y + n_s..];
+    let (dy, d_sf) = grad.split_at(n_y);
+    let heads: Vec<HeadGrads<T>> = (0..d.b * d.h)
+        .into_par_iter()
+        .map(|bh| {
+            let ck = &ck_all[bh * nseg * pn..(bh + 1) * nseg * pn];
+            run_head(|| backward_head(d, in1, in2, a[bh % d.h], ck, dy, &d_sf[bh * pn..(bh + 1) * pn], bh))
+        })
+        .collect();
+    let (w1, w2) = (d.p + 1, 2 * d.n);
+    let mut g1 = vec![T::zero(); in1.len()];
+    let mut g2 = vec![T::zero(); in2.len()];
+    let mut g3 = vec![T::zero(); in3.len()];
+    // Fixed order: heads in (batch, head) order.
+    for (bh, (hx, hbc, hs, da)) in heads.iter().enumerate() {
+        let (bb, hh) = (bh / d.h, bh % d.h);
+        for i in 0..d.t {
+            let (r, gr) = (d.row(bb, i, hh), d.grow(bb, i, hh));
+            g1[r * w1..(r + 1) * w1].copy_from_slice(&hx[i * w1..(i + 1) * w1]);
+            g2[gr * w2..(gr + 1) * w2].iter_mut().zip(&hbc[i * w2..(i + 1) * w2]).for_each(|(g, &x)| *g += x);
+        }
+        g3[bh * pn..(bh + 1) * pn].copy_from_slice(hs);
+        g3[n_s + hh] += *da;
+    }
+    (g1, g2, g3)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &[T], d_sf: &[T], bh: usize) -> HeadGrads<T> {
+    let (bb, hh) = (bh / d.h, bh % d.h);
+    let (p, n, pn) = (d.p, d.n, d.pn());
+    let (w1, w2) = (p + 1, 2 * n);
+    let mut gx = vec![T::zero(); d.t * w1];
+    let mut gbc = vec![T::zero(); d.t * w2];
+    let mut dh = d_sf.to_vec();
+    let mut d_a = T::zero();
+    // States before each token of the segment: h_{t−1} `[SEG,P,N]`.
+    let mut prev = vec![T::zero(); SEG * pn];
+    let mut s = vec![T::zero(); pn];
+    let mut ht = vec![T::zero(); n];
+    for seg in (0..d.nseg()).rev() {
+        let t0 = seg * SEG;
+        let len = SEG.min(d.t - t0);
+        s.copy_from_slice(&ck[seg * pn..(seg + 1) * pn]);
+        for j in 0..len {
+            prev[j * pn..(j + 1) * pn].copy_from_slice(&s);
+            let x = tok(d, in1, in2, bb, t0 + j, hh);
+            let a = (x.dt * a_h).exp();
+            for (row, &xp) in s.chunks_exact_mut(n).zip(x.x) {
+                let c = x.dt * xp;
+                row.iter_mut().zip(x.b).for_each(|(e, &bj)| *e = a * *e + c * bj);
+            }
+        }
+        for j in (0..len).rev() {
+            let i = t0 + j;
+            let x = tok(d, in1, in2, bb, i, hh);
+            let a = (x.dt * a_h).exp();
+            let hp = &prev[j * pn..(j + 1) * pn];
+            let r = d.row(bb, i, hh);
+            let dyr = &dy[r * p..(r + 1) * p];
+            let gxr = &mut gx[i * w1..(i + 1) * w1];
+            let (gb, gc) = gbc[i * w2..(i + 1) * w2].split_at_mut(n);
+            let (mut ddt, mut da) = (T::zero(), T::zero());
+            for c in 0..p {
+                let hpr = &hp[c * n..(c + 1) * n];
+                let dhr = &mut dh[c * n..(c + 1) * n];
+                let dxc = x.dt * x.x[c];
+                // h_t row, rebuilt.
+                ht.iter_mut().zip(hpr).zip(x.b).for_each(|((e, &hv), &bj)| *e = a * hv + dxc * bj);
+                let dyc = dyr[c];
+                axpy(dhr, dyc, x.c);
+                axpy(gc, dyc, &ht);
+                let e = dot(dhr, x.b);
+                gxr[c] = x.dt * e;
+                ddt += x.x[c] * e;
+                axpy(gb, dxc, dhr);
+                da += dot(dhr, hpr);
+                dhr.iter_mut().for_each(|v| *v *= a);
+            }
+            // a = exp(dt·A): da/d(dt) = A·a, da/dA = dt·a.
+            gxr[p] = ddt + a_h * a * da;
+            d_a += x.dt * a * da;
+        }
+    }
+    (gx, gbc, dh, d_a)
+}
