@@ -88,6 +88,12 @@ def main():
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--beta1", type=float, default=0.9)
+    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--train-steps", type=int, default=0, help="also train torch this many steps from mixscale's init")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--mixscale-json", help="the bench worker's mixscale.json (its losses are printed beside)")
     a = ap.parse_args()
     with open(a.model_json) as f:
         spec = json.load(f)
@@ -114,6 +120,40 @@ def main():
         worst = max(worst, rel)
         print(f"{k:<34} {float(gm.norm()):>12.4e} {nt:>12.4e} {rel:>11.2e} {rel32:>11.2e} {float((gm - gt).abs().max()):>12.3e}")
     print(f"worst relative gradient difference mixscale vs torch f64: {worst:.3e}")
+    if a.train_steps:
+        train_from(spec, weights, a)
+
+
+def train_from(spec, weights, a):
+    """Trains torch from mixscale's initial weights on mixscale's batches (the bench worker's
+    tokens file holds --train-steps batches) with AdamW as `mixscale bench` (constant lr, decay on
+    the parameters mixscale decays, global-norm clip), and prints its losses beside those of the
+    bench worker's mixscale.json (same config, same init seed)."""
+    torch.manual_seed(0)
+    model = LM(spec, a.seq_len)
+    named = dict(model.mixscale_names())
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(weights[k])
+    params = list(named.values())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.decay], "weight_decay": a.weight_decay},
+         {"params": [p for p in params if not p.decay], "weight_decay": 0.0}],
+        lr=a.lr, betas=(a.beta1, a.beta2), eps=1e-8, foreach=False)
+    raw = torch.from_numpy(np.fromfile(a.tokens, dtype="<u4").astype("int64")).view(-1, 3, a.batch, a.seq_len)
+    losses = []
+    for i in range(a.train_steps):
+        inputs, targets, mask = raw[i]
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(model.train_step_loss(inputs, targets, None if bool((mask != 0).all()) else (mask != 0).float())))
+        if a.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+        opt.step()
+    print("torch losses    ", " ".join(f"{x:.5f}" for x in losses))
+    if a.mixscale_json:
+        with open(a.mixscale_json) as f:
+            mx = json.load(f)["losses"]
+        print("mixscale losses ", " ".join(f"{x:.5f}" for x in mx[:a.train_steps]))
 
 
 if __name__ == "__main__":
