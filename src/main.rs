@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     mixscale::ops::cpu::set_threading_defaults();
+    mixscale::ops::cpu::set_allocator_defaults();
     let code = match cli::run() {
         Ok(code) => code,
         Err(e) => {

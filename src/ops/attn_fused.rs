@@ -11,7 +11,7 @@
 //! is ever held. The per-row log-sum-exp `L_i = m_i + ln l_i` is saved for the backward.
 //! Block matmuls use the `gemm` crate single-threaded inside the rayon tasks (at D=32 it took
 //! about a third of the CPU time of plain auto-vectorised loops); the f32 `exp` is a branch-free
-//! polynomial ([`exp_f32`]) compiled for AVX2 where the CPU has it.
+//! polynomial ([`exp_f32`]) compiled for AVX-512/AVX2 where the CPU has them.
 //!
 //! Backward (flash-style, recomputes P): `P = exp(S − L)`, `D_i = rowsum(dO_i ⊙ O_i)`,
 //! `dS = P ⊙ (dO Vᵀ − D)`, `dQ = dS K/√D`, `dK = dSᵀ Q/√D`, `dV = Pᵀ dO`; one task per
@@ -33,6 +33,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
+
+use super::simd::{exp_f32, exp_shifted_f32};
 
 /// Rows of a query block and columns of a key block.
 pub const BLOCK: usize = 64;
@@ -131,26 +133,8 @@ impl Elem for f32 {
         f32::ln(self)
     }
     fn exp_shifted(x: &mut [Self], shift: Self) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { exp_shifted_avx2(x, shift) };
-        }
         exp_shifted_f32(x, shift)
     }
-}
-
-/// `x ← exp(x − shift)` with [`exp_f32`]; vectorised for whatever the build targets.
-#[inline(always)]
-fn exp_shifted_f32(x: &mut [f32], shift: f32) {
-    x.iter_mut().for_each(|v| *v = exp_f32(*v - shift));
-}
-
-/// [`exp_shifted_f32`] compiled for AVX2 (8 lanes instead of the baseline's 4).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_shifted_avx2(x: &mut [f32], shift: f32) {
-    exp_shifted_f32(x, shift)
 }
 
 impl Elem for f64 {
@@ -163,29 +147,6 @@ impl Elem for f64 {
     }
     fn exp_shifted(x: &mut [Self], shift: Self) {
         x.iter_mut().for_each(|v| *v = (*v - shift).exp());
-    }
-}
-
-/// Branch-free `exp` for f32 (Cephes `expf` polynomial, relative error ~1e-7) that the compiler
-/// vectorises, unlike the libm call: `exp(x) = 2ⁿ·exp(r)`, `n = round(x·log₂e)`, `|r| ≤ ln2/2`.
-/// Returns 0 below −87 (where the result would be subnormal) and for −∞; saturates above 88.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer kept in the low mantissa bits
-    let xc = x.clamp(-87.0, 88.0);
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        p = p * r + c;
-    }
-    let y = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((t.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23) as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        y * two_n
     }
 }
 
@@ -565,32 +526,4 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
         dg[i] = T::from_f64(acc);
     }
     (dq, dg)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The vectorisable f32 exp against f64 exp: relative error < 4e-7 over the useful range,
-    /// exactly 0 for −∞ and below −87 (masked and fully decayed scores).
-    #[test]
-    fn exp_f32_is_accurate() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f64 / 200_000.0;
-            let got = exp_f32(x as f32) as f64;
-            let want = (x as f32 as f64).exp();
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 4e-7, "max relative error {worst:e}");
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(-1000.0), 0.0);
-        assert_eq!(exp_f32(0.0), 1.0);
-        let mut row = vec![0.0f32, -1.0, 2.5, f32::NEG_INFINITY, -30.0, 1.0, 0.5, -0.25, 3.0, -7.0];
-        let want: Vec<f32> = row.iter().map(|x| (x - 1.5f32).exp()).collect();
-        f32::exp_shifted(&mut row, 1.5);
-        for (g, w) in row.iter().zip(&want) {
-            assert!((g - w).abs() <= 4e-7 * w, "{g} vs {w}");
-        }
-    }
 }

@@ -33,6 +33,7 @@
 //! [`gdr_fused`] returns views of the first two parts.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::simd::with_fast_isa;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -234,7 +235,7 @@ fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dv: usize, scale: T, r: &mut [T], s_a:
 fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
     let kv = d.kv();
     let nseg = d.nseg();
-    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| run_head(|| forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
+    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| with_fast_isa(|| forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
     let (n_o, n_s) = (d.n_o(), d.n_s());
     let mut out = vec![T::zero(); n_o + n_s * (1 + nseg)];
     let (o_all, rest) = out.split_at_mut(n_o);
@@ -269,22 +270,6 @@ fn forward_head<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T], bh: usize) -> (Vec
     (o, s, ck)
 }
 
-/// Runs a per-head kernel compiled for AVX2+FMA when the CPU has them (the closures and the
-/// generic kernels they call are `inline(always)`), else for the build's baseline.
-#[inline(always)]
-pub(super) fn run_head<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { with_avx2(f) };
-    }
-    f()
-}
-
 /// Backward as tensors shaped like the three op inputs.
 fn backward_tensors<T: Elem>(d: Dims, x: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let guards: Vec<_> = [x, v, s0, res, grad].iter().map(|t| t.storage_and_layout()).collect();
@@ -311,7 +296,7 @@ fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec<T
         .into_par_iter()
         .map(|bh| {
             let ck = &ck_all[bh * nseg * kv..(bh + 1) * nseg * kv];
-            run_head(|| backward_head(d, x, v, ck, d_o, &d_sf[bh * kv..(bh + 1) * kv], bh))
+            with_fast_isa(|| backward_head(d, x, v, ck, d_o, &d_sf[bh * kv..(bh + 1) * kv], bh))
         })
         .collect();
     let w = d.w();

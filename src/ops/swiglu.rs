@@ -5,10 +5,14 @@
 //! add, recip, two muls, two adds). The fused CPU CustomOp (f32/f64) does one pass forward and
 //! one backward, with the hand-written gradient
 //! `da = dh ⊙ b ⊙ σ(a)(1 + a(1 − σ(a)))`, `db = dh ⊙ silu(a)`.
-//! The forward computes `a / (1 + exp(−a)) · b` in the input dtype, as candle's `silu` then `mul`
-//! (bit-identical forward values).
+//! The forward computes `a / (1 + exp(−a)) · b` in the input dtype, as candle's `silu` then `mul`.
+//! f64 uses libm's `exp` (bit-identical to the composed form); f32 uses the vectorised
+//! [`exp_f32`] polynomial (relative error < 4e-7, so the forward agrees with the composed form to
+//! ~1 ulp-scale differences) inside [`with_fast_isa`]: libm's scalar `expf` was ~4% of an
+//! attention-preset training step.
 
 use super::cpu::slice;
+use super::simd::{exp_f32, with_fast_isa};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -37,12 +41,14 @@ trait Float: candle_core::WithDType + std::ops::Mul<Output = Self> + std::ops::A
 }
 impl Float for f32 {
     const ONE: Self = 1.0;
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
 }
 impl Float for f64 {
     const ONE: Self = 1.0;
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
@@ -51,9 +57,11 @@ impl Float for f64 {
 fn fwd<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); a.len()];
     y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(yc, (ac, bc))| {
-        for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
-            *y = a / (T::ONE + (-a).exp()) * b;
-        }
+        with_fast_isa(|| {
+            for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+                *y = a / (T::ONE + (-a).exp()) * b;
+            }
+        })
     });
     y
 }
@@ -65,13 +73,15 @@ fn bwd<T: Float>(a: &[T], b: &[T], dh: &[T]) -> Vec<T> {
     let (da, db) = out.split_at_mut(n);
     da.par_chunks_mut(CHUNK).zip(db.par_chunks_mut(CHUNK)).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(dh.par_chunks(CHUNK))).for_each(
         |((dac, dbc), ((ac, bc), gc))| {
-            for i in 0..ac.len() {
-                let (a, b, g) = (ac[i], bc[i], gc[i]);
-                let s = T::ONE / (T::ONE + (-a).exp());
-                let silu = a * s;
-                dac[i] = g * b * (s * (T::ONE + a * (T::ONE - s)));
-                dbc[i] = g * silu;
-            }
+            with_fast_isa(|| {
+                for i in 0..ac.len() {
+                    let (a, b, g) = (ac[i], bc[i], gc[i]);
+                    let s = T::ONE / (T::ONE + (-a).exp());
+                    let silu = a * s;
+                    dac[i] = g * b * (s * (T::ONE + a * (T::ONE - s)));
+                    dbc[i] = g * silu;
+                }
+            })
         },
     );
     out
@@ -129,14 +139,15 @@ mod tests {
     use crate::testing::{assert_close, check_grads, rand_tensor};
     use candle_core::Var;
 
-    /// Fused forward equals the composed form bit for bit (same formula, same dtype), in f32
-    /// and f64, over more than one parallel chunk.
+    /// Fused forward equals the composed form over more than one parallel chunk: bit for bit in
+    /// f64 (same formula, libm exp), and in f32 within the polynomial exp's error (relative
+    /// < 4e-7 per exp, so < 1e-6 of the largest output).
     #[test]
     fn forward_matches_composed() {
-        for dt in [DType::F32, DType::F64] {
+        for (dt, tol) in [(DType::F32, 1e-6), (DType::F64, 0.0)] {
             let a = rand_tensor(&[3, CHUNK / 7 + 5, 7], 2.0, 1).to_dtype(dt).unwrap();
             let b = rand_tensor(&[3, CHUNK / 7 + 5, 7], 1.0, 2).to_dtype(dt).unwrap();
-            assert_close("swiglu fwd", &swiglu_composed(&a, &b).unwrap(), &swiglu(&a, &b).unwrap(), 0.0);
+            assert_close("swiglu fwd", &swiglu_composed(&a, &b).unwrap(), &swiglu(&a, &b).unwrap(), tol);
         }
     }
 
