@@ -18,7 +18,8 @@
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
-use crate::ops::short_conv::{causal_conv, causal_conv_step};
+use crate::ops::short_conv::causal_conv_step;
+use crate::ops::short_conv_fused::short_conv;
 use crate::ops::{attn::attn, norm::rms_norm, rope::Rope};
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -166,7 +167,7 @@ impl Attention {
                 None => {
                     for i in 0..3 {
                         let pi = p[i].reshape((b, t, ws[i].dim(0)?))?;
-                        p[i] = (&pi + causal_conv(&pi, &ws[i])?)?.reshape((b * t, ws[i].dim(0)?))?;
+                        p[i] = (&pi + short_conv(&pi, &ws[i], None, false)?)?.reshape((b * t, ws[i].dim(0)?))?;
                     }
                 }
                 Some(state) => {

@@ -35,7 +35,9 @@ use crate::model::params::ParamBuilder;
 use crate::ops::gated_delta_rule::gdr_step;
 use crate::ops::gdr_fused::gdr_train;
 use crate::ops::norm::rms_norm;
-use crate::ops::short_conv::{causal_conv, causal_conv_step};
+use crate::ops::swiglu::swiglu;
+use crate::ops::short_conv::causal_conv_step;
+use crate::ops::short_conv_fused::short_conv;
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -243,7 +245,7 @@ impl GatedDeltaNet {
         let (b, t, h, v) = o.dims4()?;
         let mut o = rms_norm(&o.contiguous()?, &self.o_norm, self.cfg.norm_eps)?;
         if let Some(wg) = &self.wg {
-            o = (o * x2.matmul(wg)?.silu()?.reshape((b, t, h, v))?)?;
+            o = swiglu(&x2.matmul(wg)?.reshape((b, t, h, v))?, &o)?;
         }
         o.reshape((b * t, h * v))?.matmul(&self.wo)
     }
@@ -291,7 +293,7 @@ impl Mixer for GatedDeltaNet {
         let proj = |w: &Tensor, i: usize| -> Result<Tensor> {
             let y = x2.matmul(w)?.reshape((b, t, w.dim(1)?))?;
             match &self.convs {
-                Some(ws) => causal_conv(&y, &ws[i])?.silu(),
+                Some(ws) => short_conv(&y, &ws[i], None, true),
                 None => y.silu(),
             }
         };

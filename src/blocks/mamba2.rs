@@ -16,9 +16,9 @@
 //! out  = y W_out                                                          [B,T,d]
 //! ```
 //! The norm is group-wise: statistics over each of the G groups of d_inner/G channels.
-//! The conv is a sum of shifted zero-padded slices ([`crate::ops::short_conv::causal_conv`];
-//! candle's depthwise conv1d backward is slow), weight `[conv_dim, d_conv]` (PyTorch
-//! `[conv_dim, 1, d_conv]`), `y_t = Σ_i w[:, i] x_{t−(d_conv−1)+i}`.
+//! The conv + SiLU is [`crate::ops::short_conv_fused::short_conv`] (fused on the CPU; a sum of
+//! shifted zero-padded slices elsewhere, as candle's depthwise conv1d backward is slow), weight
+//! `[conv_dim, d_conv]` (PyTorch `[conv_dim, 1, d_conv]`), `y_t = Σ_i w[:, i] x_{t−(d_conv−1)+i}`.
 //!
 //! Parameters and init (mamba_ssm): in_proj d×(2·d_inner + 2GN + H) N(0, init_std²) (the LM's
 //! `_init_weights`); out_proj d_inner×d N(0, out_std²); conv weight `[conv_dim, d_conv]` and
@@ -33,10 +33,11 @@
 //! and SSM state in [`Mamba2State`]); the tests tie them together.
 
 use super::gated_deltanet::softplus;
-use crate::ops::short_conv::causal_conv;
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::norm::rms_norm;
+use crate::ops::short_conv_fused::short_conv;
+use crate::ops::swiglu::swiglu;
 use crate::ops::ssd::ssd_step;
 use crate::ops::ssd_fused::ssd_train;
 use candle_core::{DType, Result, Tensor};
@@ -266,11 +267,10 @@ impl Mamba2 {
     /// Gated group RMSNorm and out_proj: y, z `[R, d_inner]` → `[R, d]`.
     fn out(&self, y: &Tensor, z: &Tensor) -> Result<Tensor> {
         let (di, _, _, g, _) = self.dims;
-        let gate = z.silu()?;
         let y = match &self.norm_w {
-            None => (y * gate)?,
+            None => swiglu(z, y)?,
             Some(w) => {
-                let pre = if self.cfg.norm_before_gate { y.clone() } else { (y * &gate)? };
+                let pre = if self.cfg.norm_before_gate { y.clone() } else { swiglu(z, y)? };
                 let normed = if g == 1 {
                     rms_norm(&pre.contiguous()?, w, self.cfg.norm_eps)?
                 } else {
@@ -278,7 +278,7 @@ impl Mamba2 {
                     let ones = Tensor::ones(di / g, pre.dtype(), pre.device())?;
                     rms_norm(&pre.reshape((r, g, di / g))?, &ones, self.cfg.norm_eps)?.reshape((r, di))?.broadcast_mul(w)?
                 };
-                if self.cfg.norm_before_gate { (normed * gate)? } else { normed }
+                if self.cfg.norm_before_gate { swiglu(z, &normed)? } else { normed }
             }
         };
         y.matmul(&self.out_proj)
@@ -334,14 +334,23 @@ impl Mixer for Mamba2 {
     /// x `[B,T,d]` → `[B,T,d]` through the chunked SSD.
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let di = self.dims.0;
-        let (z, xbc, dt_raw) = self.split(&x.reshape((b * t, d))?.matmul(&self.in_proj)?)?;
-        let mut xbc = causal_conv(&xbc.reshape((b, t, xbc.dim(1)?))?, &self.conv_w)?;
-        if let Some(cb) = &self.conv_b {
-            xbc = xbc.broadcast_add(cb)?;
-        }
-        let (xh, bm, cm) = self.split_xbc(&xbc.silu()?)?;
-        let dt = self.dt(&dt_raw)?.reshape((b, t, self.dims.1))?;
+        let (di, h, p, g, n) = self.dims;
+        let x2 = x.reshape((b * t, d))?;
+        // in_proj's column blocks [z | x | B | C | dt] and the matching conv rows, each applied
+        // on its own: slicing the small weights instead of the [B·T, ·] activations keeps the
+        // activations' narrow backward (a zero-padded full-size copy per slice in candle) out of
+        // the step. Same parameters and values as the split of the full projection (`step`).
+        let cols = |start: usize, len: usize| -> Result<Tensor> { x2.matmul(&self.in_proj.narrow(1, start, len)?.contiguous()?) };
+        let conv = |start: usize, len: usize| -> Result<Tensor> {
+            let w = self.conv_w.narrow(0, start, len)?;
+            let bias = self.conv_b.as_ref().map(|cb| cb.narrow(0, start, len)).transpose()?;
+            short_conv(&cols(di + start, len)?.reshape((b, t, len))?, &w, bias.as_ref(), true)
+        };
+        let z = cols(0, di)?;
+        let xh = conv(0, di)?.reshape((b, t, h, p))?;
+        let bm = conv(di, g * n)?.reshape((b, t, g, n))?;
+        let cm = conv(di + g * n, g * n)?.reshape((b, t, g, n))?;
+        let dt = self.dt(&cols(2 * di + 2 * g * n, h)?)?.reshape((b, t, h))?;
         let (y, _state) = ssd_train(&xh, &dt, &self.a(x.dtype())?, &bm, &cm, None, self.cfg.chunk_size, self.cfg.fused_kernel)?;
         let y = self.skip(&y, &xh)?.reshape((b * t, di))?;
         self.out(&y, &z)?.reshape((b, t, self.d_model))

@@ -16,6 +16,7 @@ pub mod rwkv7;
 pub mod rwkv7_chunk;
 pub mod rwkv7_fused;
 pub mod short_conv;
+pub mod short_conv_fused;
 pub mod simd;
 pub mod softmax;
 pub mod ssd;
