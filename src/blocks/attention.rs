@@ -19,6 +19,7 @@
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::short_conv::causal_conv_step;
+use crate::ops::linear::linear;
 use crate::ops::short_conv_fused::short_conv;
 use crate::ops::{attn::attn, norm::rms_norm, rope::Rope};
 use candle_core::{Result, Tensor};
@@ -158,34 +159,34 @@ impl Attention {
     /// Projections (+ short conv) + QK-norm for x `[B, T, d]` → (q `[B,T,H,D]`, k, v
     /// `[B,T,Hkv,D]`), before RoPE. `conv_state` switches the conv to its step form (T = 1).
     fn qkv(&self, x: &Tensor, conv_state: Option<&mut Option<[Tensor; 3]>>) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, d) = x.dims3()?;
-        let x2 = x.reshape((b * t, d))?;
+        let (b, t, _d) = x.dims3()?;
         let (h, hkv, hd) = (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim);
-        let mut p = [x2.matmul(&self.wq)?, x2.matmul(&self.wk)?, x2.matmul(&self.wv)?];
-        if let Some(ws) = &self.convs {
-            match conv_state {
-                None => {
-                    for i in 0..3 {
-                        let pi = p[i].reshape((b, t, ws[i].dim(0)?))?;
-                        p[i] = (&pi + short_conv(&pi, &ws[i], None, false)?)?.reshape((b * t, ws[i].dim(0)?))?;
-                    }
+        let heads = [h, hkv, hkv];
+        let ws = [&self.wq, &self.wk, &self.wv];
+        // One autograd node per projection, straight into the head layout (see ops::linear).
+        let p: Vec<Tensor> = match (&self.convs, conv_state) {
+            (None, _) => (0..3).map(|i| linear(x, ws[i], (b, t, heads[i], hd))).collect::<Result<_>>()?,
+            (Some(cw), None) => (0..3)
+                .map(|i| {
+                    let pi = linear(x, ws[i], (b, t, heads[i] * hd))?;
+                    (&pi + short_conv(&pi, &cw[i], None, false)?)?.reshape((b, t, heads[i], hd))
+                })
+                .collect::<Result<_>>()?,
+            (Some(cw), Some(state)) => {
+                let prev = state.take();
+                let mut next = Vec::with_capacity(3);
+                let mut p = Vec::with_capacity(3);
+                for i in 0..3 {
+                    let pi = linear(x, ws[i], (b * t, heads[i] * hd))?;
+                    let (y, win) = causal_conv_step(&pi, prev.as_ref().map(|s| &s[i]), &cw[i])?;
+                    p.push((&pi + y)?.reshape((b, t, heads[i], hd))?);
+                    next.push(win);
                 }
-                Some(state) => {
-                    let prev = state.take();
-                    let mut next = Vec::with_capacity(3);
-                    for i in 0..3 {
-                        let (y, win) = causal_conv_step(&p[i], prev.as_ref().map(|s| &s[i]), &ws[i])?;
-                        p[i] = (&p[i] + y)?;
-                        next.push(win);
-                    }
-                    *state = Some([next[0].clone(), next[1].clone(), next[2].clone()]);
-                }
+                *state = Some([next[0].clone(), next[1].clone(), next[2].clone()]);
+                p
             }
-        }
-        let [q, k, v] = p;
-        let mut q = q.reshape((b, t, h, hd))?;
-        let mut k = k.reshape((b, t, hkv, hd))?;
-        let v = v.reshape((b, t, hkv, hd))?;
+        };
+        let [mut q, mut k, v]: [Tensor; 3] = p.try_into().map_err(|_| candle_core::Error::Msg("attention: three projections".into()))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, qn, self.cfg.norm_eps)?;
             k = rms_norm(&k, kn, self.cfg.norm_eps)?;
@@ -194,8 +195,8 @@ impl Attention {
     }
 
     fn out(&self, o: &Tensor) -> Result<Tensor> {
-        let (b, t, h, hd) = o.dims4()?;
-        o.reshape((b * t, h * hd))?.matmul(&self.wo)?.reshape((b, t, self.d_model))
+        let (b, t, _h, _hd) = o.dims4()?;
+        linear(o, &self.wo, (b, t, self.d_model))
     }
 
     /// Decode form: one token x_t `[B, d]` at position `cache length`, appending to `cache`.

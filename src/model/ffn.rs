@@ -3,6 +3,7 @@
 //! `RWKV_CMix_x070`: `k = ReLU((x + (shift(x) − x) ⊙ μ_k) W_up)²; y = k W_down`).
 //! Bias-free, weights `[in, out]`.
 
+use crate::ops::linear::linear;
 use crate::config::model::FfnKind;
 use crate::model::params::ParamBuilder;
 use candle_core::{Result, Tensor};
@@ -54,13 +55,13 @@ impl Ffn {
             Some(mu) => (x + (crate::blocks::rwkv7::token_shift(x, None)? - x)?.broadcast_mul(mu)?)?,
             None => x.clone(),
         };
-        let x2 = xin.reshape((b * t, d))?;
-        let up = x2.matmul(&self.w_up)?;
+        // One autograd node per projection (see ops::linear).
+        let up = linear(&xin, &self.w_up, (b * t, self.hidden))?;
         let h = match (&self.kind, &self.w_gate) {
-            (FfnKind::Swiglu, Some(g)) => crate::ops::swiglu::swiglu(&x2.matmul(g)?, &up)?,
+            (FfnKind::Swiglu, Some(g)) => crate::ops::swiglu::swiglu(&linear(&xin, g, (b * t, self.hidden))?, &up)?,
             _ => up.relu()?.sqr()?,
         };
-        h.matmul(&self.w_down)?.reshape((b, t, d))
+        linear(&h, &self.w_down, (b, t, d))
     }
 
     /// Forward FLOPs per token (2 per multiply-add).

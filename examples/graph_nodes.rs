@@ -1,0 +1,33 @@
+//! Counts the autograd nodes of one training loss of a preset, with their element counts
+//! (development aid: candle's backward allocates a zero gradient and adds into it per node input).
+use candle_core::{DType, Device};
+use mixscale::config::{RunSpec, YamlDoc};
+use mixscale::model::LanguageModel;
+use std::collections::BTreeMap;
+fn main() {
+    let path = std::env::args().nth(1).unwrap_or("architectures/attention.yaml".into());
+    let doc = YamlDoc::load(std::path::Path::new(&path)).unwrap();
+    let mut spec = RunSpec::from_doc(&doc).unwrap();
+    mixscale::blocks::resolve_blocks(&doc, &mut spec.model).unwrap();
+    let dev = Device::Cpu;
+    let (t, b) = (spec.train.seq_len, spec.train.batch_size);
+    let m = LanguageModel::new(&spec.model, t, 0, DType::F32, &dev).unwrap();
+    let data = mixscale::data::DataSource::new(&spec.data, 0, t).unwrap();
+    let batch = data.train_batch(0, b, &dev).unwrap();
+    let loss = m.loss(&batch.inputs, &batch.targets).unwrap();
+    let nodes = loss.sorted_nodes();
+    let mut by_shape: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut total = 0usize;
+    for n in &nodes {
+        let e = by_shape.entry(format!("{:?} contig={}", n.dims(), n.is_contiguous())).or_default();
+        e.0 += 1;
+        e.1 += n.elem_count();
+        total += n.elem_count();
+    }
+    let mut v: Vec<_> = by_shape.into_iter().collect();
+    v.sort_by_key(|(_, (_, e))| std::cmp::Reverse(*e));
+    for (s, (c, e)) in v.iter().take(25) {
+        println!("{c:4} nodes {:8.1} M elems  {s}", *e as f64 / 1e6);
+    }
+    println!("{} nodes, {:.1} M elements in all", nodes.len(), total as f64 / 1e6);
+}
