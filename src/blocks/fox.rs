@@ -26,6 +26,7 @@
 //! the cumulative log gate and the shift buffers), tied together by the tests.
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
+use crate::ops::linear::linear;
 use crate::model::params::ParamBuilder;
 use crate::ops::fox::{fox, log_sigmoid};
 use crate::ops::{norm::rms_norm, rope::Rope};
@@ -206,9 +207,9 @@ impl Fox {
         let (b, t, d) = x.dims3()?;
         let x2 = x.reshape((b * t, d))?;
         let (h, hkv, hd) = (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim);
-        let q = x2.matmul(&self.wq)?.reshape((b, t, h, hd))?;
-        let k = x2.matmul(&self.wk)?.reshape((b, t, hkv, hd))?;
-        let v = x2.matmul(&self.wv)?.reshape((b, t, hkv, hd))?;
+        let q = linear(x, &self.wq, (b, t, h, hd))?;
+        let k = linear(x, &self.wk, (b, t, hkv, hd))?;
+        let v = linear(x, &self.wv, (b, t, hkv, hd))?;
         let ak = self.wks.as_ref().map(|w| self.alpha(&x2, w, b, t)).transpose()?;
         let av = self.wvs.as_ref().map(|w| self.alpha(&x2, w, b, t)).transpose()?;
         let gt = crate::ops::reduction_dtype(x.dtype());
@@ -246,12 +247,11 @@ impl Fox {
         let mut o = match &self.o_norm {
             Some(on) => self.head_norm(o, on, self.cfg.norm_eps)?,
             None => o.clone(),
-        }
-        .reshape((b * t, h * hd))?;
+        };
         if let Some(w) = &self.wog {
-            o = (o * candle_nn::ops::sigmoid(&x.reshape((b * t, self.d_model))?.matmul(w)?)?)?;
+            o = (o * candle_nn::ops::sigmoid(&linear(x, w, (b, t, h, hd))?)?)?;
         }
-        o.matmul(&self.wo)?.reshape((b, t, self.d_model))
+        linear(&o, &self.wo, (b, t, self.d_model))
     }
 
     /// Decode form: one token x_t `[B, d]`, appending to `cache`.

@@ -31,6 +31,7 @@
 //! conv buffers + recurrent state in [`GdnState`]); the tests tie them together.
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
+use crate::ops::linear::linear;
 use crate::model::params::ParamBuilder;
 use crate::ops::gated_delta_rule::gdr_step;
 use crate::ops::gdr_fused::gdr_train;
@@ -245,9 +246,9 @@ impl GatedDeltaNet {
         let (b, t, h, v) = o.dims4()?;
         let mut o = rms_norm(&o.contiguous()?, &self.o_norm, self.cfg.norm_eps)?;
         if let Some(wg) = &self.wg {
-            o = swiglu(&x2.matmul(wg)?.reshape((b, t, h, v))?, &o)?;
+            o = swiglu(&linear(x2, wg, (b, t, h, v))?, &o)?;
         }
-        o.reshape((b * t, h * v))?.matmul(&self.wo)
+        linear(&o, &self.wo, (b * t, self.wo.dim(1)?))
     }
 
     /// Decode form: one token x_t `[B, d]` → y_t `[B, d]`, advancing `state`.
@@ -291,7 +292,7 @@ impl Mixer for GatedDeltaNet {
         let (h, k, v) = self.hkv;
         let x2 = x.reshape((b * t, d))?;
         let proj = |w: &Tensor, i: usize| -> Result<Tensor> {
-            let y = x2.matmul(w)?.reshape((b, t, w.dim(1)?))?;
+            let y = linear(x, w, (b, t, w.dim(1)?))?;
             match &self.convs {
                 Some(ws) => short_conv(&y, &ws[i], None, true),
                 None => y.silu(),

@@ -34,6 +34,7 @@
 
 use super::gated_deltanet::softplus;
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
+use crate::ops::linear::linear;
 use crate::model::params::ParamBuilder;
 use crate::ops::norm::rms_norm;
 use crate::ops::short_conv_fused::short_conv;
@@ -281,7 +282,7 @@ impl Mamba2 {
                 if self.cfg.norm_before_gate { swiglu(z, &normed)? } else { normed }
             }
         };
-        y.matmul(&self.out_proj)
+        linear(&y, &self.out_proj, (y.dim(0)?, self.out_proj.dim(1)?))
     }
 
     /// Splits the projection `[R, ·]` into (z, xBC, dt_raw).
@@ -333,14 +334,13 @@ impl Mamba2 {
 impl Mixer for Mamba2 {
     /// x `[B,T,d]` → `[B,T,d]` through the chunked SSD.
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        let (b, t, _d) = x.dims3()?;
         let (di, h, p, g, n) = self.dims;
-        let x2 = x.reshape((b * t, d))?;
         // in_proj's column blocks [z | x | B | C | dt] and the matching conv rows, each applied
         // on its own: slicing the small weights instead of the [B·T, ·] activations keeps the
         // activations' narrow backward (a zero-padded full-size copy per slice in candle) out of
         // the step. Same parameters and values as the split of the full projection (`step`).
-        let cols = |start: usize, len: usize| -> Result<Tensor> { x2.matmul(&self.in_proj.narrow(1, start, len)?.contiguous()?) };
+        let cols = |start: usize, len: usize| -> Result<Tensor> { linear(x, &self.in_proj.narrow(1, start, len)?.contiguous()?, (b * t, len)) };
         let conv = |start: usize, len: usize| -> Result<Tensor> {
             let w = self.conv_w.narrow(0, start, len)?;
             let bias = self.conv_b.as_ref().map(|cb| cb.narrow(0, start, len)).transpose()?;

@@ -32,6 +32,7 @@
 //! the token-shift and WKV state between segments) and [`Rwkv7::step`] (one token, step op).
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
+use crate::ops::linear::linear;
 use crate::model::params::ParamBuilder;
 use crate::ops::rwkv7::rwkv7_step;
 use crate::ops::rwkv7_fused::rwkv7_train;
@@ -343,7 +344,7 @@ impl Rwkv7 {
         let y = self.group_norm(&y)?;
         let bonus = (&r4 * &k4)?.broadcast_mul(&self.r_k)?.sum_keepdim(D::Minus1)?.broadcast_mul(&v4)?;
         let y = (y + bonus)?.reshape((b * t, c))?;
-        (y * g)?.matmul(&self.wo)?.reshape((b, t, c))
+        linear(&(y * g)?, &self.wo, (b, t, c))
     }
 
     /// Per-head GroupNorm of y `[B,T,H,N]` (population variance, eps `norm_eps`) with the

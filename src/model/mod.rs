@@ -12,6 +12,7 @@ pub mod mtp;
 pub mod objective;
 pub mod params;
 
+use crate::ops::linear::linear;
 use crate::blocks::{self, BlockDims, ForwardCtx, Mixer};
 use crate::config::model::ModelSpec;
 use crate::ops::norm::rms_norm;
@@ -143,9 +144,9 @@ impl LanguageModel {
 
     /// Logits `[B·T, V]` from hidden states `[B, T, d]`.
     fn logits_flat(&self, h: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = h.dims3()?;
+        let (b, t, _d) = h.dims3()?;
         let w = self.head.as_ref().unwrap_or(&self.embed);
-        h.reshape((b * t, d))?.matmul(&w.t()?)
+        linear(h, &w.t()?.contiguous()?, (b * t, w.dim(0)?))
     }
 
     /// Logits `[B, T, V]`.

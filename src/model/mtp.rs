@@ -29,6 +29,7 @@
 
 use super::params::ParamBuilder;
 use super::{AuxOut, Layer, LanguageModel};
+use crate::ops::linear::linear;
 use crate::blocks::{BlockDims, ForwardCtx};
 use crate::config::model::ModelSpec;
 use crate::config::mtp::MtpSpec;
@@ -209,7 +210,7 @@ pub fn loss_terms(model: &LanguageModel, inputs: &Tensor, targets: &Tensor, mask
                 let len = t - k;
                 let e = model.embed_tokens(&inputs.narrow(1, k, len)?)?;
                 let cat = Tensor::cat(&[rms_norm(&e, &m.enorm, eps)?, rms_norm(&h.narrow(1, 0, len)?, &m.hnorm, eps)?], 2)?;
-                let hp = cat.reshape((b * len, 2 * d))?.matmul(&m.eh_proj)?.reshape((b, len, d))?;
+                let hp = linear(&cat, &m.eh_proj, (b, len, d))?;
                 h = m.layer.forward(&hp, eps, &mut ForwardCtx::default(), &mut aux)?;
                 let tg = targets.narrow(1, k, len)?;
                 let mk = mask.map(|x| x.narrow(1, k, len)).transpose()?;
@@ -254,7 +255,7 @@ pub fn reference_logits(model: &LanguageModel, inputs: &Tensor) -> Result<Vec<Te
                 let rolled: Vec<u32> = (0..b * t).map(|i| if i % t + k < t { ids[i + k] } else { 0 }).collect();
                 let e = model.embed_tokens(&Tensor::from_vec(rolled, (b, t), inputs.device())?)?;
                 let cat = Tensor::cat(&[rms_norm(&e, &m.enorm, eps)?, rms_norm(&h, &m.hnorm, eps)?], 2)?;
-                let hp = cat.reshape((b * t, 2 * d))?.matmul(&m.eh_proj)?.reshape((b, t, d))?;
+                let hp = linear(&cat, &m.eh_proj, (b, t, d))?;
                 h = m.layer.forward(&hp, eps, &mut ForwardCtx::default(), &mut aux)?;
                 out.push(logits(&h, &m.norm)?);
             }
