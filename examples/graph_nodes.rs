@@ -16,6 +16,11 @@ fn main() {
     let batch = data.train_batch(0, b, &dev).unwrap();
     let loss = m.loss(&batch.inputs, &batch.targets).unwrap();
     let nodes = loss.sorted_nodes();
+    if std::env::var_os("LIST").is_some() {
+        for n in &nodes {
+            println!("{:?} {:?}", n.dims(), n.dtype());
+        }
+    }
     let mut by_shape: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut total = 0usize;
     for n in &nodes {

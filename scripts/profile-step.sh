@@ -37,6 +37,7 @@ perf report -i "$out/$name.data" --no-children --sort symbol --stdio 2>/dev/null
       else if (s ~ /mixscale::ops::softmax/) k = "mixscale cross_entropy"
       else if (s ~ /mixscale::ops::swiglu/) k = "mixscale swiglu"
       else if (s ~ /mixscale::train::optim/) k = "mixscale adamw"
+      else if (s ~ /with_fast_isa/) k = "mixscale fused kernels (AVX-512/AVX2)"
       else if (s ~ /mixscale::/) k = "mixscale other"
       else if (s ~ /memset|memmove|memcpy|clear_page|page_fault|_mi_|mi_|malloc|free|alloc/) k = "memory (alloc/zero/copy)"
       else if (s ~ /exp|log|cos|sin/) k = "libm (exp/log)"

@@ -235,7 +235,7 @@ fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dv: usize, scale: T, r: &mut [T], s_a:
 fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
     let kv = d.kv();
     let nseg = d.nseg();
-    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| with_fast_isa(|| forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
+    let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| with_fast_isa(#[inline(always)] || forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
     let (n_o, n_s) = (d.n_o(), d.n_s());
     let mut out = vec![T::zero(); n_o + n_s * (1 + nseg)];
     let (o_all, rest) = out.split_at_mut(n_o);
@@ -296,7 +296,7 @@ fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec<T
         .into_par_iter()
         .map(|bh| {
             let ck = &ck_all[bh * nseg * kv..(bh + 1) * nseg * kv];
-            with_fast_isa(|| backward_head(d, x, v, ck, d_o, &d_sf[bh * kv..(bh + 1) * kv], bh))
+            with_fast_isa(#[inline(always)] || backward_head(d, x, v, ck, d_o, &d_sf[bh * kv..(bh + 1) * kv], bh))
         })
         .collect();
     let w = d.w();

@@ -183,7 +183,7 @@ fn forward<T: Elem>(d: Dims, in1: &[T], v: &[T], s0: &[T]) -> Vec<T> {
     let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
         .into_par_iter()
         .map(|bh| {
-            with_fast_isa(|| {
+            with_fast_isa(#[inline(always)] || {
                 let (bb, hh) = (bh / d.h, bh % d.h);
                 let mut s = s0[bh * vk..(bh + 1) * vk].to_vec();
                 let mut o = vec![T::zero(); d.t * d.v];
@@ -235,7 +235,7 @@ fn backward<T: Elem>(d: Dims, in1: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec
         .into_par_iter()
         .map(|bh| {
             let ck = &ck_all[bh * nseg * vk..(bh + 1) * nseg * vk];
-            with_fast_isa(|| backward_head(d, in1, v, ck, d_o, &d_sf[bh * vk..(bh + 1) * vk], bh))
+            with_fast_isa(#[inline(always)] || backward_head(d, in1, v, ck, d_o, &d_sf[bh * vk..(bh + 1) * vk], bh))
         })
         .collect();
     let w1 = 5 * d.k;

@@ -110,7 +110,7 @@ fn fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims, silu: bool) -> Vec<T> {
     let wt = taps(w, d);
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ROW_CHUNK * d.c).enumerate().for_each(|(k, yc)| {
-        with_fast_isa(|| {
+        with_fast_isa(#[inline(always)] || {
             for (j, yr) in yc.chunks_mut(d.c).enumerate() {
                 pre_row(x, &wt, bias, d, k * ROW_CHUNK + j, yr);
                 if silu {
@@ -129,7 +129,7 @@ fn bwd<T: Elem>(x: &[T], w: &[T], bias: &[T], dy: &[T], d: Dims, silu: bool) -> 
     let mut dp = dy.to_vec();
     if silu {
         dp.par_chunks_mut(ROW_CHUNK * d.c).enumerate().for_each(|(k, dc)| {
-            with_fast_isa(|| {
+            with_fast_isa(#[inline(always)] || {
                 let mut p = vec![T::zero(); d.c];
                 for (j, dr) in dc.chunks_mut(d.c).enumerate() {
                     pre_row(x, &wt, bias, d, k * ROW_CHUNK + j, &mut p);
@@ -146,7 +146,7 @@ fn bwd<T: Elem>(x: &[T], w: &[T], bias: &[T], dy: &[T], d: Dims, silu: bool) -> 
     let (dx, rest) = out.split_at_mut(n);
     // dx_s = Σ_i w_i ⊙ dp_{s + cs−1−i} (same sequence only).
     dx.par_chunks_mut(ROW_CHUNK * d.c).enumerate().for_each(|(k, xc)| {
-        with_fast_isa(|| {
+        with_fast_isa(#[inline(always)] || {
             for (j, xr) in xc.chunks_mut(d.c).enumerate() {
                 let r = k * ROW_CHUNK + j;
                 let t = r % d.t;
@@ -167,7 +167,7 @@ fn bwd<T: Elem>(x: &[T], w: &[T], bias: &[T], dy: &[T], d: Dims, silu: bool) -> 
     let parts: Vec<Vec<T>> = (0..rows.div_ceil(ROW_CHUNK))
         .into_par_iter()
         .map(|k| {
-            with_fast_isa(|| {
+            with_fast_isa(#[inline(always)] || {
                 let mut acc = vec![T::zero(); (d.cs + 1) * d.c];
                 for r in k * ROW_CHUNK..((k + 1) * ROW_CHUNK).min(rows) {
                     let t = r % d.t;

@@ -110,7 +110,7 @@ fn check_targets(t: &[u32], v: usize) -> Result<()> {
 fn ce_fwd<T: CeElem>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); t.len()];
     out.par_chunks_mut(ROW_CHUNK).zip(x.par_chunks(ROW_CHUNK * v)).zip(t.par_chunks(ROW_CHUNK)).for_each(|((o, xc), tc)| {
-        with_fast_isa(|| {
+        with_fast_isa(#[inline(always)] || {
             for ((oi, row), &ti) in o.iter_mut().zip(xc.chunks(v)).zip(tc) {
                 *oi = T::from_f64(T::lse(row) - row[ti as usize].to_f64());
             }
@@ -123,7 +123,7 @@ fn ce_bwd<T: CeElem>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(ROW_CHUNK * v).zip(x.par_chunks(ROW_CHUNK * v)).zip(t.par_chunks(ROW_CHUNK).zip(g.par_chunks(ROW_CHUNK))).for_each(
         |((oc, xc), (tc, gc))| {
-            with_fast_isa(|| {
+            with_fast_isa(#[inline(always)] || {
                 for (((orow, row), &ti), gi) in oc.chunks_mut(v).zip(xc.chunks(v)).zip(tc).zip(gc) {
                     let l = T::lse(row);
                     let gi = gi.to_f64();

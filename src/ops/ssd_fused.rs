@@ -176,7 +176,7 @@ fn forward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T]) -> Vec<T> {
     let (s0, a) = in3.split_at(d.n_s());
     let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
         .into_par_iter()
-        .map(|bh| with_fast_isa(|| forward_head(d, in1, in2, &s0[bh * pn..(bh + 1) * pn], a[bh % d.h], bh)))
+        .map(|bh| with_fast_isa(#[inline(always)] || forward_head(d, in1, in2, &s0[bh * pn..(bh + 1) * pn], a[bh % d.h], bh)))
         .collect();
     let (n_y, n_s) = (d.n_y(), d.n_s());
     let mut out = vec![T::zero(); n_y + n_s * (1 + nseg)];
@@ -239,7 +239,7 @@ fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], res: &[T], grad: 
         .into_par_iter()
         .map(|bh| {
             let ck = &ck_all[bh * nseg * pn..(bh + 1) * nseg * pn];
-            with_fast_isa(|| backward_head(d, in1, in2, a[bh % d.h], ck, dy, &d_sf[bh * pn..(bh + 1) * pn], bh))
+            with_fast_isa(#[inline(always)] || backward_head(d, in1, in2, a[bh % d.h], ck, dy, &d_sf[bh * pn..(bh + 1) * pn], bh))
         })
         .collect();
     let (w1, w2) = (d.p + 1, 2 * d.n);

@@ -57,7 +57,7 @@ impl Float for f64 {
 fn fwd<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); a.len()];
     y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(yc, (ac, bc))| {
-        with_fast_isa(|| {
+        with_fast_isa(#[inline(always)] || {
             for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
                 *y = a / (T::ONE + (-a).exp()) * b;
             }
@@ -73,7 +73,7 @@ fn bwd<T: Float>(a: &[T], b: &[T], dh: &[T]) -> Vec<T> {
     let (da, db) = out.split_at_mut(n);
     da.par_chunks_mut(CHUNK).zip(db.par_chunks_mut(CHUNK)).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(dh.par_chunks(CHUNK))).for_each(
         |((dac, dbc), ((ac, bc), gc))| {
-            with_fast_isa(|| {
+            with_fast_isa(#[inline(always)] || {
                 for i in 0..ac.len() {
                     let (a, b, g) = (ac[i], bc[i], gc[i]);
                     let s = T::ONE / (T::ONE + (-a).exp());
