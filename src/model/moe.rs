@@ -39,6 +39,7 @@
 //! - Auxiliary-loss-free update (DeepSeek-V3; Wang et al. arXiv:2408.15664), after each step,
 //!   from the whole step's selection counts: `b_i += γ·sign(mean load − load_i)`.
 
+use crate::ops::grouped_linear::grouped_linear;
 use super::ffn::Ffn;
 use super::params::ParamBuilder;
 use crate::config::model::FfnKind;
@@ -271,16 +272,22 @@ impl Moe {
         let r = self.route(&scores)?;
         let gates = self.gates(&scores, &r.chosen)?.to_dtype(x.dtype())?;
         let dev = x.device();
-        let mut outs = Vec::with_capacity(self.experts.len() + 1);
-        for (ex, toks) in self.experts.iter().zip(&r.tokens) {
-            if toks.is_empty() {
-                continue;
-            }
-            let idx = Tensor::from_slice(toks, toks.len(), dev)?;
-            outs.push(ex.forward(&x2.index_select(&idx, 0)?)?);
-        }
-        outs.push(Tensor::zeros((1, d), x.dtype(), dev)?);
-        let all = Tensor::cat(&outs, 0)?;
+        // Every kept slot's token, grouped by expert; each expert's rows through one grouped
+        // projection per weight (ops::grouped_linear) instead of per-expert gathers and matmuls.
+        let zero_row = Tensor::zeros((1, d), x.dtype(), dev)?;
+        let all = if r.kept == 0 {
+            zero_row
+        } else {
+            let mut offsets = vec![0usize];
+            r.tokens.iter().for_each(|tk| offsets.push(offsets[offsets.len() - 1] + tk.len()));
+            let idx = Tensor::from_vec(r.tokens.concat(), r.kept, dev)?;
+            let xs = x2.index_select(&idx, 0)?;
+            let stack = |f: fn(&Expert) -> &Tensor| Tensor::stack(&self.experts.iter().map(f).collect::<Vec<_>>(), 0);
+            let gate = grouped_linear(&xs, &stack(|e| &e.w_gate)?, &offsets)?;
+            let up = grouped_linear(&xs, &stack(|e| &e.w_up)?, &offsets)?;
+            let ys = grouped_linear(&crate::ops::swiglu::swiglu(&gate, &up)?, &stack(|e| &e.w_down)?, &offsets)?;
+            Tensor::cat(&[&ys, &zero_row], 0)?
+        };
         let k = self.spec.top_k;
         let pos = Tensor::from_vec(r.pos.clone(), n * k, dev)?;
         let slots = all.index_select(&pos, 0)?.reshape((n, k, d))?;

@@ -50,7 +50,7 @@ struct Linear {
 }
 
 /// `c[m×n] = a[m×k] b[k×n]`, row-major, on the rayon pool.
-fn gemm_rows<T: WithDType>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
+pub(super) fn gemm_rows<T: WithDType>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
     let mut c = vec![T::zero(); m * n];
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };

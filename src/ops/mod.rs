@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod fox;
 pub mod gated_delta_rule;
 pub mod gdr_fused;
+pub mod grouped_linear;
 pub mod linear;
 pub mod moba;
 pub mod moba_fused;
