@@ -31,6 +31,36 @@ pub fn set_threading_defaults() {
     }
 }
 
+/// A buffer a fused op keeps from its forward for its backward, outside its output tensor: the
+/// state checkpoints of the scan kernels (`ssd_fused`, `gdr_fused`, `rwkv7_fused`).
+///
+/// Why not in the output: an op returns one tensor, so the checkpoints used to travel as the tail
+/// of a packed output of which callers narrow the exposed part. In candle 0.11 the backward of
+/// that narrow builds a zero-padded gradient of the whole packed buffer and adds it into another
+/// zero-filled one: for Mamba2 at the bench size, 3–4 passes over 4.2 M checkpoint values per
+/// layer, all zeros. The stash lives as long as the op's graph node (like the output did) and
+/// is only read, so backpropagating the same output several times stays correct.
+#[derive(Default)]
+pub struct Stash(std::sync::Mutex<Option<CpuStorage>>);
+
+impl Stash {
+    /// Keeps `out[keep..]` in the stash and returns `out[..keep]` as storage.
+    pub fn keep_tail<T: WithDType>(&self, mut out: Vec<T>, keep: usize) -> CpuStorage {
+        let tail = out.split_off(keep.min(out.len()));
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(T::to_cpu_storage_owned(tail));
+        }
+        T::to_cpu_storage_owned(out)
+    }
+
+    /// Runs `f` on the stashed values (errors when the forward has not run or the dtype differs).
+    pub fn with<T: WithDType, R>(&self, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+        let g = self.0.lock().map_err(|_| candle_core::Error::Msg("stash: poisoned lock".into()))?;
+        let s = g.as_ref().ok_or_else(|| candle_core::Error::Msg("stash: backward before forward".into()))?;
+        Ok(f(T::cpu_storage_as_slice(s)?))
+    }
+}
+
 /// mimalloc's option index of `mi_option_purge_delay` (v3 `mimalloc.h`, enum `mi_option_e`;
 /// libmimalloc-sys exports no constant for it). The unit test checks that the index reads
 /// `MIMALLOC_PURGE_DELAY`.

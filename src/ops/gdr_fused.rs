@@ -24,15 +24,16 @@
 //! dS   += k_t dpᵀ ;  dk_t += S_a dp ;  dg_t = ⟨dS, S_a⟩ ;  dS ← exp(g_t)·dS
 //! ```
 //! and what is left in dS at t = 0 is the initial state's gradient. Every input gets its exact
-//! gradient; nothing is stored in the op (checkpoints travel in the packed output, as in
-//! [`super::attn_fused`]), so backpropagating the same output twice is correct.
+//! gradient. The checkpoints stay in the op ([`super::cpu::Stash`], read-only after the forward),
+//! so backpropagating the same output twice is correct.
 //!
 //! Packing (candle custom ops take at most three inputs): input 1 is `[q | k | g | β]` along the
 //! last dim (`[B,T,H,2K+2]`), input 2 is v, input 3 the initial state (zeros when absent). The
-//! output is one buffer `[o (B·T·H·V) | final state (B·H·K·V) | checkpoints (B·H·nseg·K·V)]`;
-//! [`gdr_fused`] returns views of the first two parts.
+//! output is one buffer `[o (B·T·H·V) | final state (B·H·K·V)]` (the forward also produces the
+//! checkpoints `B·H·nseg·K·V`, which go to the stash); [`gdr_fused`] returns views of the parts.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::cpu::Stash;
 use super::simd::with_fast_isa;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -65,7 +66,7 @@ pub fn gdr_fused(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, 
         Some(s) => s.contiguous()?,
         None => Tensor::zeros((b, h, dk, dv), q.dtype(), q.device())?,
     };
-    let out = packed.apply_op3(&v.contiguous()?, &s0, FusedGdr)?;
+    let out = packed.apply_op3(&v.contiguous()?, &s0, FusedGdr::default())?;
     let n_o = b * t * h * dv;
     let o = out.narrow(0, 0, n_o)?.reshape((b, t, h, dv))?;
     let s = out.narrow(0, n_o, b * h * dk * dv)?.reshape((b, h, dk, dv))?;
@@ -90,7 +91,11 @@ pub fn gdr_train(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, 
     }
 }
 
-struct FusedGdr;
+#[derive(Default)]
+struct FusedGdr {
+    /// The state checkpoints (see [`Stash`]).
+    ck: Stash,
+}
 
 /// Problem sizes, read from the packed input and v.
 #[derive(Clone, Copy)]
@@ -140,22 +145,19 @@ impl CustomOp3 for FusedGdr {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(l1.shape(), l2.shape())?;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => CpuStorage::F32(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => CpuStorage::F64(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
+            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
+            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
             _ => bail!("gdr_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
         };
-        let len = d.n_o() + d.n_s() * (1 + d.nseg());
-        Ok((out, Shape::from(len)))
+        Ok((out, Shape::from(d.n_o() + d.n_s())))
     }
 
-    fn bwd(&self, x: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, v: &Tensor, s0: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::new(x.shape(), v.shape())?;
-        // Only o and the final state are ever exposed; the checkpoints' gradient is zero.
         let grad = grad_res.narrow(0, 0, d.n_o() + d.n_s())?.contiguous()?;
-        let res = res.contiguous()?;
         let (dx, dv, ds0) = match x.dtype() {
-            DType::F32 => backward_tensors::<f32>(d, x, v, s0, &res, &grad)?,
-            DType::F64 => backward_tensors::<f64>(d, x, v, s0, &res, &grad)?,
+            DType::F32 => backward_tensors::<f32>(d, x, v, s0, &self.ck, &grad)?,
+            DType::F64 => backward_tensors::<f64>(d, x, v, s0, &self.ck, &grad)?,
             dt => bail!("gdr_fused: unsupported dtype {dt:?}"),
         };
         Ok((Some(dx), Some(dv), Some(ds0)))
@@ -271,10 +273,10 @@ fn forward_head<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T], bh: usize) -> (Vec
 }
 
 /// Backward as tensors shaped like the three op inputs.
-fn backward_tensors<T: Elem>(d: Dims, x: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [x, v, s0, res, grad].iter().map(|t| t.storage_and_layout()).collect();
+fn backward_tensors<T: Elem>(d: Dims, x: &Tensor, v: &Tensor, s0: &Tensor, ck: &Stash, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [x, v, s0, grad].iter().map(|t| t.storage_and_layout()).collect();
     let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (dx, dv, ds0) = backward(d, sl[0], sl[1], sl[3], sl[4]);
+    let (dx, dv, ds0) = ck.with(|ck| backward(d, sl[0], sl[1], ck, sl[3]))?;
     drop(sl);
     drop(guards);
     let dev = x.device();
@@ -284,13 +286,12 @@ fn backward_tensors<T: Elem>(d: Dims, x: &Tensor, v: &Tensor, s0: &Tensor, res: 
 /// Per-head gradients: d[q|k|g|β] `[T,2K+2]`, dv `[T,V]`, ds0 `[K,V]`.
 type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-/// Backward over all heads from the packed forward output `res` and the gradient `grad` of its
-/// `[o | final state]` part.
-fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// Backward over all heads from the forward's checkpoints `ck_all` and the gradient `grad` of
+/// its `[o | final state]` output.
+fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let kv = d.kv();
     let nseg = d.nseg();
     let (n_o, n_s) = (d.n_o(), d.n_s());
-    let ck_all = &res[n_o + n_s..];
     let (d_o, d_sf) = grad.split_at(n_o);
     let heads: Vec<HeadGrads<T>> = (0..d.b * d.h)
         .into_par_iter()

@@ -20,9 +20,11 @@
 //! ```
 //!
 //! Packing (three op inputs): `[r | w | k | a | b]` `[B,T,H,5K]`, v, and the initial state
-//! (zeros when absent). Output `[o | final state | checkpoints]`.
+//! (zeros when absent). Output `[o | final state]`; the state
+//! checkpoints stay in the op ([`super::cpu::Stash`]) for the backward.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::cpu::Stash;
 use super::gdr_fused::{axpy, dot};
 use super::simd::with_fast_isa;
 use candle_core::backend::BackendStorage;
@@ -58,7 +60,7 @@ pub fn rwkv7_fused(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b
         Some(s) => s.contiguous()?,
         None => Tensor::zeros((bsz, h, dv, dk), r.dtype(), r.device())?,
     };
-    let out = in1.apply_op3(&v.contiguous()?, &s0, FusedWkv7)?;
+    let out = in1.apply_op3(&v.contiguous()?, &s0, FusedWkv7::default())?;
     let n_o = bsz * t * h * dv;
     let o = out.narrow(0, 0, n_o)?.reshape((bsz, t, h, dv))?;
     let s = out.narrow(0, n_o, bsz * h * dv * dk)?.reshape((bsz, h, dv, dk))?;
@@ -83,7 +85,11 @@ pub fn rwkv7_train(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b
     }
 }
 
-struct FusedWkv7;
+#[derive(Default)]
+struct FusedWkv7 {
+    /// The state checkpoints (see [`Stash`]).
+    ck: Stash,
+}
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -128,20 +134,19 @@ impl CustomOp3 for FusedWkv7 {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(l1.shape(), l2.shape())?;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => CpuStorage::F32(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => CpuStorage::F64(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?)),
+            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
+            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
             _ => bail!("rwkv7_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
         };
-        Ok((out, Shape::from(d.n_o() + d.n_s() * (1 + d.nseg()))))
+        Ok((out, Shape::from(d.n_o() + d.n_s())))
     }
 
-    fn bwd(&self, in1: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, in1: &Tensor, v: &Tensor, s0: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::new(in1.shape(), v.shape())?;
         let grad = grad_res.narrow(0, 0, d.n_o() + d.n_s())?.contiguous()?;
-        let res = res.contiguous()?;
         let (g1, g2, g3) = match in1.dtype() {
-            DType::F32 => backward_tensors::<f32>(d, in1, v, s0, &res, &grad)?,
-            DType::F64 => backward_tensors::<f64>(d, in1, v, s0, &res, &grad)?,
+            DType::F32 => backward_tensors::<f32>(d, in1, v, s0, &self.ck, &grad)?,
+            DType::F64 => backward_tensors::<f64>(d, in1, v, s0, &self.ck, &grad)?,
             dt => bail!("rwkv7_fused: unsupported dtype {dt:?}"),
         };
         Ok((Some(g1), Some(g2), Some(g3)))
@@ -214,10 +219,10 @@ fn forward<T: Elem>(d: Dims, in1: &[T], v: &[T], s0: &[T]) -> Vec<T> {
     out
 }
 
-fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, v: &Tensor, s0: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [in1, v, s0, res, grad].iter().map(|t| t.storage_and_layout()).collect();
+fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, v: &Tensor, s0: &Tensor, ck: &Stash, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [in1, v, s0, grad].iter().map(|t| t.storage_and_layout()).collect();
     let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (g1, g2, g3) = backward(d, sl[0], sl[1], sl[3], sl[4]);
+    let (g1, g2, g3) = ck.with(|ck| backward(d, sl[0], sl[1], ck, sl[3]))?;
     drop(sl);
     drop(guards);
     let dev = in1.device();
@@ -227,9 +232,8 @@ fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, v: &Tensor, s0: &Tensor, res
 /// Per head: d[r|w|k|a|b] `[T,5K]`, dv `[T,V]`, ds0 `[V,K]`.
 type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-fn backward<T: Elem>(d: Dims, in1: &[T], v: &[T], res: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: Elem>(d: Dims, in1: &[T], v: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (vk, nseg, n_o, n_s) = (d.vk(), d.nseg(), d.n_o(), d.n_s());
-    let ck_all = &res[n_o + n_s..];
     let (d_o, d_sf) = grad.split_at(n_o);
     let heads: Vec<HeadGrads<T>> = (0..d.b * d.h)
         .into_par_iter()

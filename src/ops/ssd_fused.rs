@@ -23,9 +23,11 @@
 //! (results do not depend on the thread count).
 //!
 //! Packing (three op inputs): `[x | dt]` `[B,T,H,P+1]`, `[Bm | Cm]` `[B,T,G,2N]`, and
-//! `[initial state (B·H·P·N) | A (H)]` flat. Output `[y | final state | checkpoints]`.
+//! `[initial state (B·H·P·N) | A (H)]` flat. Output `[y | final state]`; the
+//! state checkpoints stay in the op ([`super::cpu::Stash`]) for the backward.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::cpu::Stash;
 use super::gdr_fused::{axpy, dot};
 use super::simd::with_fast_isa;
 use candle_core::backend::BackendStorage;
@@ -61,7 +63,7 @@ pub fn ssd_fused(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, 
         None => Tensor::zeros(b * h * p * n, x.dtype(), x.device())?,
     };
     let in3 = Tensor::cat(&[&s0, a], 0)?.contiguous()?;
-    let out = in1.apply_op3(&in2, &in3, FusedSsd)?;
+    let out = in1.apply_op3(&in2, &in3, FusedSsd::default())?;
     let n_y = b * t * h * p;
     let y = out.narrow(0, 0, n_y)?.reshape((b, t, h, p))?;
     let s = out.narrow(0, n_y, b * h * p * n)?.reshape((b, h, p, n))?;
@@ -85,7 +87,11 @@ pub fn ssd_train(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, 
     }
 }
 
-struct FusedSsd;
+#[derive(Default)]
+struct FusedSsd {
+    /// The state checkpoints (see [`Stash`]).
+    ck: Stash,
+}
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -136,20 +142,19 @@ impl CustomOp3 for FusedSsd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(l1.shape(), l2.shape())?;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(bc), CpuStorage::F32(s)) => CpuStorage::F32(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(bc), CpuStorage::F64(s)) => CpuStorage::F64(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?)),
+            (CpuStorage::F32(x), CpuStorage::F32(bc), CpuStorage::F32(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?), d.n_y() + d.n_s()),
+            (CpuStorage::F64(x), CpuStorage::F64(bc), CpuStorage::F64(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?), d.n_y() + d.n_s()),
             _ => bail!("ssd_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
         };
-        Ok((out, Shape::from(d.n_y() + d.n_s() * (1 + d.nseg()))))
+        Ok((out, Shape::from(d.n_y() + d.n_s())))
     }
 
-    fn bwd(&self, in1: &Tensor, in2: &Tensor, in3: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, in1: &Tensor, in2: &Tensor, in3: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::new(in1.shape(), in2.shape())?;
         let grad = grad_res.narrow(0, 0, d.n_y() + d.n_s())?.contiguous()?;
-        let res = res.contiguous()?;
         let (a, b, c) = match in1.dtype() {
-            DType::F32 => backward_tensors::<f32>(d, in1, in2, in3, &res, &grad)?,
-            DType::F64 => backward_tensors::<f64>(d, in1, in2, in3, &res, &grad)?,
+            DType::F32 => backward_tensors::<f32>(d, in1, in2, in3, &self.ck, &grad)?,
+            DType::F64 => backward_tensors::<f64>(d, in1, in2, in3, &self.ck, &grad)?,
             dt => bail!("ssd_fused: unsupported dtype {dt:?}"),
         };
         Ok((Some(a), Some(b), Some(c)))
@@ -217,10 +222,10 @@ fn forward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], s0: &[T], a_h: T, bh: us
     (y, s, ck)
 }
 
-fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, in2: &Tensor, in3: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [in1, in2, in3, res, grad].iter().map(|t| t.storage_and_layout()).collect();
+fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, in2: &Tensor, in3: &Tensor, ck: &Stash, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [in1, in2, in3, grad].iter().map(|t| t.storage_and_layout()).collect();
     let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (g1, g2, g3) = backward(d, sl[0], sl[1], sl[2], sl[3], sl[4]);
+    let (g1, g2, g3) = ck.with(|ck| backward(d, sl[0], sl[1], sl[2], ck, sl[3]))?;
     drop(sl);
     drop(guards);
     let dev = in1.device();
@@ -230,10 +235,9 @@ fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, in2: &Tensor, in3: &Tensor, 
 /// Per head: d[x|dt] `[T,P+1]`, d[B|C] `[T,2N]`, ds0 `[P,N]`, dA.
 type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>, T);
 
-fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], res: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (pn, nseg, n_y, n_s) = (d.pn(), d.nseg(), d.n_y(), d.n_s());
     let a = &in3[n_s..];
-    let ck_all = &res[n_y + n_s..];
     let (dy, d_sf) = grad.split_at(n_y);
     let heads: Vec<HeadGrads<T>> = (0..d.b * d.h)
         .into_par_iter()
