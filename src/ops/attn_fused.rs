@@ -25,15 +25,16 @@
 //! gradient: `dG_i = Σ_j dS_ij − Σ_j dS_ji` (row minus column sums of dS), `dg_t = Σ_{i≥t} dG_i`.
 //! To fit candle's three-input CustomOp, g travels as an extra last column of q (`[B,T,Hq,D+1]`).
 //!
-//! State: the op output is one packed buffer `[o (B·T·Hq·D) | L (B·Hq·T)]`; [`attn_fused`]
-//! returns a view of the `o` part. The backward gets the packed buffer back as `res`, so it
-//! reads `o` and `L` from there: nothing is stored in the op, and backpropagating the same
-//! output any number of times is correct.
+//! State: the op output is `o`; the forward's `L (B·Hq·T)` stays in the op ([`Stash`],
+//! read-only afterwards), and the backward gets `o` back as `res`. Backpropagating the same
+//! output any number of times is correct. (A packed `[o | L]` output, narrowed by the caller,
+//! cost candle two extra graph nodes and a zero-padded gradient of the whole buffer.)
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::cpu::Stash;
 use super::simd::{exp_f32, exp_shifted_f32};
 
 /// Rows of a query block and columns of a key block.
@@ -52,9 +53,7 @@ pub fn attn_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             bail!("attn_fused: q, k, v must all be f32 or all f64; got {:?}, {:?}, {:?}", q.dtype(), k.dtype(), v.dtype());
         }
     }
-    let (b, t, hq, d) = q.dims4()?;
-    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn { fox: false })?;
-    packed.narrow(0, 0, b * t * hq * d)?.reshape((b, t, hq, d))
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn { fox: false, lse: Stash::default() })
 }
 
 /// Fused forgetting attention: [`attn_fused`] with logits `q_i·k_j/√D + G_i − G_j`,
@@ -70,16 +69,16 @@ pub fn fox_fused(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Tenso
             bail!("fox_fused: q, k, v, g must all be f32 or all f64; got {:?}, {:?}, {:?}, {:?}", q.dtype(), k.dtype(), v.dtype(), g.dtype());
         }
     }
-    let (b, t, hq, d) = q.dims4()?;
     let qg = Tensor::cat(&[q, &g.unsqueeze(3)?], 3)?.contiguous()?;
-    let packed = qg.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn { fox: true })?;
-    packed.narrow(0, 0, b * t * hq * d)?.reshape((b, t, hq, d))
+    qg.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedAttn { fox: true, lse: Stash::default() })
 }
 
-/// The op: forward produces the packed `[o | L]` buffer, backward the three input gradients.
+/// The op: forward produces o (and stashes L), backward the three input gradients.
 /// With `fox`, the first input is q with g as an extra last column.
 struct FusedAttn {
     fox: bool,
+    /// The per-row log-sum-exp L of the forward (see [`Stash`]).
+    lse: Stash,
 }
 
 /// Problem sizes, read from the argument shapes.
@@ -186,25 +185,23 @@ impl CustomOp3 for FusedAttn {
         let dims = Dims::new(l1.shape(), l2.shape(), self.fox)?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?))
+                self.lse.keep_tail(forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?), dims.n_out())
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?))
+                self.lse.keep_tail(forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?), dims.n_out())
             }
             _ => bail!("attn_fused: q, k, v must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
         };
-        let len = dims.n_out() + dims.b * dims.hq * dims.t;
-        Ok((out, Shape::from(len)))
+        Ok((out, Shape::from((dims.b, dims.t, dims.hq, dims.d))))
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = Dims::new(q.shape(), k.shape(), self.fox)?;
-        // Only the `o` part of the packed output is ever exposed, so only its gradient counts.
-        let d_o = grad_res.narrow(0, 0, dims.n_out())?.contiguous()?;
+        let d_o = grad_res.contiguous()?;
         let res = res.contiguous()?;
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => backward_tensors::<f32>(dims, q, k, v, &res, &d_o)?,
-            DType::F64 => backward_tensors::<f64>(dims, q, k, v, &res, &d_o)?,
+            DType::F32 => backward_tensors::<f32>(dims, q, k, v, &res, &self.lse, &d_o)?,
+            DType::F64 => backward_tensors::<f64>(dims, q, k, v, &res, &self.lse, &d_o)?,
             dt => bail!("attn_fused: unsupported dtype {dt:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -334,7 +331,7 @@ pub(super) fn mm<T: Elem>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usiz
     }
 }
 
-/// Forward over all heads: the packed `[o | L]` buffer.
+/// Forward over all heads: `[o | L]` in one buffer (the op keeps `o` and stashes `L`).
 fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
     let Dims { b, t, hq, hkv, d, qw } = dims;
     let g = dims.groups();
@@ -403,23 +400,21 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
 }
 
 /// Backward as tensors shaped like q, k, v.
-fn backward_tensors<T: Elem>(dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [q, k, v, res, d_o].iter().map(|x| x.storage_and_layout()).collect();
+fn backward_tensors<T: Elem>(dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Stash, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let guards: Vec<_> = [q, k, v, o, d_o].iter().map(|x| x.storage_and_layout()).collect();
     let s = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (dq, dk, dv) = backward(dims, s[0], s[1], s[2], s[3], s[4]);
+    let (dq, dk, dv) = lse.with(|lse| backward(dims, s[0], s[1], s[2], s[3], lse, s[4]))?;
     drop(s);
     drop(guards);
     let dev = q.device();
     Ok((Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?))
 }
 
-/// Backward over all heads: dq `[B,T,Hq,D]`, dk, dv `[B,T,Hkv,D]` from q, k, v, the packed
-/// forward output `[o | L]` and dO.
-fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], res: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// Backward over all heads: dq `[B,T,Hq,D]`, dk, dv `[B,T,Hkv,D]` from q, k, v, the forward's
+/// o and L, and dO.
+fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Dims { b, t, hq, hkv, d, qw } = dims;
     let g = dims.groups();
-    let n_o = dims.n_out();
-    let (o, lse) = res.split_at(n_o);
     let scale = T::from_f64(dims.scale());
     type PerKv<T> = (Vec<(Vec<T>, Vec<T>)>, Vec<T>, Vec<T>);
     let per_kv: Vec<PerKv<T>> = (0..b * hkv)

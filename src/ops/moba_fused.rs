@@ -16,12 +16,13 @@
 //! `dQ = dS K/√D`, `dK = dSᵀ Q/√D`, `dV = Pᵀ dO` over the same tiles; one task per
 //! (batch, kv head) that sums its query heads. No gradient through the selection.
 //!
-//! The op output is the packed `[o (B·T·Hq·D) | L (B·Hq·T)]`; [`moba_fused`] returns the o view.
+//! The op output is o `[B,T,Hq,D]`; the forward's L `(B·Hq·T)` stays in the op ([`Stash`]).
 
 use super::attn_fused::{contiguous, cpu_slice, gather, max, mm, scatter, sum, Elem, Mat, BLOCK};
 use super::moba::{block_means, select_blocks};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use super::cpu::Stash;
 use rayon::prelude::*;
 
 /// Fused MoBA. q `[B,T,Hq,D]`, k/v `[B,T,Hkv,D]` → o `[B,T,Hq,D]`; CPU, f32 or f64.
@@ -35,14 +36,14 @@ pub fn moba_fused(q: &Tensor, k: &Tensor, v: &Tensor, block_size: usize, top_k: 
             bail!("moba_fused: q, k, v must all be f32 or all f64; got {:?}, {:?}, {:?}", q.dtype(), k.dtype(), v.dtype());
         }
     }
-    let (b, t, hq, d) = q.dims4()?;
-    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedMoba { bs: block_size, top_k })?;
-    packed.narrow(0, 0, b * t * hq * d)?.reshape((b, t, hq, d))
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedMoba { bs: block_size, top_k, lse: Stash::default() })
 }
 
 struct FusedMoba {
     bs: usize,
     top_k: usize,
+    /// The per-row log-sum-exp of the forward (see [`Stash`]).
+    lse: Stash,
 }
 
 #[derive(Clone, Copy)]
@@ -112,23 +113,23 @@ impl CustomOp3 for FusedMoba {
         let dims = Dims::new(l1.shape(), l2.shape())?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?))
+                self.lse.keep_tail(self.forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?), dims.n_out())
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(self.forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?))
+                self.lse.keep_tail(self.forward(dims, contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?), dims.n_out())
             }
             _ => bail!("moba_fused: q, k, v must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
         };
-        Ok((out, Shape::from(dims.n_out() + dims.b * dims.hq * dims.t)))
+        Ok((out, Shape::from((dims.b, dims.t, dims.hq, dims.d))))
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = Dims::new(q.shape(), k.shape())?;
-        let d_o = grad_res.narrow(0, 0, dims.n_out())?.contiguous()?;
+        let d_o = grad_res.contiguous()?;
         let res = res.contiguous()?;
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.backward_tensors::<f32>(dims, q, k, v, &res, &d_o)?,
-            DType::F64 => self.backward_tensors::<f64>(dims, q, k, v, &res, &d_o)?,
+            DType::F32 => self.backward_tensors::<f32>(dims, q, k, v, &res, &self.lse, &d_o)?,
+            DType::F64 => self.backward_tensors::<f64>(dims, q, k, v, &res, &self.lse, &d_o)?,
             dt => bail!("moba_fused: unsupported dtype {dt:?}"),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -208,10 +209,10 @@ impl FusedMoba {
         (acc, lse)
     }
 
-    fn backward_tensors<T: Elem>(&self, dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let guards: Vec<_> = [q, k, v, res, d_o].iter().map(|x| x.storage_and_layout()).collect();
+    fn backward_tensors<T: Elem>(&self, dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Stash, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let guards: Vec<_> = [q, k, v, o, d_o].iter().map(|x| x.storage_and_layout()).collect();
         let s = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-        let (dq, dk, dv) = self.backward(dims, s[0], s[1], s[2], s[3], s[4]);
+        let (dq, dk, dv) = lse.with(|lse| self.backward(dims, s[0], s[1], s[2], s[3], lse, s[4]))?;
         drop(s);
         drop(guards);
         let dev = q.device();
@@ -219,11 +220,10 @@ impl FusedMoba {
     }
 
     #[allow(clippy::type_complexity)]
-    fn backward<T: Elem>(&self, dims: Dims, q: &[T], k: &[T], v: &[T], res: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn backward<T: Elem>(&self, dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Dims { b, t, hq, hkv, d } = dims;
         let g = hq / hkv;
         let n_o = dims.n_out();
-        let (o, lse) = res.split_at(n_o);
         let per_kv: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..b * hkv)
             .into_par_iter()
             .map(|bk| {
