@@ -32,11 +32,10 @@
 //! output is one buffer `[o (B·T·H·V) | final state (B·H·K·V)]` (the forward also produces the
 //! checkpoints `B·H·nseg·K·V`, which go to the stash); [`gdr_fused`] returns views of the parts.
 
-use super::attn_fused::{contiguous, cpu_slice, Elem};
-use super::cpu::Stash;
+use super::attn_fused::Elem;
+use super::scan_op::{ScanKernel, ScanOp};
 use super::simd::with_fast_isa;
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Tokens per checkpoint segment (BlinkDL's RWKV-7 kernels use 16).
@@ -66,7 +65,7 @@ pub fn gdr_fused(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, 
         Some(s) => s.contiguous()?,
         None => Tensor::zeros((b, h, dk, dv), q.dtype(), q.device())?,
     };
-    let out = packed.apply_op3(&v.contiguous()?, &s0, FusedGdr::default())?;
+    let out = packed.apply_op3(&v.contiguous()?, &s0, ScanOp::<Gdr>::default())?;
     let n_o = b * t * h * dv;
     let o = out.narrow(0, 0, n_o)?.reshape((b, t, h, dv))?;
     let s = out.narrow(0, n_o, b * h * dk * dv)?.reshape((b, h, dk, dv))?;
@@ -91,10 +90,24 @@ pub fn gdr_train(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor, 
     }
 }
 
-#[derive(Default)]
-struct FusedGdr {
-    /// The state checkpoints (see [`Stash`]).
-    ck: Stash,
+/// The kernel, run by [`ScanOp`].
+struct Gdr;
+
+impl ScanKernel for Gdr {
+    type Dims = Dims;
+    const NAME: &'static str = "gdr_fused";
+    fn dims(s1: &Shape, s2: &Shape) -> Result<Dims> {
+        Dims::new(s1, s2)
+    }
+    fn out_len(d: Dims) -> usize {
+        d.n_o() + d.n_s()
+    }
+    fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
+        forward(d, x, v, s0)
+    }
+    fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], _s0: &[T], ck: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        backward(d, x, v, ck, grad)
+    }
 }
 
 /// Problem sizes, read from the packed input and v.
@@ -134,33 +147,6 @@ impl Dims {
     /// Offset of row (batch bb, token i, head hh) in a `[B,T,H,X]` tensor, in rows.
     fn row(&self, bb: usize, i: usize, hh: usize) -> usize {
         (bb * self.t + i) * self.h + hh
-    }
-}
-
-impl CustomOp3 for FusedGdr {
-    fn name(&self) -> &'static str {
-        "gdr_fused"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::new(l1.shape(), l2.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
-            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
-            _ => bail!("gdr_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
-        };
-        Ok((out, Shape::from(d.n_o() + d.n_s())))
-    }
-
-    fn bwd(&self, x: &Tensor, v: &Tensor, s0: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = Dims::new(x.shape(), v.shape())?;
-        let grad = grad_res.narrow(0, 0, d.n_o() + d.n_s())?.contiguous()?;
-        let (dx, dv, ds0) = match x.dtype() {
-            DType::F32 => backward_tensors::<f32>(d, x, v, s0, &self.ck, &grad)?,
-            DType::F64 => backward_tensors::<f64>(d, x, v, s0, &self.ck, &grad)?,
-            dt => bail!("gdr_fused: unsupported dtype {dt:?}"),
-        };
-        Ok((Some(dx), Some(dv), Some(ds0)))
     }
 }
 
@@ -270,17 +256,6 @@ fn forward_head<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T], bh: usize) -> (Vec
         step(&mut s, &tok(d, x, v, bb, i, hh), d.v, scale, &mut r, None, Some(&mut o[i * d.v..(i + 1) * d.v]));
     }
     (o, s, ck)
-}
-
-/// Backward as tensors shaped like the three op inputs.
-fn backward_tensors<T: Elem>(d: Dims, x: &Tensor, v: &Tensor, s0: &Tensor, ck: &Stash, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [x, v, s0, grad].iter().map(|t| t.storage_and_layout()).collect();
-    let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (dx, dv, ds0) = ck.with(|ck| backward(d, sl[0], sl[1], ck, sl[3]))?;
-    drop(sl);
-    drop(guards);
-    let dev = x.device();
-    Ok((Tensor::from_vec(dx, x.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?, Tensor::from_vec(ds0, s0.shape(), dev)?))
 }
 
 /// Per-head gradients: d[q|k|g|β] `[T,2K+2]`, dv `[T,V]`, ds0 `[K,V]`.

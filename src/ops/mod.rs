@@ -17,6 +17,7 @@ pub mod rope;
 pub mod rwkv7;
 pub mod rwkv7_chunk;
 pub mod rwkv7_fused;
+mod scan_op;
 pub mod short_conv;
 pub mod short_conv_fused;
 pub mod simd;

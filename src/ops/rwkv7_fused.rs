@@ -23,12 +23,11 @@
 //! (zeros when absent). Output `[o | final state]`; the state
 //! checkpoints stay in the op ([`super::cpu::Stash`]) for the backward.
 
-use super::attn_fused::{contiguous, cpu_slice, Elem};
-use super::cpu::Stash;
+use super::attn_fused::Elem;
+use super::scan_op::{ScanKernel, ScanOp};
 use super::gdr_fused::{axpy, dot};
 use super::simd::with_fast_isa;
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Tokens per checkpoint segment (as BlinkDL's kernels).
@@ -60,7 +59,7 @@ pub fn rwkv7_fused(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b
         Some(s) => s.contiguous()?,
         None => Tensor::zeros((bsz, h, dv, dk), r.dtype(), r.device())?,
     };
-    let out = in1.apply_op3(&v.contiguous()?, &s0, FusedWkv7::default())?;
+    let out = in1.apply_op3(&v.contiguous()?, &s0, ScanOp::<Wkv7>::default())?;
     let n_o = bsz * t * h * dv;
     let o = out.narrow(0, 0, n_o)?.reshape((bsz, t, h, dv))?;
     let s = out.narrow(0, n_o, bsz * h * dv * dk)?.reshape((bsz, h, dv, dk))?;
@@ -85,10 +84,24 @@ pub fn rwkv7_train(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor, b
     }
 }
 
-#[derive(Default)]
-struct FusedWkv7 {
-    /// The state checkpoints (see [`Stash`]).
-    ck: Stash,
+/// The kernel, run by [`ScanOp`].
+struct Wkv7;
+
+impl ScanKernel for Wkv7 {
+    type Dims = Dims;
+    const NAME: &'static str = "rwkv7_fused";
+    fn dims(s1: &Shape, s2: &Shape) -> Result<Dims> {
+        Dims::new(s1, s2)
+    }
+    fn out_len(d: Dims) -> usize {
+        d.n_o() + d.n_s()
+    }
+    fn forward<T: Elem>(d: Dims, a: &[T], b: &[T], c: &[T]) -> Vec<T> {
+        forward(d, a, b, c)
+    }
+    fn backward<T: Elem>(d: Dims, a: &[T], b: &[T], _c: &[T], ck: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        backward(d, a, b, ck, grad)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -123,33 +136,6 @@ impl Dims {
     }
     fn row(&self, bb: usize, i: usize, hh: usize) -> usize {
         (bb * self.t + i) * self.h + hh
-    }
-}
-
-impl CustomOp3 for FusedWkv7 {
-    fn name(&self) -> &'static str {
-        "rwkv7_fused"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::new(l1.shape(), l2.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(v), CpuStorage::F32(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
-            (CpuStorage::F64(x), CpuStorage::F64(v), CpuStorage::F64(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(v, l2)?, contiguous(s, l3)?), d.n_o() + d.n_s()),
-            _ => bail!("rwkv7_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
-        };
-        Ok((out, Shape::from(d.n_o() + d.n_s())))
-    }
-
-    fn bwd(&self, in1: &Tensor, v: &Tensor, s0: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = Dims::new(in1.shape(), v.shape())?;
-        let grad = grad_res.narrow(0, 0, d.n_o() + d.n_s())?.contiguous()?;
-        let (g1, g2, g3) = match in1.dtype() {
-            DType::F32 => backward_tensors::<f32>(d, in1, v, s0, &self.ck, &grad)?,
-            DType::F64 => backward_tensors::<f64>(d, in1, v, s0, &self.ck, &grad)?,
-            dt => bail!("rwkv7_fused: unsupported dtype {dt:?}"),
-        };
-        Ok((Some(g1), Some(g2), Some(g3)))
     }
 }
 
@@ -217,16 +203,6 @@ fn forward<T: Elem>(d: Dims, in1: &[T], v: &[T], s0: &[T]) -> Vec<T> {
         ck_all[bh * nseg * vk..(bh + 1) * nseg * vk].copy_from_slice(ck);
     }
     out
-}
-
-fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, v: &Tensor, s0: &Tensor, ck: &Stash, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [in1, v, s0, grad].iter().map(|t| t.storage_and_layout()).collect();
-    let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (g1, g2, g3) = ck.with(|ck| backward(d, sl[0], sl[1], ck, sl[3]))?;
-    drop(sl);
-    drop(guards);
-    let dev = in1.device();
-    Ok((Tensor::from_vec(g1, in1.shape(), dev)?, Tensor::from_vec(g2, v.shape(), dev)?, Tensor::from_vec(g3, s0.shape(), dev)?))
 }
 
 /// Per head: d[r|w|k|a|b] `[T,5K]`, dv `[T,V]`, ds0 `[V,K]`.

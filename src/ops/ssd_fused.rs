@@ -26,12 +26,11 @@
 //! `[initial state (B·H·P·N) | A (H)]` flat. Output `[y | final state]`; the
 //! state checkpoints stay in the op ([`super::cpu::Stash`]) for the backward.
 
-use super::attn_fused::{contiguous, cpu_slice, Elem};
-use super::cpu::Stash;
+use super::attn_fused::Elem;
+use super::scan_op::{ScanKernel, ScanOp};
 use super::gdr_fused::{axpy, dot};
 use super::simd::with_fast_isa;
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Tokens per checkpoint segment.
@@ -63,7 +62,7 @@ pub fn ssd_fused(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, 
         None => Tensor::zeros(b * h * p * n, x.dtype(), x.device())?,
     };
     let in3 = Tensor::cat(&[&s0, a], 0)?.contiguous()?;
-    let out = in1.apply_op3(&in2, &in3, FusedSsd::default())?;
+    let out = in1.apply_op3(&in2, &in3, ScanOp::<Ssd>::default())?;
     let n_y = b * t * h * p;
     let y = out.narrow(0, 0, n_y)?.reshape((b, t, h, p))?;
     let s = out.narrow(0, n_y, b * h * p * n)?.reshape((b, h, p, n))?;
@@ -87,10 +86,24 @@ pub fn ssd_train(x: &Tensor, dt: &Tensor, a: &Tensor, bm: &Tensor, cm: &Tensor, 
     }
 }
 
-#[derive(Default)]
-struct FusedSsd {
-    /// The state checkpoints (see [`Stash`]).
-    ck: Stash,
+/// The kernel, run by [`ScanOp`].
+struct Ssd;
+
+impl ScanKernel for Ssd {
+    type Dims = Dims;
+    const NAME: &'static str = "ssd_fused";
+    fn dims(s1: &Shape, s2: &Shape) -> Result<Dims> {
+        Dims::new(s1, s2)
+    }
+    fn out_len(d: Dims) -> usize {
+        d.n_y() + d.n_s()
+    }
+    fn forward<T: Elem>(d: Dims, a: &[T], b: &[T], c: &[T]) -> Vec<T> {
+        forward(d, a, b, c)
+    }
+    fn backward<T: Elem>(d: Dims, a: &[T], b: &[T], c: &[T], ck: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        backward(d, a, b, c, ck, grad)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -131,33 +144,6 @@ impl Dims {
     /// Row of (batch, token, group of head hh) in `[B,T,G,·]`.
     fn grow(&self, bb: usize, i: usize, hh: usize) -> usize {
         (bb * self.t + i) * self.g + hh / (self.h / self.g)
-    }
-}
-
-impl CustomOp3 for FusedSsd {
-    fn name(&self) -> &'static str {
-        "ssd_fused"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::new(l1.shape(), l2.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(bc), CpuStorage::F32(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?), d.n_y() + d.n_s()),
-            (CpuStorage::F64(x), CpuStorage::F64(bc), CpuStorage::F64(s)) => self.ck.keep_tail(forward(d, contiguous(x, l1)?, contiguous(bc, l2)?, contiguous(s, l3)?), d.n_y() + d.n_s()),
-            _ => bail!("ssd_fused: inputs must all be f32 or all f64; got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
-        };
-        Ok((out, Shape::from(d.n_y() + d.n_s())))
-    }
-
-    fn bwd(&self, in1: &Tensor, in2: &Tensor, in3: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = Dims::new(in1.shape(), in2.shape())?;
-        let grad = grad_res.narrow(0, 0, d.n_y() + d.n_s())?.contiguous()?;
-        let (a, b, c) = match in1.dtype() {
-            DType::F32 => backward_tensors::<f32>(d, in1, in2, in3, &self.ck, &grad)?,
-            DType::F64 => backward_tensors::<f64>(d, in1, in2, in3, &self.ck, &grad)?,
-            dt => bail!("ssd_fused: unsupported dtype {dt:?}"),
-        };
-        Ok((Some(a), Some(b), Some(c)))
     }
 }
 
@@ -220,16 +206,6 @@ fn forward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], s0: &[T], a_h: T, bh: us
         }
     }
     (y, s, ck)
-}
-
-fn backward_tensors<T: Elem>(d: Dims, in1: &Tensor, in2: &Tensor, in3: &Tensor, ck: &Stash, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let guards: Vec<_> = [in1, in2, in3, grad].iter().map(|t| t.storage_and_layout()).collect();
-    let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-    let (g1, g2, g3) = ck.with(|ck| backward(d, sl[0], sl[1], sl[2], ck, sl[3]))?;
-    drop(sl);
-    drop(guards);
-    let dev = in1.device();
-    Ok((Tensor::from_vec(g1, in1.shape(), dev)?, Tensor::from_vec(g2, in2.shape(), dev)?, Tensor::from_vec(g3, in3.shape(), dev)?))
 }
 
 /// Per head: d[x|dt] `[T,P+1]`, d[B|C] `[T,2N]`, ds0 `[P,N]`, dA.
