@@ -29,16 +29,6 @@ pub fn linear(x: &Tensor, w: &Tensor, out_shape: impl Into<Shape>) -> Result<Ten
     }
 }
 
-/// x `[.., d]` times w `[d, n]` → `[.., n]`.
-pub fn linear_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    match dims.last_mut() {
-        Some(last) => *last = w.dim(1)?,
-        None => bail!("linear: scalar input"),
-    }
-    linear(x, w, dims)
-}
-
 /// Reference form from candle primitives.
 pub fn linear_composed(x: &Tensor, w: &Tensor, out_shape: impl Into<Shape>) -> Result<Tensor> {
     let d = w.dim(0)?;
@@ -130,8 +120,6 @@ mod tests {
             for v in [&x, &w] {
                 assert_close("linear grad", gc.get(v.as_tensor()).unwrap(), gf.get(v.as_tensor()).unwrap(), tol);
             }
-            let y3 = linear_last(&x.as_tensor().reshape((3, 37, 24)).unwrap(), w.as_tensor()).unwrap();
-            assert_eq!(y3.dims(), &[3, 37, 10]);
         }
         assert!(linear(&rand_tensor(&[5, 7], 1.0, 1), &rand_tensor(&[6, 2], 1.0, 1), (5, 2)).is_err());
     }
@@ -142,7 +130,7 @@ mod tests {
         let x = Var::from_tensor(&rand_tensor(&[2, 3, 4], 1.0, 4)).unwrap();
         let w = Var::from_tensor(&rand_tensor(&[4, 5], 0.7, 5)).unwrap();
         let wy = rand_tensor(&[2, 3, 5], 1.0, 6);
-        let loss = || (linear_last(x.as_tensor(), w.as_tensor()).unwrap() * &wy).unwrap().sum_all().unwrap();
+        let loss = || (linear(x.as_tensor(), w.as_tensor(), (2, 3, 5)).unwrap() * &wy).unwrap().sum_all().unwrap();
         check_grads("linear", &[("x".into(), x.clone()), ("w".into(), w.clone())], &loss, 12);
     }
 }

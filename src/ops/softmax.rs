@@ -91,8 +91,7 @@ impl CeElem for f32 {
     }
     #[inline(always)]
     fn softmax_scaled(row: &[f32], l: f64, g: f64, out: &mut [f32]) {
-        // exp(x − l) with x − l ≤ ~0 computed as exp((x − m) − (l − m)) would need m; x − l in
-        // f32 loses nothing that matters: l is within a few units of max(x).
+        // x − l ≤ ln(row length): l is the row's log-sum-exp, within a few units of max(x).
         let (l, g) = (l as f32, g as f32);
         for (o, &x) in out.iter_mut().zip(row) {
             *o = exp_f32(x - l) * g;
