@@ -64,6 +64,17 @@ impl Ffn {
         linear(&h, &self.w_down, (b, t, d))
     }
 
+    /// The pre-norm sublayer `x + self(RMSNorm(x; g))`. A SwiGLU feed-forward on CPU (f32/f64)
+    /// runs as one fused autograd node ([`crate::ops::ffn_fused`]), the rest composed.
+    pub fn forward_residual(&self, x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+        if let (FfnKind::Swiglu, Some(wg)) = (&self.kind, &self.w_gate) {
+            if crate::ops::cpu_fusable(&[x, g, wg, &self.w_up, &self.w_down]) {
+                return crate::ops::ffn_fused::swiglu_ffn_residual(x, g, wg, &self.w_up, &self.w_down, eps);
+            }
+        }
+        x + self.forward(&crate::ops::norm::rms_norm(x, g, eps)?)?
+    }
+
     /// Forward FLOPs per token (2 per multiply-add).
     pub fn flops_per_token(&self) -> f64 {
         let mats = if self.w_gate.is_some() { 3 } else { 2 };

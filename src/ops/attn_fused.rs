@@ -35,6 +35,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Sto
 use rayon::prelude::*;
 
 use super::cpu::Stash;
+use super::gemm::{mm, Mat};
 use super::simd::{exp_f32, exp_shifted_f32};
 
 /// Rows of a query block and columns of a key block.
@@ -276,58 +277,6 @@ fn add_bias<T: Elem>(s: &mut [T], cum: &[f64], i0: usize, j0: usize, rows: usize
         for (x, &b) in s[r * BLOCK..r * BLOCK + valid].iter_mut().zip(&col) {
             *x += a + b;
         }
-    }
-}
-
-/// A strided read-only matrix operand: element (r, c) is `data[r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-pub(super) struct Mat<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> Mat<'a, T> {
-    /// Row-major with row stride `rs`, starting at row `r0`.
-    pub(super) fn rows(data: &'a [T], rs: usize, r0: usize) -> Self {
-        Self { data: &data[r0 * rs..], rs, cs: 1 }
-    }
-    /// The transpose of [`Mat::rows`].
-    pub(super) fn rows_t(data: &'a [T], rs: usize, r0: usize) -> Self {
-        Self { data: &data[r0 * rs..], rs: 1, cs: rs }
-    }
-}
-
-/// `dst[m×n] (row stride ldd) = (accumulate ? dst : 0) + alpha · a[m×k] · b[k×n]`, single-threaded.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn mm<T: Elem>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T) {
-    let last = |x: Mat<T>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs;
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!((m - 1) * ldd + n <= dst.len() && last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len());
-    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
-    // `dst` does not alias `a` or `b` (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            ldd as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::one(),
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 

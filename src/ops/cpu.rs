@@ -32,7 +32,8 @@ pub fn set_threading_defaults() {
 }
 
 /// A buffer a fused op keeps from its forward for its backward, outside its output tensor: the
-/// state checkpoints of the scan kernels (`ssd_fused`, `gdr_fused`, `rwkv7_fused`).
+/// state checkpoints of the scan kernels (`ssd_fused`, `gdr_fused`, `rwkv7_fused`), the gate and
+/// up projections of the fused feed-forward (`ffn_fused`).
 ///
 /// Why not in the output: an op returns one tensor, so the checkpoints used to travel as the tail
 /// of a packed output of which callers narrow the exposed part. In candle 0.11 the backward of
@@ -47,10 +48,15 @@ impl Stash {
     /// Keeps `out[keep..]` in the stash and returns `out[..keep]` as storage.
     pub fn keep_tail<T: WithDType>(&self, mut out: Vec<T>, keep: usize) -> CpuStorage {
         let tail = out.split_off(keep.min(out.len()));
-        if let Ok(mut g) = self.0.lock() {
-            *g = Some(T::to_cpu_storage_owned(tail));
-        }
+        self.put(tail);
         T::to_cpu_storage_owned(out)
+    }
+
+    /// Keeps `values` in the stash (replacing what it held).
+    pub fn put<T: WithDType>(&self, values: Vec<T>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(T::to_cpu_storage_owned(values));
+        }
     }
 
     /// Runs `f` on the stashed values (errors when the forward has not run or the dtype differs).

@@ -11,6 +11,7 @@
 //! detached 2-D views. Elsewhere it is the composed form.
 
 use super::cpu::slice;
+use super::gemm::{mm_par, Mat};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
 /// x (any shape whose element count is a multiple of `d = w.dim(0)`; rows of `d` contiguous
@@ -42,32 +43,7 @@ struct Linear {
 /// `c[m×n] = a[m×k] b[k×n]`, row-major, on the rayon pool.
 pub(super) fn gemm_rows<T: WithDType>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
     let mut c = vec![T::zero(); m * n];
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: a, b, c hold m·k, k·n and m·n elements with the row-major strides passed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            par,
-        )
-    };
+    mm_par(m, n, k, &mut c, n, false, Mat::rows(a, k, 0), Mat::rows(b, n, 0), T::one());
     c
 }
 

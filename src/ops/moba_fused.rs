@@ -18,7 +18,8 @@
 //!
 //! The op output is o `[B,T,Hq,D]`; the forward's L `(B·Hq·T)` stays in the op ([`Stash`]).
 
-use super::attn_fused::{contiguous, cpu_slice, gather, max, mm, scatter, sum, Elem, Mat, BLOCK};
+use super::attn_fused::{contiguous, cpu_slice, gather, max, scatter, sum, Elem, BLOCK};
+use super::gemm::{mm, Mat};
 use super::moba::{block_means, select_blocks};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};

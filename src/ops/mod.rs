@@ -5,8 +5,10 @@
 pub mod attn;
 pub mod attn_fused;
 pub mod cpu;
+pub mod ffn_fused;
 pub mod fox;
 pub mod gated_delta_rule;
+pub mod gemm;
 pub mod gdr_fused;
 pub mod grouped_linear;
 pub mod linear;

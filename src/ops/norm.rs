@@ -40,14 +40,7 @@ fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
 
 fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-            let r = inv_rms(xr, eps);
-            for i in 0..d {
-                yr[i] = T::from_f64(xr[i].to_f64() * r * g[i].to_f64());
-            }
-        }
-    });
+    fwd_rows(x, g, d, eps, &mut y);
     y
 }
 
@@ -55,13 +48,23 @@ fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
 fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
     let n = x.len();
     let mut out = vec![T::zero(); n + d];
-    let (dx, dg_out) = out.split_at_mut(n);
+    let (dx, dg) = out.split_at_mut(n);
+    bwd_into(x, g, dy, d, eps, None, dx, dg);
+    out
+}
+
+/// RMSNorm backward into `dx` (len x) and `dg` (d), with `residual` (len x) added to `dx` when
+/// given (the gradient reaching x around a pre-norm sublayer). Row statistics in f64.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64, residual: Option<&[T]>, dx: &mut [T], dg_out: &mut [T]) {
     let partials: Vec<Vec<f64>> = dx
         .par_chunks_mut(ROW_CHUNK * d)
+        .enumerate()
         .zip(x.par_chunks(ROW_CHUNK * d).zip(dy.par_chunks(ROW_CHUNK * d)))
-        .map(|(dxc, (xc, dyc))| {
+        .map(|((c, dxc), (xc, dyc))| {
+            let res = residual.map(|r| &r[c * ROW_CHUNK * d..c * ROW_CHUNK * d + xc.len()]);
             let mut dg = vec![0f64; d];
-            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
+            for (row, ((dxr, xr), dyr)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate() {
                 let r = inv_rms(xr, eps);
                 let mut dot = 0.0;
                 for i in 0..d {
@@ -73,7 +76,11 @@ fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
                 let mean = dot / d as f64;
                 for i in 0..d {
                     let xh = xr[i].to_f64() * r;
-                    dxr[i] = T::from_f64(r * (dyr[i].to_f64() * g[i].to_f64() - xh * mean));
+                    let v = T::from_f64(r * (dyr[i].to_f64() * g[i].to_f64() - xh * mean));
+                    dxr[i] = match res {
+                        Some(res) => v + res[row * d + i],
+                        None => v,
+                    };
                 }
             }
             dg
@@ -82,7 +89,18 @@ fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
     for (i, slot) in dg_out.iter_mut().enumerate() {
         *slot = T::from_f64(partials.iter().map(|p| p[i]).sum());
     }
-    out
+}
+
+/// The forward into `y` (len x): `y = x·g/sqrt(mean(x²) + eps)` per row of `d` elements, in f64.
+pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &mut [T]) {
+    y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+            let r = inv_rms(xr, eps);
+            for i in 0..d {
+                yr[i] = T::from_f64(xr[i].to_f64() * r * g[i].to_f64());
+            }
+        }
+    });
 }
 
 impl CustomOp2 for RmsNorm {
