@@ -19,6 +19,7 @@
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::short_conv::causal_conv_step;
+use crate::ops::attn_sublayer::{attention_sublayer, AttnWeights};
 use crate::ops::linear::linear;
 use crate::ops::short_conv_fused::short_conv;
 use crate::ops::{attn::attn, norm::rms_norm, rope::Rope};
@@ -235,6 +236,16 @@ impl Attention {
 impl Mixer for Attention {
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
         self.forward_with(x, &attn)
+    }
+
+    /// Plain attention (no QK-norm, no short conv) on CPU in f32/f64: one fused node
+    /// ([`crate::ops::attn_sublayer`]).
+    fn forward_residual(&self, x: &Tensor, g: &Tensor, eps: f64, _ctx: &mut ForwardCtx) -> Option<Result<Tensor>> {
+        if self.convs.is_some() || self.q_norm.is_some() || !crate::ops::cpu_fusable(&[x, g, &self.wq, &self.wk, &self.wv, &self.wo]) {
+            return None;
+        }
+        let w = AttnWeights { g, wq: &self.wq, wk: &self.wk, wv: &self.wv, wo: &self.wo };
+        Some(attention_sublayer(x, &w, &self.rope, (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim), eps))
     }
 
     fn flops_per_token(&self, seq_len: usize) -> f64 {

@@ -47,6 +47,12 @@ pub trait Mixer: Send + Sync {
     /// Forward FLOPs per token at context `seq_len`: 2 per weight multiply-add plus the
     /// token-mixing term (documented per block).
     fn flops_per_token(&self, seq_len: usize) -> f64;
+    /// The pre-norm sublayer `x + self(RMSNorm(x; g))` as one fused op, where the block has
+    /// one for this input (dtype, device, options); `None` makes the caller compose norm,
+    /// [`Mixer::forward`] and the residual add. Both give the same values.
+    fn forward_residual(&self, _x: &Tensor, _g: &Tensor, _eps: f64, _ctx: &mut ForwardCtx) -> Option<candle_core::Result<Tensor>> {
+        None
+    }
 }
 
 /// A block's config: typed options with defaults and a semantic check.

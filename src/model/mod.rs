@@ -53,7 +53,10 @@ impl Layer {
 
     /// `x += mixer(RMSNorm(x)); x += ffn(RMSNorm(x))`; MoE losses and statistics go to `aux`.
     pub fn forward(&self, x: &Tensor, eps: f64, ctx: &mut ForwardCtx, aux: &mut AuxOut) -> Result<Tensor> {
-        let x = (x + self.mixer.forward(&rms_norm(x, &self.norm1, eps)?, ctx)?)?;
+        let x = match self.mixer.forward_residual(x, &self.norm1, eps, ctx) {
+            Some(y) => y?,
+            None => (x + self.mixer.forward(&rms_norm(x, &self.norm1, eps)?, ctx)?)?,
+        };
         if let FeedForward::Dense(f) = &self.ffn {
             return f.forward_residual(&x, &self.norm2, eps);
         }

@@ -84,7 +84,7 @@ struct FusedAttn {
 
 /// Problem sizes, read from the argument shapes.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     b: usize,
     t: usize,
     hq: usize,
@@ -95,6 +95,10 @@ struct Dims {
 }
 
 impl Dims {
+    /// Plain attention (no FoX gate) over q `[b,t,hq,d]`, k/v `[b,t,hkv,d]`.
+    pub(super) fn plain(b: usize, t: usize, hq: usize, hkv: usize, d: usize) -> Self {
+        Self { b, t, hq, hkv, d, qw: d }
+    }
     fn new(q: &Shape, k: &Shape, fox: bool) -> Result<Self> {
         let (b, t, hq, qw) = q.dims4()?;
         let (_, _, hkv, d) = k.dims4()?;
@@ -281,7 +285,7 @@ fn add_bias<T: Elem>(s: &mut [T], cum: &[f64], i0: usize, j0: usize, rows: usize
 }
 
 /// Forward over all heads: `[o | L]` in one buffer (the op keeps `o` and stashes `L`).
-fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
     let Dims { b, t, hq, hkv, d, qw } = dims;
     let g = dims.groups();
     let heads: Vec<(Vec<T>, Vec<T>)> = (0..b * hq)
@@ -361,7 +365,7 @@ fn backward_tensors<T: Elem>(dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, o: 
 
 /// Backward over all heads: dq `[B,T,Hq,D]`, dk, dv `[B,T,Hkv,D]` from q, k, v, the forward's
 /// o and L, and dO.
-fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+pub(super) fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Dims { b, t, hq, hkv, d, qw } = dims;
     let g = dims.groups();
     let scale = T::from_f64(dims.scale());

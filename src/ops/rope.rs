@@ -68,6 +68,16 @@ impl Rope {
         }
     }
 
+    /// The CPU rotation of a contiguous `[B, t, h, d]` buffer (by −φ when `inverse`), for fused
+    /// ops that rotate inside their own kernels. Errors when `t` exceeds the table.
+    pub(crate) fn rotate_cpu<T: WithDType>(&self, x: &[T], t: usize, h: usize, d: usize, inverse: bool) -> Result<Vec<T>> {
+        let (rows, half) = self.cos.dims2()?;
+        if t > rows || d != 2 * half || x.len() % (t * h * d).max(1) != 0 {
+            candle_core::bail!("RoPE: {} values as [B, {t}, {h}, {d}] do not fit the table [{rows}, {half}]", x.len());
+        }
+        Ok(RopeOp { table: self.table.clone(), offset: self.offset, inverse }.run(x, t, h, d))
+    }
+
     /// Reference form: `[a, b] → [a cos − b sin, a sin + b cos]` from primitive ops.
     pub fn apply_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (_b, t, _h, d) = x.dims4()?;

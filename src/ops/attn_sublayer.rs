@@ -1,0 +1,284 @@
+//! The pre-norm softmax-attention sublayer with its residual as one autograd node:
+//! `y = x + attn(rope(n W_q), rope(n W_k), n W_v) W_o`, `n = RMSNorm(x; g)` (Llama's attention
+//! sublayer, Touvron et al. 2023, arXiv:2302.13971; RoPE half-split as [`super::rope`]; causal
+//! GQA attention as [`super::attn_fused`]).
+//!
+//! Why one node: candle 0.11's backward allocates a zero gradient and adds into it for every
+//! input of every node. Composed from the fused norm, linear, RoPE and attention ops this
+//! sublayer is nine nodes whose inputs are activations (n three times, q and k before and after
+//! RoPE, v, the attention output, x and the block output at the residual add): 11 values of
+//! zero-filling and adding per model-width value of every token. As one node it is x alone, plus
+//! the packed weights `p = [g ‖ W_q ‖ W_k ‖ W_v ‖ W_o]` (flattened, weights `[in, out]` as the
+//! [`crate::blocks::attention::Attention`] parameters; candle's concatenation routes each piece
+//! of the gradient back to its parameter).
+//!
+//! Forward: the norm (row statistics in f64), three GEMMs, RoPE on q and k, the flash-style
+//! attention kernel, a GEMM accumulated onto x. The rotated q, k, and v, o and the attention's
+//! log-sum-exp stay in the op ([`Stash`]). Backward: `dW_o = oᵀ dy`, `do = dy W_oᵀ`, the
+//! attention kernel's backward, the inverse rotation of dq and dk, `dW_* = nᵀ d*` (n recomputed),
+//! `dn = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ`, then the norm's backward plus `dy` for dx.
+//! [`attention_sublayer_composed`] is the reference. CPU, f32/f64.
+
+use super::attn_fused::{backward as attn_backward, contiguous, cpu_slice, forward as attn_forward, Dims, Elem};
+use super::cpu::Stash;
+use super::gemm::{mm_par, Mat};
+use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
+use super::rope::Rope;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// The weights of one attention sublayer: `g [d]`, `wq [d, hq·hd]`, `wk`, `wv [d, hkv·hd]`,
+/// `wo [hq·hd, d]`.
+pub struct AttnWeights<'a> {
+    pub g: &'a Tensor,
+    pub wq: &'a Tensor,
+    pub wk: &'a Tensor,
+    pub wv: &'a Tensor,
+    pub wo: &'a Tensor,
+}
+
+/// `x + attention(RMSNorm(x))` for x `[B, T, d]` with `hq` query and `hkv` kv heads of `hd`
+/// dims, RoPE from `rope` (positions 0..T). One fused node on CPU for f32/f64; the composed
+/// form elsewhere.
+pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usize, usize, usize), eps: f64) -> Result<Tensor> {
+    let (hq, hkv, hd) = heads;
+    let (b, t, d) = x.dims3()?;
+    let (qd, kd) = (hq * hd, hkv * hd);
+    let fits = w.g.dims() == [d] && w.wq.dims() == [d, qd] && w.wk.dims() == [d, kd] && w.wv.dims() == [d, kd] && w.wo.dims() == [qd, d];
+    if !fits || hkv == 0 || hq % hkv != 0 {
+        bail!(
+            "attention_sublayer: x {:?}, g {:?}, wq {:?}, wk {:?}, wv {:?}, wo {:?} do not fit {hq} query / {hkv} kv heads of {hd}",
+            x.dims(),
+            w.g.dims(),
+            w.wq.dims(),
+            w.wk.dims(),
+            w.wv.dims(),
+            w.wo.dims()
+        );
+    }
+    if !super::cpu_fusable(&[x, w.g, w.wq, w.wk, w.wv, w.wo]) {
+        return attention_sublayer_composed(x, w, rope, heads, eps);
+    }
+    let p = Tensor::cat(&[w.g.flatten_all()?, w.wq.flatten_all()?, w.wk.flatten_all()?, w.wv.flatten_all()?, w.wo.flatten_all()?], 0)?;
+    let op = AttnSublayer { b, t, d, hq, hkv, hd, eps, rope: rope.clone(), saved: Stash::default() };
+    x.contiguous()?.apply_op2(&p, op)
+}
+
+/// Reference form from the composed ops (norm, matmuls, RoPE, causal attention).
+pub fn attention_sublayer_composed(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usize, usize, usize), eps: f64) -> Result<Tensor> {
+    let (hq, hkv, hd) = heads;
+    let (b, t, d) = x.dims3()?;
+    let n = super::norm::rms_norm_composed(x, w.g, eps)?.reshape((b * t, d))?;
+    let q = rope.apply_composed(&n.matmul(w.wq)?.reshape((b, t, hq, hd))?)?;
+    let k = rope.apply_composed(&n.matmul(w.wk)?.reshape((b, t, hkv, hd))?)?;
+    let v = n.matmul(w.wv)?.reshape((b, t, hkv, hd))?;
+    let o = super::attn::attn_composed(&q, &k, &v)?.reshape((b * t, hq * hd))?;
+    x + o.matmul(w.wo)?.reshape((b, t, d))?
+}
+
+struct AttnSublayer {
+    b: usize,
+    t: usize,
+    d: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    eps: f64,
+    rope: Rope,
+    /// `[q ‖ k ‖ v ‖ o ‖ L]`: rotated q, k, v, the attention output and its log-sum-exp.
+    saved: Stash,
+}
+
+impl AttnSublayer {
+    /// Offsets of g, W_q, W_k, W_v, W_o in the packed weights, and their total length.
+    fn offsets(&self) -> [usize; 6] {
+        let (d, qd, kd) = (self.d, self.hq * self.hd, self.hkv * self.hd);
+        [0, d, d + d * qd, d + d * (qd + kd), d + d * (qd + 2 * kd), d + 2 * d * (qd + kd)]
+    }
+
+    fn dims(&self) -> Dims {
+        Dims::plain(self.b, self.t, self.hq, self.hkv, self.hd)
+    }
+
+    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
+        let (rows, d, t) = (self.b * self.t, self.d, self.t);
+        let (qd, kd) = (self.hq * self.hd, self.hkv * self.hd);
+        let o = self.offsets();
+        let mut n = vec![T::zero(); x.len()];
+        norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
+        let proj = |w: &[T], cols: usize| {
+            let mut y = vec![T::zero(); rows * cols];
+            mm_par(rows, cols, d, &mut y, cols, false, Mat::rows(&n, d, 0), Mat::rows(w, cols, 0), T::one());
+            y
+        };
+        let q = self.rope.rotate_cpu(&proj(&p[o[1]..o[2]], qd), t, self.hq, self.hd, false)?;
+        let k = self.rope.rotate_cpu(&proj(&p[o[2]..o[3]], kd), t, self.hkv, self.hd, false)?;
+        let v = proj(&p[o[3]..o[4]], kd);
+        drop(n);
+        let ol = attn_forward(self.dims(), &q, &k, &v);
+        let mut y = x.to_vec();
+        mm_par(rows, d, qd, &mut y, d, true, Mat::rows(&ol[..rows * qd], qd, 0), Mat::rows(&p[o[4]..o[5]], d, 0), T::one());
+        let mut saved = Vec::with_capacity(q.len() + k.len() + v.len() + ol.len());
+        for part in [&q, &k, &v, &ol] {
+            saved.extend_from_slice(part);
+        }
+        self.saved.put(saved);
+        Ok(y)
+    }
+
+    /// Returns `(dx, dp)`.
+    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[T], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        let (rows, d, t) = (self.b * self.t, self.d, self.t);
+        let (qd, kd) = (self.hq * self.hd, self.hkv * self.hd);
+        let o = self.offsets();
+        let (q, rest) = saved.split_at(rows * qd);
+        let (k, rest) = rest.split_at(rows * kd);
+        let (v, rest) = rest.split_at(rows * kd);
+        let (out, lse) = rest.split_at(rows * qd);
+        let mut dp = vec![T::zero(); o[5]];
+        mm_par(qd, d, rows, &mut dp[o[4]..o[5]], d, false, Mat::rows_t(out, qd, 0), Mat::rows(dy, d, 0), T::one());
+        let mut d_o = vec![T::zero(); rows * qd];
+        mm_par(rows, qd, d, &mut d_o, qd, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[4]..o[5]], d, 0), T::one());
+        let (dq, dk, dv) = attn_backward(self.dims(), q, k, v, out, lse, &d_o);
+        drop(d_o);
+        let dq = self.rope.rotate_cpu(&dq, t, self.hq, self.hd, true)?;
+        let dk = self.rope.rotate_cpu(&dk, t, self.hkv, self.hd, true)?;
+        let mut n = vec![T::zero(); x.len()];
+        norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
+        let parts = [(&dq, qd, o[1]..o[2]), (&dk, kd, o[2]..o[3]), (&dv, kd, o[3]..o[4])];
+        for (g, cols, range) in parts.clone() {
+            mm_par(d, cols, rows, &mut dp[range], cols, false, Mat::rows_t(&n, d, 0), Mat::rows(g, cols, 0), T::one());
+        }
+        // dn (into n's buffer).
+        for (i, (g, cols, range)) in parts.into_iter().enumerate() {
+            mm_par(rows, d, cols, &mut n, d, i > 0, Mat::rows(g, cols, 0), Mat::rows_t(&p[range], cols, 0), T::one());
+        }
+        let mut dx = vec![T::zero(); x.len()];
+        norm_bwd_into(x, &p[..d], &n, d, self.eps, Some(dy), &mut dx, &mut dp[..d]);
+        Ok((dx, dp))
+    }
+
+    fn grads<T: Elem>(&self, x: &Tensor, p: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let guards: Vec<_> = [x, p, dy].iter().map(|t| t.storage_and_layout()).collect();
+        let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
+        let (dx, dp) = self.saved.with(|s| self.backward(sl[0], sl[1], s, sl[2]))??;
+        drop(sl);
+        drop(guards);
+        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dp, p.shape(), p.device())?))
+    }
+}
+
+impl CustomOp2 for AttnSublayer {
+    fn name(&self) -> &'static str {
+        "attention_sublayer"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != [self.b, self.t, self.d] || l2.shape().elem_count() != self.offsets()[5] {
+            bail!("attention_sublayer: x {:?} / packed weights {:?} do not fit the op", l1.dims(), l2.dims());
+        }
+        let y = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)?),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)?),
+            _ => bail!("attention_sublayer: inputs must both be f32 or both f64; got {:?}, {:?}", s1.dtype(), s2.dtype()),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.device().is_cpu() {
+            bail!("attention_sublayer: CPU only, got inputs on {:?}", x.device().location());
+        }
+        let dy = dy.contiguous()?;
+        let (dx, dp) = match x.dtype() {
+            DType::F32 => self.grads::<f32>(x, p, &dy)?,
+            DType::F64 => self.grads::<f64>(x, p, &dy)?,
+            dt => bail!("attention_sublayer: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grads, rand_tensor};
+    use candle_core::{Device, Var};
+
+    /// g, wq, wk, wv, wo for width d, heads (hq, hkv, hd).
+    fn vars(d: usize, (hq, hkv, hd): (usize, usize, usize), dt: DType, seed: u64) -> Vec<Var> {
+        let shapes: [&[usize]; 5] = [&[d], &[d, hq * hd], &[d, hkv * hd], &[d, hkv * hd], &[hq * hd, d]];
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = rand_tensor(s, 0.5, seed + i as u64);
+                let t = if i == 0 { (t + 1.0).unwrap() } else { t };
+                Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()
+            })
+            .collect()
+    }
+
+    fn weights(w: &[Var]) -> AttnWeights<'_> {
+        AttnWeights { g: w[0].as_tensor(), wq: w[1].as_tensor(), wk: w[2].as_tensor(), wv: w[3].as_tensor(), wo: w[4].as_tensor() }
+    }
+
+    /// Fused == composed, forward and every gradient, f64 and f32, with GQA and a sequence
+    /// length that is not a multiple of the kernel's block.
+    #[test]
+    fn fused_matches_composed() {
+        for (dt, tol) in [(DType::F64, 1e-11), (DType::F32, 5e-5)] {
+            for heads in [(4, 2, 6), (2, 2, 4)] {
+                let (b, t, d) = (2, 70, 10);
+                let rope = Rope::new(80, heads.2, 10000.0, dt, &Device::Cpu).unwrap();
+                let x = Var::from_tensor(&rand_tensor(&[b, t, d], 1.0, 1).to_dtype(dt).unwrap()).unwrap();
+                let w = vars(d, heads, dt, 2);
+                let wy = rand_tensor(&[b, t, d], 1.0, 9).to_dtype(dt).unwrap();
+                let run = |fused: bool| {
+                    let f = if fused { attention_sublayer } else { attention_sublayer_composed };
+                    let y = f(x.as_tensor(), &weights(&w), &rope, heads, 1e-6).unwrap();
+                    let grads = (&y * &wy).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gs: Vec<Tensor> = std::iter::once(&x).chain(&w).map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
+                    (y, gs)
+                };
+                let ((yf, gf), (yc, gc)) = (run(true), run(false));
+                assert_close("attention sublayer fwd", &yc, &yf, tol);
+                for (i, (c, f)) in gc.iter().zip(&gf).enumerate() {
+                    assert_close(&format!("attention sublayer grad {i} {heads:?} {dt:?}"), c, f, tol);
+                }
+            }
+        }
+    }
+
+    /// Finite differences in f64 w.r.t. x and every weight.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let heads = (2, 1, 4);
+        let rope = Rope::new(6, 4, 10000.0, DType::F64, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&rand_tensor(&[2, 5, 6], 1.0, 4)).unwrap();
+        let w = vars(6, heads, DType::F64, 5);
+        let wy = rand_tensor(&[2, 5, 6], 1.0, 6);
+        let loss = || (attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, 1e-6).unwrap() * &wy).unwrap().sum_all().unwrap();
+        let names = ["x", "g", "wq", "wk", "wv", "wo"];
+        let all: Vec<(String, Var)> = names.iter().map(|s| s.to_string()).zip(std::iter::once(x.clone()).chain(w.iter().cloned())).collect();
+        check_grads("attention_sublayer", &all, &loss, 20);
+    }
+
+    /// Backpropagating the same output twice gives the same gradients; shapes that do not fit
+    /// are errors.
+    #[test]
+    fn backward_twice_and_bad_shapes() {
+        let heads = (2, 1, 4);
+        let rope = Rope::new(9, 4, 10000.0, DType::F64, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&rand_tensor(&[1, 9, 6], 1.0, 7)).unwrap();
+        let w = vars(6, heads, DType::F64, 8);
+        let l = attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, 1e-6).unwrap().sqr().unwrap().sum_all().unwrap();
+        let (g1, g2) = (l.backward().unwrap(), l.backward().unwrap());
+        for v in std::iter::once(&x).chain(&w) {
+            assert_close("twice", g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap(), 0.0);
+        }
+        assert!(attention_sublayer(x.as_tensor(), &weights(&w), &rope, (2, 2, 4), 1e-6).is_err());
+        let long = rand_tensor(&[1, 10, 6], 1.0, 7);
+        assert!(attention_sublayer(&long, &weights(&w), &rope, heads, 1e-6).is_err());
+    }
+}
