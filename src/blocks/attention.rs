@@ -19,7 +19,7 @@
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
 use crate::ops::short_conv::causal_conv_step;
-use crate::ops::attn_sublayer::{attention_sublayer, AttnWeights};
+use crate::ops::attn_sublayer::{attention_sublayer, AttnWeights, Core};
 use crate::ops::linear::linear;
 use crate::ops::short_conv_fused::short_conv;
 use crate::ops::{attn::attn, norm::rms_norm, rope::Rope};
@@ -224,6 +224,17 @@ impl Attention {
 }
 
 impl Attention {
+    /// `x + self(RMSNorm(x; g))` with token mixing `core` as one fused node
+    /// ([`crate::ops::attn_sublayer`]) for plain attention (no QK-norm, no short conv) on CPU in
+    /// f32/f64; `None` otherwise.
+    pub fn sublayer(&self, x: &Tensor, g: &Tensor, eps: f64, core: Core) -> Option<Result<Tensor>> {
+        if self.convs.is_some() || self.q_norm.is_some() || !crate::ops::cpu_fusable(&[x, g, &self.wq, &self.wk, &self.wv, &self.wo]) {
+            return None;
+        }
+        let w = AttnWeights { g, wq: &self.wq, wk: &self.wk, wv: &self.wv, wo: &self.wo };
+        Some(attention_sublayer(x, &w, &self.rope, (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim), core, eps))
+    }
+
     /// The parallel form with another core op in place of [`attn`] (same projections, QK-norm,
     /// RoPE, GQA): for blocks that change only how the heads mix tokens (e.g. MoBA).
     pub fn forward_with(&self, x: &Tensor, core: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -241,11 +252,7 @@ impl Mixer for Attention {
     /// Plain attention (no QK-norm, no short conv) on CPU in f32/f64: one fused node
     /// ([`crate::ops::attn_sublayer`]).
     fn forward_residual(&self, x: &Tensor, g: &Tensor, eps: f64, _ctx: &mut ForwardCtx) -> Option<Result<Tensor>> {
-        if self.convs.is_some() || self.q_norm.is_some() || !crate::ops::cpu_fusable(&[x, g, &self.wq, &self.wk, &self.wv, &self.wo]) {
-            return None;
-        }
-        let w = AttnWeights { g, wq: &self.wq, wk: &self.wk, wv: &self.wv, wo: &self.wo };
-        Some(attention_sublayer(x, &w, &self.rope, (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim), eps))
+        self.sublayer(x, g, eps, Core::Causal)
     }
 
     fn flops_per_token(&self, seq_len: usize) -> f64 {

@@ -12,6 +12,7 @@
 use super::attention::{Attention, AttentionConfig};
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::model::params::ParamBuilder;
+use crate::ops::attn_sublayer::Core;
 use crate::ops::moba::moba;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,11 @@ impl Mixer for Moba {
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
         let (bs, k) = (self.cfg.block_size, self.cfg.top_k);
         self.attn.forward_with(x, &|q, k_, v| moba(q, k_, v, bs, k))
+    }
+
+    /// One fused node on CPU (see [`Attention::sublayer`]).
+    fn forward_residual(&self, x: &Tensor, g: &Tensor, eps: f64, _ctx: &mut ForwardCtx) -> Option<Result<Tensor>> {
+        self.attn.sublayer(x, g, eps, Core::Moba { block_size: self.cfg.block_size, top_k: self.cfg.top_k })
     }
 
     /// Attention's count with the mixing term over the keys a query can see: at most

@@ -18,10 +18,15 @@
 //! attention kernel's backward, the inverse rotation of dq and dk, `dW_* = nᵀ d*` (n recomputed),
 //! `dn = dq W_qᵀ + dk W_kᵀ + dv W_vᵀ`, then the norm's backward plus `dy` for dx.
 //! [`attention_sublayer_composed`] is the reference. CPU, f32/f64.
+//!
+//! The token mixing is a [`Core`]: causal softmax attention, or MoBA's block-sparse attention
+//! (Lu et al. 2025, arXiv:2502.13189; the kernel of [`super::moba_fused`]), which share every
+//! other step.
 
 use super::attn_fused::{backward as attn_backward, contiguous, cpu_slice, forward as attn_forward, Dims, Elem};
 use super::cpu::Stash;
 use super::gemm::{mm_par, Mat};
+use super::moba_fused::{backward_raw as moba_backward, forward_raw as moba_forward};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
 use super::rope::Rope;
 use candle_core::backend::BackendStorage;
@@ -37,14 +42,28 @@ pub struct AttnWeights<'a> {
     pub wo: &'a Tensor,
 }
 
+/// How the heads mix tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Core {
+    /// Causal softmax attention ([`super::attn::attn`]).
+    Causal,
+    /// MoBA ([`super::moba::moba`]) with its key block size and selected blocks per query.
+    Moba { block_size: usize, top_k: usize },
+}
+
 /// `x + attention(RMSNorm(x))` for x `[B, T, d]` with `hq` query and `hkv` kv heads of `hd`
-/// dims, RoPE from `rope` (positions 0..T). One fused node on CPU for f32/f64; the composed
-/// form elsewhere.
-pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usize, usize, usize), eps: f64) -> Result<Tensor> {
+/// dims, RoPE from `rope` (positions 0..T), token mixing by `core`. One fused node on CPU for
+/// f32/f64; the composed form elsewhere.
+pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usize, usize, usize), core: Core, eps: f64) -> Result<Tensor> {
     let (hq, hkv, hd) = heads;
     let (b, t, d) = x.dims3()?;
     let (qd, kd) = (hq * hd, hkv * hd);
     let fits = w.g.dims() == [d] && w.wq.dims() == [d, qd] && w.wk.dims() == [d, kd] && w.wv.dims() == [d, kd] && w.wo.dims() == [qd, d];
+    if let Core::Moba { block_size, top_k } = core {
+        if block_size == 0 || top_k == 0 {
+            bail!("attention_sublayer: MoBA block_size and top_k must be >= 1; got {block_size}, {top_k}");
+        }
+    }
     if !fits || hkv == 0 || hq % hkv != 0 {
         bail!(
             "attention_sublayer: x {:?}, g {:?}, wq {:?}, wk {:?}, wv {:?}, wo {:?} do not fit {hq} query / {hkv} kv heads of {hd}",
@@ -57,22 +76,26 @@ pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usiz
         );
     }
     if !super::cpu_fusable(&[x, w.g, w.wq, w.wk, w.wv, w.wo]) {
-        return attention_sublayer_composed(x, w, rope, heads, eps);
+        return attention_sublayer_composed(x, w, rope, heads, core, eps);
     }
     let p = Tensor::cat(&[w.g.flatten_all()?, w.wq.flatten_all()?, w.wk.flatten_all()?, w.wv.flatten_all()?, w.wo.flatten_all()?], 0)?;
-    let op = AttnSublayer { b, t, d, hq, hkv, hd, eps, rope: rope.clone(), saved: Stash::default() };
+    let op = AttnSublayer { b, t, d, hq, hkv, hd, eps, core, rope: rope.clone(), saved: Stash::default() };
     x.contiguous()?.apply_op2(&p, op)
 }
 
 /// Reference form from the composed ops (norm, matmuls, RoPE, causal attention).
-pub fn attention_sublayer_composed(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usize, usize, usize), eps: f64) -> Result<Tensor> {
+pub fn attention_sublayer_composed(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usize, usize, usize), core: Core, eps: f64) -> Result<Tensor> {
     let (hq, hkv, hd) = heads;
     let (b, t, d) = x.dims3()?;
     let n = super::norm::rms_norm_composed(x, w.g, eps)?.reshape((b * t, d))?;
     let q = rope.apply_composed(&n.matmul(w.wq)?.reshape((b, t, hq, hd))?)?;
     let k = rope.apply_composed(&n.matmul(w.wk)?.reshape((b, t, hkv, hd))?)?;
     let v = n.matmul(w.wv)?.reshape((b, t, hkv, hd))?;
-    let o = super::attn::attn_composed(&q, &k, &v)?.reshape((b * t, hq * hd))?;
+    let o = match core {
+        Core::Causal => super::attn::attn_composed(&q, &k, &v)?,
+        Core::Moba { block_size, top_k } => super::moba::moba_composed(&q, &k, &v, block_size, top_k)?,
+    };
+    let o = o.reshape((b * t, hq * hd))?;
     x + o.matmul(w.wo)?.reshape((b, t, d))?
 }
 
@@ -84,6 +107,7 @@ struct AttnSublayer {
     hkv: usize,
     hd: usize,
     eps: f64,
+    core: Core,
     rope: Rope,
     /// `[q ‖ k ‖ v ‖ o ‖ L]`: rotated q, k, v, the attention output and its log-sum-exp.
     saved: Stash,
@@ -96,8 +120,25 @@ impl AttnSublayer {
         [0, d, d + d * qd, d + d * (qd + kd), d + d * (qd + 2 * kd), d + 2 * d * (qd + kd)]
     }
 
-    fn dims(&self) -> Dims {
-        Dims::plain(self.b, self.t, self.hq, self.hkv, self.hd)
+    fn sizes(&self) -> (usize, usize, usize, usize, usize) {
+        (self.b, self.t, self.hq, self.hkv, self.hd)
+    }
+
+    /// The core's forward: `[o ‖ L]`.
+    fn mix<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        match self.core {
+            Core::Causal => attn_forward(Dims::plain(self.b, self.t, self.hq, self.hkv, self.hd), q, k, v),
+            Core::Moba { block_size, top_k } => moba_forward(self.sizes(), block_size, top_k, q, k, v),
+        }
+    }
+
+    /// The core's backward: (dq, dk, dv).
+    #[allow(clippy::type_complexity)]
+    fn mix_back<T: Elem>(&self, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        match self.core {
+            Core::Causal => attn_backward(Dims::plain(self.b, self.t, self.hq, self.hkv, self.hd), q, k, v, o, lse, d_o),
+            Core::Moba { block_size, top_k } => moba_backward(self.sizes(), block_size, top_k, q, k, v, o, lse, d_o),
+        }
     }
 
     fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
@@ -115,7 +156,7 @@ impl AttnSublayer {
         let k = self.rope.rotate_cpu(&proj(&p[o[2]..o[3]], kd), t, self.hkv, self.hd, false)?;
         let v = proj(&p[o[3]..o[4]], kd);
         drop(n);
-        let ol = attn_forward(self.dims(), &q, &k, &v);
+        let ol = self.mix(&q, &k, &v);
         let mut y = x.to_vec();
         mm_par(rows, d, qd, &mut y, d, true, Mat::rows(&ol[..rows * qd], qd, 0), Mat::rows(&p[o[4]..o[5]], d, 0), T::one());
         let mut saved = Vec::with_capacity(q.len() + k.len() + v.len() + ol.len());
@@ -139,7 +180,7 @@ impl AttnSublayer {
         mm_par(qd, d, rows, &mut dp[o[4]..o[5]], d, false, Mat::rows_t(out, qd, 0), Mat::rows(dy, d, 0), T::one());
         let mut d_o = vec![T::zero(); rows * qd];
         mm_par(rows, qd, d, &mut d_o, qd, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[4]..o[5]], d, 0), T::one());
-        let (dq, dk, dv) = attn_backward(self.dims(), q, k, v, out, lse, &d_o);
+        let (dq, dk, dv) = self.mix_back(q, k, v, out, lse, &d_o);
         drop(d_o);
         let dq = self.rope.rotate_cpu(&dq, t, self.hq, self.hd, true)?;
         let dk = self.rope.rotate_cpu(&dk, t, self.hkv, self.hd, true)?;
@@ -227,8 +268,9 @@ mod tests {
     /// length that is not a multiple of the kernel's block.
     #[test]
     fn fused_matches_composed() {
+        let moba = Core::Moba { block_size: 16, top_k: 2 };
         for (dt, tol) in [(DType::F64, 1e-11), (DType::F32, 5e-5)] {
-            for heads in [(4, 2, 6), (2, 2, 4)] {
+            for (heads, core) in [((4, 2, 6), Core::Causal), ((2, 2, 4), Core::Causal), ((4, 2, 6), moba), ((2, 2, 4), moba)] {
                 let (b, t, d) = (2, 70, 10);
                 let rope = Rope::new(80, heads.2, 10000.0, dt, &Device::Cpu).unwrap();
                 let x = Var::from_tensor(&rand_tensor(&[b, t, d], 1.0, 1).to_dtype(dt).unwrap()).unwrap();
@@ -236,7 +278,7 @@ mod tests {
                 let wy = rand_tensor(&[b, t, d], 1.0, 9).to_dtype(dt).unwrap();
                 let run = |fused: bool| {
                     let f = if fused { attention_sublayer } else { attention_sublayer_composed };
-                    let y = f(x.as_tensor(), &weights(&w), &rope, heads, 1e-6).unwrap();
+                    let y = f(x.as_tensor(), &weights(&w), &rope, heads, core, 1e-6).unwrap();
                     let grads = (&y * &wy).unwrap().sum_all().unwrap().backward().unwrap();
                     let gs: Vec<Tensor> = std::iter::once(&x).chain(&w).map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
                     (y, gs)
@@ -244,7 +286,7 @@ mod tests {
                 let ((yf, gf), (yc, gc)) = (run(true), run(false));
                 assert_close("attention sublayer fwd", &yc, &yf, tol);
                 for (i, (c, f)) in gc.iter().zip(&gf).enumerate() {
-                    assert_close(&format!("attention sublayer grad {i} {heads:?} {dt:?}"), c, f, tol);
+                    assert_close(&format!("attention sublayer grad {i} {heads:?} {core:?} {dt:?}"), c, f, tol);
                 }
             }
         }
@@ -258,10 +300,12 @@ mod tests {
         let x = Var::from_tensor(&rand_tensor(&[2, 5, 6], 1.0, 4)).unwrap();
         let w = vars(6, heads, DType::F64, 5);
         let wy = rand_tensor(&[2, 5, 6], 1.0, 6);
-        let loss = || (attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, 1e-6).unwrap() * &wy).unwrap().sum_all().unwrap();
         let names = ["x", "g", "wq", "wk", "wv", "wo"];
         let all: Vec<(String, Var)> = names.iter().map(|s| s.to_string()).zip(std::iter::once(x.clone()).chain(w.iter().cloned())).collect();
-        check_grads("attention_sublayer", &all, &loss, 20);
+        for core in [Core::Causal, Core::Moba { block_size: 2, top_k: 1 }] {
+            let loss = || (attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, core, 1e-6).unwrap() * &wy).unwrap().sum_all().unwrap();
+            check_grads(&format!("attention_sublayer {core:?}"), &all, &loss, 20);
+        }
     }
 
     /// Backpropagating the same output twice gives the same gradients; shapes that do not fit
@@ -272,13 +316,14 @@ mod tests {
         let rope = Rope::new(9, 4, 10000.0, DType::F64, &Device::Cpu).unwrap();
         let x = Var::from_tensor(&rand_tensor(&[1, 9, 6], 1.0, 7)).unwrap();
         let w = vars(6, heads, DType::F64, 8);
-        let l = attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, 1e-6).unwrap().sqr().unwrap().sum_all().unwrap();
+        let l = attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, Core::Causal, 1e-6).unwrap().sqr().unwrap().sum_all().unwrap();
         let (g1, g2) = (l.backward().unwrap(), l.backward().unwrap());
         for v in std::iter::once(&x).chain(&w) {
             assert_close("twice", g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap(), 0.0);
         }
-        assert!(attention_sublayer(x.as_tensor(), &weights(&w), &rope, (2, 2, 4), 1e-6).is_err());
+        assert!(attention_sublayer(x.as_tensor(), &weights(&w), &rope, (2, 2, 4), Core::Causal, 1e-6).is_err());
         let long = rand_tensor(&[1, 10, 6], 1.0, 7);
-        assert!(attention_sublayer(&long, &weights(&w), &rope, heads, 1e-6).is_err());
+        assert!(attention_sublayer(&long, &weights(&w), &rope, heads, Core::Causal, 1e-6).is_err());
+        assert!(attention_sublayer(x.as_tensor(), &weights(&w), &rope, heads, Core::Moba { block_size: 0, top_k: 1 }, 1e-6).is_err());
     }
 }

@@ -40,6 +40,19 @@ pub fn moba_fused(q: &Tensor, k: &Tensor, v: &Tensor, block_size: usize, top_k: 
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, FusedMoba { bs: block_size, top_k, lse: Stash::default() })
 }
 
+/// The MoBA kernel's forward over contiguous q `[b,t,hq,d]`, k/v `[b,t,hkv,d]`: `[o ‖ L]` (o as
+/// q, then the per-row log-sum-exp `[b,hq,t]`), for fused ops that run it inside their own.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_raw<T: Elem>((b, t, hq, hkv, d): (usize, usize, usize, usize, usize), bs: usize, top_k: usize, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    FusedMoba { bs, top_k, lse: Stash::default() }.forward(Dims { b, t, hq, hkv, d }, q, k, v)
+}
+
+/// The MoBA kernel's backward: (dq, dk, dv) from q, k, v, the forward's o and L, and dO.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_raw<T: Elem>((b, t, hq, hkv, d): (usize, usize, usize, usize, usize), bs: usize, top_k: usize, q: &[T], k: &[T], v: &[T], o: &[T], lse: &[T], d_o: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    FusedMoba { bs, top_k, lse: Stash::default() }.backward(Dims { b, t, hq, hkv, d }, q, k, v, o, lse, d_o)
+}
+
 struct FusedMoba {
     bs: usize,
     top_k: usize,
