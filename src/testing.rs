@@ -77,3 +77,38 @@ pub fn check_block_grads(block: &dyn Mixer, store: &ParamStore, x_shape: &[usize
     let loss = || (block.forward(x.as_tensor(), &mut ForwardCtx::default()).unwrap() * &w).unwrap().sum_all().unwrap();
     check_grads("block", &vars, &loss, 12);
 }
+
+/// Checks a block's fused pre-norm sublayer ([`Mixer::forward_residual`], which must take these
+/// inputs) against the composed `x + block(RMSNorm(x; g))` (norm from candle primitives): the
+/// outputs and the gradients of x, g and every parameter agree to `tol` (relative, in the
+/// parameters' dtype, with the loss `sum(y · w)` for a fixed random `w`); in f64 it also checks
+/// the fused form's gradients by finite differences.
+pub fn check_sublayer(block: &dyn Mixer, store: &ParamStore, x_shape: &[usize], tol: f64) {
+    let dt = store.params.values().next().expect("a parameter").var.dtype();
+    let d = *x_shape.last().unwrap();
+    let x = Var::from_tensor(&rand_tensor(x_shape, 1.0, 11).to_dtype(dt).unwrap()).unwrap();
+    let g = Var::from_tensor(&(rand_tensor(&[d], 0.3, 13) + 1.0).unwrap().to_dtype(dt).unwrap()).unwrap();
+    let w = rand_tensor(x_shape, 1.0, 12).to_dtype(dt).unwrap();
+    let eps = 1e-6;
+    let fused = || block.forward_residual(x.as_tensor(), g.as_tensor(), eps, &mut ForwardCtx::default()).expect("the block has a fused sublayer for these inputs").unwrap();
+    let composed = || {
+        let n = crate::ops::norm::rms_norm_composed(x.as_tensor(), g.as_tensor(), eps).unwrap();
+        (x.as_tensor() + block.forward(&n, &mut ForwardCtx::default()).unwrap()).unwrap()
+    };
+    let mut vars: Vec<(String, Var)> = store.params.iter().map(|(k, p)| (k.clone(), p.var.clone())).collect();
+    vars.push(("input".into(), x.clone()));
+    vars.push(("norm gain".into(), g.clone()));
+    let (yf, yc) = (fused(), composed());
+    assert_close("sublayer forward", &yc, &yf, tol);
+    let gf = (&yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (&yc * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in &vars {
+        let (a, b) = (gc.get(v.as_tensor()), gf.get(v.as_tensor()));
+        let (a, b) = (a.unwrap_or_else(|| panic!("composed: no gradient for {name}")), b.unwrap_or_else(|| panic!("fused: no gradient for {name}")));
+        assert_close(&format!("sublayer d/d {name}"), a, b, tol);
+    }
+    if dt == DType::F64 {
+        let loss = || (fused() * &w).unwrap().sum_all().unwrap();
+        check_grads("fused sublayer", &vars, &loss, 12);
+    }
+}

@@ -267,7 +267,7 @@ impl Mixer for Attention {
 mod tests {
     use super::*;
     use crate::model::params::ParamStore;
-    use crate::testing::{assert_close, check_block_grads, rand_tensor};
+    use crate::testing::{assert_close, check_block_grads, check_sublayer, rand_tensor};
     use candle_core::{DType, Device};
 
     fn build(cfg: &AttentionConfig, d: usize, t: usize, store: &mut ParamStore) -> Attention {
@@ -289,6 +289,25 @@ mod tests {
             let steps: Vec<Tensor> = (0..13).map(|i| a.step(&x.narrow(1, i, 1).unwrap().squeeze(1).unwrap(), &mut cache).unwrap()).collect();
             let seq = Tensor::stack(&steps, 1).unwrap();
             assert_close("attention parallel vs step", &par, &seq, 1e-12);
+        }
+    }
+
+    /// The fused sublayer (norm, projections, RoPE, attention, residual in one node) == the
+    /// composed block with its pre-norm and residual, with GQA, f64 (plus finite differences) and
+    /// f32; QK-norm and the short conv keep the composed path.
+    #[test]
+    fn fused_sublayer_matches_composed() {
+        let cfg = AttentionConfig { num_heads: 4, num_kv_heads: Some(2), ..Default::default() };
+        let dims = BlockDims { d_model: 16, max_seq_len: 70, n_layers: 2, layer_idx: 0, init_std: 0.3, out_std: 0.3 };
+        for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let mut store = ParamStore::default();
+            let a = Attention::new(&cfg, &dims, &mut ParamBuilder::new(&mut store, 7, dt, &Device::Cpu)).unwrap();
+            check_sublayer(&a, &store, &[2, 70, 16], tol);
+        }
+        for c in [AttentionConfig { qk_norm: true, ..cfg.clone() }, AttentionConfig { short_conv: 2, ..cfg }] {
+            let a = build(&c, 16, 5, &mut ParamStore::default());
+            let x = rand_tensor(&[1, 5, 16], 1.0, 1);
+            assert!(a.forward_residual(&x, &Tensor::ones(16, DType::F64, &Device::Cpu).unwrap(), 1e-6, &mut ForwardCtx::default()).is_none());
         }
     }
 

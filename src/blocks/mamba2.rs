@@ -40,6 +40,7 @@ use crate::ops::norm::rms_norm;
 use crate::ops::short_conv_fused::short_conv;
 use crate::ops::swiglu::swiglu;
 use crate::ops::ssd::ssd_step;
+use crate::ops::mamba2_sublayer::{mamba2_sublayer, Mamba2Dims, Mamba2Weights};
 use crate::ops::ssd_fused::ssd_train;
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -354,6 +355,31 @@ impl Mixer for Mamba2 {
         let (y, _state) = ssd_train(&xh, &dt, &self.a(x.dtype())?, &bm, &cm, None, self.cfg.chunk_size, self.cfg.fused_kernel)?;
         let y = self.skip(&y, &xh)?.reshape((b * t, di))?;
         self.out(&y, &z)?.reshape((b, t, self.d_model))
+    }
+
+    /// One fused node ([`crate::ops::mamba2_sublayer`]) on CPU in f32/f64 for the mamba_ssm
+    /// default form: fused scan kernel, conv bias, gated RMSNorm after the gate, one group, no
+    /// dt clamp.
+    fn forward_residual(&self, x: &Tensor, g: &Tensor, eps: f64, _ctx: &mut ForwardCtx) -> Option<Result<Tensor>> {
+        let c = &self.cfg;
+        let (di, h, p, groups, n) = self.dims;
+        let (Some(conv_b), Some(norm_w)) = (&self.conv_b, &self.norm_w) else { return None };
+        if !c.fused_kernel || c.norm_before_gate || c.dt_limit.is_some() || groups != 1 || !crate::ops::cpu_fusable(&[x, g, &self.in_proj]) {
+            return None;
+        }
+        let w = Mamba2Weights {
+            g,
+            in_proj: &self.in_proj,
+            conv_w: &self.conv_w,
+            conv_b,
+            dt_bias: &self.dt_bias,
+            a_log: &self.a_log,
+            d_skip: &self.d_skip,
+            norm_w,
+            out_proj: &self.out_proj,
+        };
+        let dims = Mamba2Dims { d_model: self.d_model, d_inner: di, heads: h, headdim: p, groups, d_state: n, d_conv: c.d_conv, d_has_hdim: c.d_has_hdim };
+        Some(mamba2_sublayer(x, &w, dims, eps, c.norm_eps))
     }
 
     /// 2·(in_proj + out_proj weights) + 2·d_conv·conv_dim for the conv + the chunked core:

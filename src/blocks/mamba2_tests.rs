@@ -1,6 +1,6 @@
 use super::*;
 use crate::model::params::ParamStore;
-use crate::testing::{assert_close, check_block_grads, rand_tensor, to_vec};
+use crate::testing::{assert_close, check_block_grads, check_sublayer, rand_tensor, to_vec};
 use candle_core::{Device, Var};
 
 fn build(cfg: &Mamba2Config, d: usize, store: &mut ParamStore, dtype: DType) -> Mamba2 {
@@ -128,4 +128,26 @@ fn bf16_layer_tracks_f32() {
     let mut st = Mamba2State::default();
     l16.step(&x16.as_tensor().narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), &mut st).unwrap();
     assert_eq!(st.ssm.as_ref().unwrap().dtype(), DType::F32);
+}
+
+/// The fused sublayer ([`crate::ops::mamba2_sublayer`]) == the composed block with its pre-norm
+/// and residual, forward and every gradient, in f64 (plus finite differences) and f32, with D
+/// per head and per channel; T = 37 spans several checkpoint segments of the scan.
+#[test]
+fn fused_sublayer_matches_composed() {
+    let base = Mamba2Config { a_init_range: [1.0, 4.0], dt_min: 0.05, dt_max: 0.5, ..cfg(8) };
+    for c in [base.clone(), Mamba2Config { d_has_hdim: true, d_state: 5, ..base.clone() }] {
+        for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let mut store = ParamStore::default();
+            let l = build(&c, 6, &mut store, dt);
+            check_sublayer(&l, &store, &[2, 37, 6], tol);
+        }
+    }
+    // Other forms keep the composed path.
+    for c in [Mamba2Config { norm_before_gate: true, ..base.clone() }, Mamba2Config { ngroups: 2, headdim: 2, ..base.clone() }, Mamba2Config { fused_kernel: false, ..base }] {
+        let mut store = ParamStore::default();
+        let l = build(&c, 6, &mut store, DType::F64);
+        let x = rand_tensor(&[1, 5, 6], 1.0, 1);
+        assert!(l.forward_residual(&x, &Tensor::ones(6, DType::F64, &Device::Cpu).unwrap(), 1e-6, &mut ForwardCtx::default()).is_none());
+    }
 }

@@ -127,7 +127,7 @@ impl Mixer for Moba {
 mod tests {
     use super::*;
     use crate::model::params::ParamStore;
-    use crate::testing::{assert_close, check_block_grads, rand_tensor};
+    use crate::testing::{assert_close, check_block_grads, check_sublayer, rand_tensor};
     use candle_core::{DType, Device};
 
     fn dims(d: usize, t: usize) -> BlockDims {
@@ -158,6 +158,22 @@ mod tests {
         let mut store = ParamStore::default();
         let m = Moba::new(&cfg, &dims(8, 11), &mut ParamBuilder::new(&mut store, 7, DType::F64, &Device::Cpu)).unwrap();
         check_block_grads(&m, &store, &[2, 11, 8]);
+    }
+
+    /// The fused sublayer (norm, projections, RoPE, MoBA kernel, residual in one node) == the
+    /// composed block with its pre-norm and residual, f64 (plus finite differences) and f32;
+    /// QK-norm keeps the composed path.
+    #[test]
+    fn fused_sublayer_matches_composed() {
+        let cfg = MobaConfig { num_heads: 4, num_kv_heads: Some(2), block_size: 8, top_k: 2, ..Default::default() };
+        for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let mut store = ParamStore::default();
+            let m = Moba::new(&cfg, &dims(16, 37), &mut ParamBuilder::new(&mut store, 7, dt, &Device::Cpu)).unwrap();
+            check_sublayer(&m, &store, &[2, 37, 16], tol);
+        }
+        let qk = Moba::new(&MobaConfig { qk_norm: true, ..cfg }, &dims(16, 5), &mut ParamBuilder::new(&mut ParamStore::default(), 7, DType::F64, &Device::Cpu)).unwrap();
+        let x = rand_tensor(&[1, 5, 16], 1.0, 1);
+        assert!(qk.forward_residual(&x, &Tensor::ones(16, DType::F64, &Device::Cpu).unwrap(), 1e-6, &mut ForwardCtx::default()).is_none());
     }
 
     /// The mixing FLOPs shrink to top_k·block_size keys per query once T exceeds it.

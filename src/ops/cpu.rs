@@ -42,7 +42,7 @@ pub fn set_threading_defaults() {
 /// layer, all zeros. The stash lives as long as the op's graph node (like the output did) and
 /// is only read, so backpropagating the same output several times stays correct.
 #[derive(Default)]
-pub struct Stash(std::sync::Mutex<Option<CpuStorage>>);
+pub struct Stash(std::sync::Mutex<Vec<CpuStorage>>);
 
 impl Stash {
     /// Keeps `out[keep..]` in the stash and returns `out[..keep]` as storage.
@@ -54,16 +54,30 @@ impl Stash {
 
     /// Keeps `values` in the stash (replacing what it held).
     pub fn put<T: WithDType>(&self, values: Vec<T>) {
+        self.put_parts(vec![values]);
+    }
+
+    /// Keeps several buffers (replacing what it held), without copying them into one.
+    pub fn put_parts<T: WithDType>(&self, parts: Vec<Vec<T>>) {
         if let Ok(mut g) = self.0.lock() {
-            *g = Some(T::to_cpu_storage_owned(values));
+            *g = parts.into_iter().map(T::to_cpu_storage_owned).collect();
         }
     }
 
-    /// Runs `f` on the stashed values (errors when the forward has not run or the dtype differs).
+    /// Runs `f` on the stashed values (the first buffer; errors when the forward has not run or
+    /// the dtype differs).
     pub fn with<T: WithDType, R>(&self, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+        self.with_parts(|p: &[&[T]]| f(p[0]))
+    }
+
+    /// Runs `f` on every stashed buffer, in the order they were put.
+    pub fn with_parts<T: WithDType, R>(&self, f: impl FnOnce(&[&[T]]) -> R) -> Result<R> {
         let g = self.0.lock().map_err(|_| candle_core::Error::Msg("stash: poisoned lock".into()))?;
-        let s = g.as_ref().ok_or_else(|| candle_core::Error::Msg("stash: backward before forward".into()))?;
-        Ok(f(T::cpu_storage_as_slice(s)?))
+        if g.is_empty() {
+            candle_core::bail!("stash: backward before forward");
+        }
+        let parts = g.iter().map(|s| T::cpu_storage_as_slice(s)).collect::<Result<Vec<_>>>()?;
+        Ok(f(&parts))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod gdr_fused;
 pub mod grouped_linear;
 pub mod linear;
+pub mod mamba2_sublayer;
 pub mod moba;
 pub mod moba_fused;
 pub mod norm;

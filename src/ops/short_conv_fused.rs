@@ -68,10 +68,17 @@ struct ShortConv {
 
 /// Shapes: rows `B·T`, sequence length `T`, channels `C`, taps `cs`.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     t: usize,
     c: usize,
     cs: usize,
+}
+
+impl Dims {
+    /// Sequence length t, c channels, cs taps.
+    pub(super) fn of(t: usize, c: usize, cs: usize) -> Self {
+        Self { t, c, cs }
+    }
 }
 
 /// `w [C, cs]` → `[cs, C]`, so the per-tap loops run over contiguous channels.
@@ -106,7 +113,8 @@ fn sigmoid<T: Elem>(p: T) -> T {
     T::one() / (T::one() + (T::zero() - p).exp())
 }
 
-fn fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims, silu: bool) -> Vec<T> {
+/// The forward over contiguous rows x `[B·T, C]`, w `[C, cs]`, bias `[C]`.
+pub(super) fn fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims, silu: bool) -> Vec<T> {
     let wt = taps(w, d);
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ROW_CHUNK * d.c).enumerate().for_each(|(k, yc)| {
@@ -123,7 +131,7 @@ fn fwd<T: Elem>(x: &[T], w: &[T], bias: &[T], d: Dims, silu: bool) -> Vec<T> {
 }
 
 /// Returns `[dx ++ dw ++ db]` (dw in the `[C, cs]` layout of w).
-fn bwd<T: Elem>(x: &[T], w: &[T], bias: &[T], dy: &[T], d: Dims, silu: bool) -> Vec<T> {
+pub(super) fn bwd<T: Elem>(x: &[T], w: &[T], bias: &[T], dy: &[T], d: Dims, silu: bool) -> Vec<T> {
     let wt = taps(w, d);
     // dp: the gradient at the pre-activation, one row per (b, t).
     let mut dp = dy.to_vec();

@@ -107,7 +107,7 @@ impl ScanKernel for Ssd {
 }
 
 #[derive(Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     b: usize,
     t: usize,
     h: usize,
@@ -117,6 +117,10 @@ struct Dims {
 }
 
 impl Dims {
+    /// Batch b, length t, h heads of p channels, g groups of B/C with state size n.
+    pub(super) fn of(b: usize, t: usize, h: usize, p: usize, g: usize, n: usize) -> Self {
+        Self { b, t, h, p, g, n }
+    }
     fn new(in1: &Shape, in2: &Shape) -> Result<Self> {
         let (b, t, h, p1) = in1.dims4()?;
         let (_, _, g, n2) = in2.dims4()?;
@@ -162,7 +166,8 @@ fn tok<'a, T: Elem>(d: Dims, in1: &'a [T], in2: &'a [T], bb: usize, i: usize, hh
     Tok { x: &xr[..d.p], dt: xr[d.p], b: &bc[..d.n], c: &bc[d.n..] }
 }
 
-fn forward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T]) -> Vec<T> {
+/// `[y ‖ final state ‖ checkpoints]` from the packed inputs (see the module doc).
+pub(super) fn forward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T]) -> Vec<T> {
     let (pn, nseg) = (d.pn(), d.nseg());
     let (s0, a) = in3.split_at(d.n_s());
     let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h)
@@ -211,7 +216,8 @@ fn forward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], s0: &[T], a_h: T, bh: us
 /// Per head: d[x|dt] `[T,P+1]`, d[B|C] `[T,2N]`, ds0 `[P,N]`, dA.
 type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>, T);
 
-fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// Gradients of the three packed inputs from the checkpoints and the gradient of `[y ‖ final state]`.
+pub(super) fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (pn, nseg, n_y, n_s) = (d.pn(), d.nseg(), d.n_y(), d.n_s());
     let a = &in3[n_s..];
     let (dy, d_sf) = grad.split_at(n_y);

@@ -1,0 +1,384 @@
+//! The pre-norm Mamba-2 sublayer with its residual as one autograd node (Dao & Gu 2024,
+//! arXiv:2405.21060; mamba_ssm `Mamba2.forward` with `rmsnorm=True`, `norm_before_gate=False`,
+//! `ngroups = 1` (one group of B/C and of the gated norm); `../shared/reference/mixers.md` §Mamba2):
+//! ```text
+//! n = RMSNorm(x; g)            [z | xBC | dt_raw] = n W_in
+//! xBC ← silu(conv(xBC) + b)    (causal depthwise, [`super::short_conv_fused`])
+//! dt = softplus(dt_raw + dt_bias) ;  A = −exp(A_log)
+//! y = SSD(x, dt, A, B, C) + D ⊙ x            ([`super::ssd_fused`], zero initial state)
+//! y ← RMSNorm(silu(z) ⊙ y; w_norm) ;  out = x + y W_out
+//! ```
+//! Why one node: composed from the fused ops, a Mamba2 layer's mixer was ~70 autograd nodes
+//! (the in-projection column blocks, the packing of the scan's inputs, the narrow of its output,
+//! the skip, the gate, the norm), and candle 0.11's backward zero-fills and adds a gradient for
+//! every input of every node (`examples/graph_nodes.rs`: 93.5 M such values per step at the
+//! bench size). As one node it is x plus the packed parameters
+//! `p = [g ‖ W_in ‖ conv_w ‖ conv_b ‖ dt_bias ‖ A_log ‖ D ‖ w_norm ‖ W_out]`.
+//!
+//! The forward keeps the projection, the conv output and the scan's output and checkpoints
+//! ([`Stash`]); the backward runs every step's hand-written backward in reverse (the scan's and
+//! the conv's are those of their own fused ops). [`crate::blocks::mamba2::Mamba2`] composes the
+//! same computation from candle ops; its tests compare the two, forward and gradients.
+
+use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::cpu::{Stash, ROW_CHUNK};
+use super::gemm::{mm_par, Mat};
+use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
+use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
+use super::ssd_fused::{backward as ssd_backward, forward as ssd_forward, Dims as SsdDims};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Sizes of one Mamba2 sublayer.
+#[derive(Clone, Copy, Debug)]
+pub struct Mamba2Dims {
+    pub d_model: usize,
+    pub d_inner: usize,
+    pub heads: usize,
+    pub headdim: usize,
+    pub groups: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+    /// D is `[H·P]` (true) or `[H]`.
+    pub d_has_hdim: bool,
+}
+
+impl Mamba2Dims {
+    fn conv_dim(&self) -> usize {
+        self.d_inner + 2 * self.groups * self.d_state
+    }
+    fn proj_dim(&self) -> usize {
+        self.d_inner + self.conv_dim() + self.heads
+    }
+    fn skip_len(&self) -> usize {
+        if self.d_has_hdim {
+            self.d_inner
+        } else {
+            self.heads
+        }
+    }
+    /// Offsets of g, W_in, conv_w, conv_b, dt_bias, A_log, D, w_norm, W_out in the packed
+    /// parameters, and their total length.
+    fn offsets(&self) -> [usize; 10] {
+        let lens = [
+            self.d_model,
+            self.d_model * self.proj_dim(),
+            self.conv_dim() * self.d_conv,
+            self.conv_dim(),
+            self.heads,
+            self.heads,
+            self.skip_len(),
+            self.d_inner,
+            self.d_inner * self.d_model,
+        ];
+        let mut o = [0; 10];
+        for (i, l) in lens.iter().enumerate() {
+            o[i + 1] = o[i] + l;
+        }
+        o
+    }
+}
+
+/// The parameters, in the order of the packing (shapes as the Mamba2 block's).
+pub struct Mamba2Weights<'a> {
+    pub g: &'a Tensor,
+    pub in_proj: &'a Tensor,
+    pub conv_w: &'a Tensor,
+    pub conv_b: &'a Tensor,
+    pub dt_bias: &'a Tensor,
+    pub a_log: &'a Tensor,
+    pub d_skip: &'a Tensor,
+    pub norm_w: &'a Tensor,
+    pub out_proj: &'a Tensor,
+}
+
+/// `x + Mamba2(RMSNorm(x; g))` for x `[B, T, d]` as one fused node: CPU, f32/f64 (all inputs the
+/// same dtype); `eps` is the pre-norm's, `norm_eps` the gated norm's.
+pub fn mamba2_sublayer(x: &Tensor, w: &Mamba2Weights, dims: Mamba2Dims, eps: f64, norm_eps: f64) -> Result<Tensor> {
+    let all = [x, w.g, w.in_proj, w.conv_w, w.conv_b, w.dt_bias, w.a_log, w.d_skip, w.norm_w, w.out_proj];
+    if !super::cpu_fusable(&all) {
+        bail!("mamba2_sublayer: CPU only, all inputs f32 or all f64");
+    }
+    let (b, t, d) = x.dims3()?;
+    let m = dims;
+    let o = m.offsets();
+    let parts = &all[1..];
+    let fits = d == m.d_model
+        && m.heads * m.headdim == m.d_inner
+        && m.groups == 1
+        && parts.iter().enumerate().all(|(i, p)| p.elem_count() == o[i + 1] - o[i]);
+    if !fits {
+        bail!("mamba2_sublayer: x {:?} and parameters {:?} do not fit {m:?} (one group only)", x.dims(), parts.iter().map(|p| p.dims().to_vec()).collect::<Vec<_>>());
+    }
+    let flat = parts.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?;
+    let p = Tensor::cat(&flat, 0)?;
+    x.contiguous()?.apply_op2(&p, Mamba2Sublayer { b, t, m, eps, norm_eps, saved: Stash::default() })
+}
+
+struct Mamba2Sublayer {
+    b: usize,
+    t: usize,
+    m: Mamba2Dims,
+    eps: f64,
+    norm_eps: f64,
+    /// `[proj, conv out, scan out]` (three buffers): `n W_in` `[R, proj_dim]`, `silu(conv(xBC))` `[R, conv_dim]`,
+    /// and the scan's `[y ‖ final state ‖ checkpoints]`.
+    saved: Stash,
+}
+
+#[inline(always)]
+fn sigmoid<T: Elem>(v: T) -> T {
+    T::one() / (T::one() + (T::zero() - v).exp())
+}
+
+/// `max(v, 0) + ln(1 + exp(−|v|))`, as the block's composed softplus.
+#[inline(always)]
+fn softplus<T: Elem>(v: T) -> T {
+    let abs = if v < T::zero() { T::zero() - v } else { v };
+    let relu = if v > T::zero() { v } else { T::zero() };
+    relu + (T::one() + (T::zero() - abs).exp()).ln()
+}
+
+/// Sums `f(row)` (a vector of `len`) over rows in fixed chunks, adding partials in chunk order.
+fn row_sums<T: Elem>(rows: usize, len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let parts: Vec<Vec<T>> = (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|k| {
+            let mut acc = vec![T::zero(); len];
+            for r in k * ROW_CHUNK..((k + 1) * ROW_CHUNK).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![T::zero(); len];
+    for p in &parts {
+        sum.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
+    }
+    sum
+}
+
+impl Mamba2Sublayer {
+    fn rows(&self) -> usize {
+        self.b * self.t
+    }
+
+    fn ssd_dims(&self) -> SsdDims {
+        SsdDims::of(self.b, self.t, self.m.heads, self.m.headdim, self.m.groups, self.m.d_state)
+    }
+
+    /// The xBC columns of the projection, contiguous `[R, conv_dim]` (the conv's input).
+    fn conv_input<T: Elem>(&self, proj: &[T]) -> Vec<T> {
+        let (w, c, di) = (self.m.proj_dim(), self.m.conv_dim(), self.m.d_inner);
+        let mut raw = vec![T::zero(); self.rows() * c];
+        raw.par_chunks_mut(c).zip(proj.par_chunks(w)).for_each(|(r, p)| r.copy_from_slice(&p[di..di + c]));
+        raw
+    }
+
+    /// The scan's packed inputs `[x | dt]`, `[B | C]`, `[0 | A]` from the conv output and the
+    /// projection's dt columns.
+    fn scan_inputs<T: Elem>(&self, p: &[T], proj: &[T], xbc: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let m = self.m;
+        let (rows, o) = (self.rows(), m.offsets());
+        let (h, hp, gn, c, w) = (m.heads, m.headdim, m.groups * m.d_state, m.conv_dim(), m.proj_dim());
+        let mut in1 = vec![T::zero(); rows * h * (hp + 1)];
+        in1.par_chunks_mut(h * (hp + 1)).enumerate().for_each(|(r, row)| {
+            for hh in 0..h {
+                let dst = &mut row[hh * (hp + 1)..(hh + 1) * (hp + 1)];
+                dst[..hp].copy_from_slice(&xbc[r * c + hh * hp..r * c + (hh + 1) * hp]);
+                dst[hp] = softplus(proj[r * w + m.d_inner + c + hh] + p[o[4] + hh]);
+            }
+        });
+        let mut in2 = vec![T::zero(); rows * 2 * gn];
+        in2.par_chunks_mut(2 * gn).enumerate().for_each(|(r, row)| {
+            let (bm, cm) = (&xbc[r * c + m.d_inner..r * c + m.d_inner + gn], &xbc[r * c + m.d_inner + gn..(r + 1) * c]);
+            for g in 0..m.groups {
+                let n = m.d_state;
+                row[g * 2 * n..g * 2 * n + n].copy_from_slice(&bm[g * n..(g + 1) * n]);
+                row[g * 2 * n + n..(g + 1) * 2 * n].copy_from_slice(&cm[g * n..(g + 1) * n]);
+            }
+        });
+        let n_s = self.b * h * hp * m.d_state;
+        let mut in3 = vec![T::zero(); n_s + h];
+        for hh in 0..h {
+            in3[n_s + hh] = T::zero() - p[o[5] + hh].exp();
+        }
+        (in1, in2, in3)
+    }
+
+    /// `u = silu(z) ⊙ (y + D ⊙ x)` `[R, d_inner]`, with `y + D ⊙ x` when `keep_y2`.
+    fn gate<T: Elem>(&self, p: &[T], proj: &[T], xbc: &[T], y: &[T], keep_y2: bool) -> (Vec<T>, Vec<T>) {
+        let m = self.m;
+        let (o, di, c, w, hp) = (m.offsets(), m.d_inner, m.conv_dim(), m.proj_dim(), m.headdim);
+        let dsk = &p[o[6]..o[7]];
+        let mut u = vec![T::zero(); self.rows() * di];
+        let mut y2 = if keep_y2 { vec![T::zero(); self.rows() * di] } else { Vec::new() };
+        u.par_chunks_mut(di).enumerate().for_each(|(r, ur)| {
+            for i in 0..di {
+                let dv = if m.d_has_hdim { dsk[i] } else { dsk[i / hp] };
+                let yv = y[r * di + i] + dv * xbc[r * c + i];
+                let z = proj[r * w + i];
+                ur[i] = z * sigmoid(z) * yv;
+            }
+        });
+        if keep_y2 {
+            y2.par_chunks_mut(di).enumerate().for_each(|(r, yr)| {
+                for i in 0..di {
+                    let dv = if m.d_has_hdim { dsk[i] } else { dsk[i / hp] };
+                    yr[i] = y[r * di + i] + dv * xbc[r * c + i];
+                }
+            });
+        }
+        (u, y2)
+    }
+
+    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
+        let m = self.m;
+        let (rows, o, d, w, c, di) = (self.rows(), m.offsets(), m.d_model, m.proj_dim(), m.conv_dim(), m.d_inner);
+        let mut n = vec![T::zero(); x.len()];
+        norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
+        let mut proj = vec![T::zero(); rows * w];
+        mm_par(rows, w, d, &mut proj, w, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[1]..o[2]], w, 0), T::one());
+        drop(n);
+        let xbc = conv_fwd(&self.conv_input(&proj), &p[o[2]..o[3]], &p[o[3]..o[4]], ConvDims::of(self.t, c, m.d_conv), true);
+        let (in1, in2, in3) = self.scan_inputs(p, &proj, &xbc);
+        let scan = ssd_forward(self.ssd_dims(), &in1, &in2, &in3);
+        drop((in1, in2, in3));
+        let (u, _) = self.gate(p, &proj, &xbc, &scan[..rows * di], false);
+        let mut un = vec![T::zero(); u.len()];
+        norm_fwd_rows(&u, &p[o[7]..o[8]], di, self.norm_eps, &mut un);
+        let mut y = x.to_vec();
+        mm_par(rows, d, di, &mut y, d, true, Mat::rows(&un, di, 0), Mat::rows(&p[o[8]..o[9]], d, 0), T::one());
+        self.saved.put_parts(vec![proj, xbc, scan]);
+        y
+    }
+
+    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        let m = self.m;
+        let (rows, o, d, w, c, di, h, hp) = (self.rows(), m.offsets(), m.d_model, m.proj_dim(), m.conv_dim(), m.d_inner, m.heads, m.headdim);
+        let (proj, xbc, scan) = (saved[0], saved[1], saved[2]);
+        let sd = self.ssd_dims();
+        let n_y = rows * di;
+        let n_s = self.b * h * hp * m.d_state;
+        let mut dp = vec![T::zero(); o[9]];
+        // Output projection and the gated norm.
+        let (u, y2) = self.gate(p, proj, xbc, &scan[..n_y], true);
+        let mut un = vec![T::zero(); u.len()];
+        norm_fwd_rows(&u, &p[o[7]..o[8]], di, self.norm_eps, &mut un);
+        mm_par(di, d, rows, &mut dp[o[8]..o[9]], d, false, Mat::rows_t(&un, di, 0), Mat::rows(dy, d, 0), T::one());
+        let mut dun = un;
+        mm_par(rows, di, d, &mut dun, di, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[8]..o[9]], d, 0), T::one());
+        let mut du = vec![T::zero(); u.len()];
+        norm_bwd_into(&u, &p[o[7]..o[8]], &dun, di, self.norm_eps, None, &mut du, &mut dp[o[7]..o[8]]);
+        drop((u, dun));
+        // Gate: dz into the projection's gradient, dy2 (the scan output's and the skip's) in du.
+        let mut dproj = vec![T::zero(); rows * w];
+        dproj.par_chunks_mut(w).zip(du.par_chunks_mut(di)).enumerate().for_each(|(r, (dpr, dur))| {
+            for i in 0..di {
+                let z = proj[r * w + i];
+                let s = sigmoid(z);
+                let g = dur[i];
+                dpr[i] = g * y2[r * di + i] * s * (T::one() + z * (T::one() - s));
+                dur[i] = g * z * s;
+            }
+        });
+        let dy2 = du;
+        // D skip.
+        let skip = m.skip_len();
+        let d_skip = row_sums::<T>(rows, skip, |r, acc| {
+            for i in 0..di {
+                acc[if m.d_has_hdim { i } else { i / hp }] += dy2[r * di + i] * xbc[r * c + i];
+            }
+        });
+        dp[o[6]..o[7]].copy_from_slice(&d_skip);
+        // The scan.
+        let (in1, in2, in3) = self.scan_inputs(p, proj, xbc);
+        let mut grad = vec![T::zero(); n_y + n_s];
+        grad[..n_y].copy_from_slice(&dy2);
+        let (g1, g2, g3) = ssd_backward(sd, &in1, &in2, &in3, &scan[n_y + n_s..], &grad);
+        drop((grad, in2));
+        // dxBC (conv output) from the scan's gradients and the skip; ddt → dt_raw.
+        let gn = m.groups * m.d_state;
+        let dsk = &p[o[6]..o[7]];
+        let mut dxbc = vec![T::zero(); rows * c];
+        dxbc.par_chunks_mut(c).zip(dproj.par_chunks_mut(w)).enumerate().for_each(|(r, (dxr, dpr))| {
+            for hh in 0..h {
+                let g = &g1[(r * h + hh) * (hp + 1)..(r * h + hh + 1) * (hp + 1)];
+                for j in 0..hp {
+                    let i = hh * hp + j;
+                    let dv = if m.d_has_hdim { dsk[i] } else { dsk[hh] };
+                    dxr[i] = g[j] + dv * dy2[r * di + i];
+                }
+                let pre = proj[r * w + di + c + hh] + p[o[4] + hh];
+                dpr[di + c + hh] = g[hp] * sigmoid(pre);
+            }
+            for gg in 0..m.groups {
+                let n = m.d_state;
+                let src = &g2[(r * m.groups + gg) * 2 * n..(r * m.groups + gg + 1) * 2 * n];
+                dxr[di + gg * n..di + (gg + 1) * n].copy_from_slice(&src[..n]);
+                dxr[di + gn + gg * n..di + gn + (gg + 1) * n].copy_from_slice(&src[n..]);
+            }
+        });
+        drop((g1, g2, y2));
+        let dtb = row_sums::<T>(rows, h, |r, acc| acc.iter_mut().zip(&dproj[r * w + di + c..(r + 1) * w]).for_each(|(a, &v)| *a += v));
+        dp[o[4]..o[5]].copy_from_slice(&dtb);
+        for hh in 0..h {
+            dp[o[5] + hh] = g3[n_s + hh] * (T::zero() - p[o[5] + hh].exp());
+        }
+        // The conv (its backward returns [d raw ‖ dw ‖ db]).
+        let raw = self.conv_input(proj);
+        let cg = conv_bwd(&raw, &p[o[2]..o[3]], &p[o[3]..o[4]], &dxbc, ConvDims::of(self.t, c, m.d_conv), true);
+        drop((raw, dxbc));
+        dproj.par_chunks_mut(w).zip(cg[..rows * c].par_chunks(c)).for_each(|(dpr, g)| dpr[di..di + c].copy_from_slice(g));
+        dp[o[2]..o[4]].copy_from_slice(&cg[rows * c..]);
+        // In-projection and the pre-norm.
+        let mut n = vec![T::zero(); x.len()];
+        norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
+        mm_par(d, w, rows, &mut dp[o[1]..o[2]], w, false, Mat::rows_t(&n, d, 0), Mat::rows(&dproj, w, 0), T::one());
+        mm_par(rows, d, w, &mut n, d, false, Mat::rows(&dproj, w, 0), Mat::rows_t(&p[o[1]..o[2]], w, 0), T::one());
+        let mut dx = vec![T::zero(); x.len()];
+        norm_bwd_into(x, &p[..d], &n, d, self.eps, Some(dy), &mut dx, &mut dp[..d]);
+        (dx, dp)
+    }
+
+    fn grads<T: Elem>(&self, x: &Tensor, p: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let guards: Vec<_> = [x, p, dy].iter().map(|t| t.storage_and_layout()).collect();
+        let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
+        let (dx, dp) = self.saved.with_parts(|s| self.backward(sl[0], sl[1], s, sl[2]))?;
+        drop(sl);
+        drop(guards);
+        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dp, p.shape(), p.device())?))
+    }
+}
+
+impl CustomOp2 for Mamba2Sublayer {
+    fn name(&self) -> &'static str {
+        "mamba2_sublayer"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != [self.b, self.t, self.m.d_model] || l2.shape().elem_count() != self.m.offsets()[9] {
+            bail!("mamba2_sublayer: x {:?} / packed parameters {:?} do not fit the op", l1.dims(), l2.dims());
+        }
+        let y = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)),
+            _ => bail!("mamba2_sublayer: inputs must both be f32 or both f64; got {:?}, {:?}", s1.dtype(), s2.dtype()),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.device().is_cpu() {
+            bail!("mamba2_sublayer: CPU only, got inputs on {:?}", x.device().location());
+        }
+        let dy = dy.contiguous()?;
+        let (dx, dp) = match x.dtype() {
+            DType::F32 => self.grads::<f32>(x, p, &dy)?,
+            DType::F64 => self.grads::<f64>(x, p, &dy)?,
+            dt => bail!("mamba2_sublayer: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dp)))
+    }
+}
