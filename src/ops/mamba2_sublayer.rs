@@ -24,6 +24,7 @@ use super::attn_fused::{contiguous, cpu_slice, Elem};
 use super::cpu::{Stash, ROW_CHUNK};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
+use super::simd::with_fast_isa;
 use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
 use super::ssd_fused::{backward as ssd_backward, forward as ssd_forward, Dims as SsdDims};
 use candle_core::backend::BackendStorage;
@@ -207,28 +208,37 @@ impl Mamba2Sublayer {
         (in1, in2, in3)
     }
 
-    /// `u = silu(z) ⊙ (y + D ⊙ x)` `[R, d_inner]`, with `y + D ⊙ x` when `keep_y2`.
+    /// D per inner channel `[d_inner]` (D is per head or per channel).
+    fn d_full<T: Elem>(&self, p: &[T]) -> Vec<T> {
+        let (o, m) = (self.m.offsets(), self.m);
+        (0..m.d_inner).map(|i| p[o[6] + if m.d_has_hdim { i } else { i / m.headdim }]).collect()
+    }
+
+    /// `u = silu(z) ⊙ (y + D ⊙ x)` `[R, d_inner]`, and `y + D ⊙ x` when `keep_y2`.
     fn gate<T: Elem>(&self, p: &[T], proj: &[T], xbc: &[T], y: &[T], keep_y2: bool) -> (Vec<T>, Vec<T>) {
         let m = self.m;
-        let (o, di, c, w, hp) = (m.offsets(), m.d_inner, m.conv_dim(), m.proj_dim(), m.headdim);
-        let dsk = &p[o[6]..o[7]];
+        let (di, c, w) = (m.d_inner, m.conv_dim(), m.proj_dim());
+        let dfull = self.d_full(p);
         let mut u = vec![T::zero(); self.rows() * di];
-        let mut y2 = if keep_y2 { vec![T::zero(); self.rows() * di] } else { Vec::new() };
-        u.par_chunks_mut(di).enumerate().for_each(|(r, ur)| {
-            for i in 0..di {
-                let dv = if m.d_has_hdim { dsk[i] } else { dsk[i / hp] };
-                let yv = y[r * di + i] + dv * xbc[r * c + i];
-                let z = proj[r * w + i];
-                ur[i] = z * sigmoid(z) * yv;
-            }
-        });
-        if keep_y2 {
-            y2.par_chunks_mut(di).enumerate().for_each(|(r, yr)| {
+        let mut y2 = vec![T::zero(); if keep_y2 { self.rows() * di } else { 0 }];
+        let work = |r: usize, ur: &mut [T], yr: Option<&mut [T]>| {
+            with_fast_isa(#[inline(always)] || {
+                let (z, x, yv) = (&proj[r * w..r * w + di], &xbc[r * c..r * c + di], &y[r * di..(r + 1) * di]);
                 for i in 0..di {
-                    let dv = if m.d_has_hdim { dsk[i] } else { dsk[i / hp] };
-                    yr[i] = y[r * di + i] + dv * xbc[r * c + i];
+                    let v = yv[i] + dfull[i] * x[i];
+                    ur[i] = z[i] * sigmoid(z[i]) * v;
                 }
-            });
+                if let Some(yr) = yr {
+                    for i in 0..di {
+                        yr[i] = yv[i] + dfull[i] * x[i];
+                    }
+                }
+            })
+        };
+        if keep_y2 {
+            u.par_chunks_mut(di).zip(y2.par_chunks_mut(di)).enumerate().for_each(|(r, (ur, yr))| work(r, ur, Some(yr)));
+        } else {
+            u.par_chunks_mut(di).enumerate().for_each(|(r, ur)| work(r, ur, None));
         }
         (u, y2)
     }
@@ -275,23 +285,29 @@ impl Mamba2Sublayer {
         // Gate: dz into the projection's gradient, dy2 (the scan output's and the skip's) in du.
         let mut dproj = vec![T::zero(); rows * w];
         dproj.par_chunks_mut(w).zip(du.par_chunks_mut(di)).enumerate().for_each(|(r, (dpr, dur))| {
-            for i in 0..di {
-                let z = proj[r * w + i];
-                let s = sigmoid(z);
-                let g = dur[i];
-                dpr[i] = g * y2[r * di + i] * s * (T::one() + z * (T::one() - s));
-                dur[i] = g * z * s;
-            }
+            with_fast_isa(#[inline(always)] || {
+                let (zr, yr) = (&proj[r * w..r * w + di], &y2[r * di..(r + 1) * di]);
+                for i in 0..di {
+                    let (z, g) = (zr[i], dur[i]);
+                    let s = sigmoid(z);
+                    dpr[i] = g * yr[i] * s * (T::one() + z * (T::one() - s));
+                    dur[i] = g * z * s;
+                }
+            })
         });
         let dy2 = du;
         // D skip.
-        let skip = m.skip_len();
-        let d_skip = row_sums::<T>(rows, skip, |r, acc| {
-            for i in 0..di {
-                acc[if m.d_has_hdim { i } else { i / hp }] += dy2[r * di + i] * xbc[r * c + i];
-            }
+        let d_chan = row_sums::<T>(rows, di, |r, acc| {
+            let (g, x) = (&dy2[r * di..(r + 1) * di], &xbc[r * c..r * c + di]);
+            acc.iter_mut().zip(g).zip(x).for_each(|((a, &g), &x)| *a += g * x);
         });
-        dp[o[6]..o[7]].copy_from_slice(&d_skip);
+        if m.d_has_hdim {
+            dp[o[6]..o[7]].copy_from_slice(&d_chan);
+        } else {
+            for (hh, slot) in dp[o[6]..o[7]].iter_mut().enumerate() {
+                *slot = d_chan[hh * hp..(hh + 1) * hp].iter().fold(T::zero(), |a, &v| a + v);
+            }
+        }
         // The scan.
         let (in1, in2, in3) = self.scan_inputs(p, proj, xbc);
         let mut grad = vec![T::zero(); n_y + n_s];
@@ -300,16 +316,17 @@ impl Mamba2Sublayer {
         drop((grad, in2));
         // dxBC (conv output) from the scan's gradients and the skip; ddt → dt_raw.
         let gn = m.groups * m.d_state;
-        let dsk = &p[o[6]..o[7]];
+        let dfull = self.d_full(p);
         let mut dxbc = vec![T::zero(); rows * c];
         dxbc.par_chunks_mut(c).zip(dproj.par_chunks_mut(w)).enumerate().for_each(|(r, (dxr, dpr))| {
             for hh in 0..h {
                 let g = &g1[(r * h + hh) * (hp + 1)..(r * h + hh + 1) * (hp + 1)];
-                for j in 0..hp {
-                    let i = hh * hp + j;
-                    let dv = if m.d_has_hdim { dsk[i] } else { dsk[hh] };
-                    dxr[i] = g[j] + dv * dy2[r * di + i];
-                }
+                with_fast_isa(#[inline(always)] || {
+                    let (dv, gy) = (&dfull[hh * hp..(hh + 1) * hp], &dy2[r * di + hh * hp..r * di + (hh + 1) * hp]);
+                    for j in 0..hp {
+                        dxr[hh * hp + j] = g[j] + dv[j] * gy[j];
+                    }
+                });
                 let pre = proj[r * w + di + c + hh] + p[o[4] + hh];
                 dpr[di + c + hh] = g[hp] * sigmoid(pre);
             }

@@ -7,6 +7,7 @@
 //! `dx = r·(dy·g − x̂·mean(dy·g·x̂))`. Row statistics are accumulated in f64.
 
 use super::cpu::{slice, ROW_CHUNK};
+use super::simd::with_fast_isa;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
@@ -33,6 +34,7 @@ struct RmsNorm {
     eps: f64,
 }
 
+#[inline(always)]
 fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
     let ss: f64 = row.iter().map(|v| v.to_f64() * v.to_f64()).sum();
     1.0 / (ss / row.len() as f64 + eps).sqrt()
@@ -64,7 +66,7 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
         .map(|((c, dxc), (xc, dyc))| {
             let res = residual.map(|r| &r[c * ROW_CHUNK * d..c * ROW_CHUNK * d + xc.len()]);
             let mut dg = vec![0f64; d];
-            for (row, ((dxr, xr), dyr)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate() {
+            with_fast_isa(#[inline(always)] || for (row, ((dxr, xr), dyr)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate() {
                 let r = inv_rms(xr, eps);
                 let mut dot = 0.0;
                 for i in 0..d {
@@ -82,7 +84,7 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
                         None => v,
                     };
                 }
-            }
+            });
             dg
         })
         .collect();
@@ -94,12 +96,14 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
 /// The forward into `y` (len x): `y = x·g/sqrt(mean(x²) + eps)` per row of `d` elements, in f64.
 pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &mut [T]) {
     y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-            let r = inv_rms(xr, eps);
-            for i in 0..d {
-                yr[i] = T::from_f64(xr[i].to_f64() * r * g[i].to_f64());
+        with_fast_isa(#[inline(always)] || {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let r = inv_rms(xr, eps);
+                for i in 0..d {
+                    yr[i] = T::from_f64(xr[i].to_f64() * r * g[i].to_f64());
+                }
             }
-        }
+        })
     });
 }
 
