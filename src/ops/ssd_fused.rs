@@ -34,7 +34,7 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Tokens per checkpoint segment.
-pub const SEG: usize = 16;
+pub const SEG: usize = 32;
 
 /// Fused SSD, CPU only; x, dt, A, Bm, Cm (and initial_state) all f32 or all f64. Shapes as
 /// [`super::ssd::ssd_recurrent`]; returns (y `[B,T,H,P]`, final state `[B,H,P,N]`),
@@ -194,23 +194,56 @@ pub(super) fn forward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T]) -> Vec<
 #[inline(always)]
 fn forward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], s0: &[T], a_h: T, bh: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (bb, hh) = (bh / d.h, bh % d.h);
-    let mut s = s0.to_vec();
-    let mut y = vec![T::zero(); d.t * d.p];
+    let (p, n) = (d.p, d.n);
+    // The state transposed, `[N, P]`: the update and `y = hᵀ C` then run along P with no
+    // horizontal sums (`y_p = Σ_j C_j h[j, p]`, j in order). Checkpoints and the final state
+    // are stored `[P, N]`, as the backward reads them.
+    let mut st = transpose(s0, p, n);
+    let mut y = vec![T::zero(); d.t * p];
     let mut ck = Vec::with_capacity(d.nseg() * d.pn());
+    let mut c = vec![T::zero(); p];
     for i in 0..d.t {
         if i % SEG == 0 {
-            ck.extend_from_slice(&s);
+            ck.extend_from_slice(&transpose(&st, n, p));
         }
         let x = tok(d, in1, in2, bb, i, hh);
         let a = (x.dt * a_h).exp();
-        let yr = &mut y[i * d.p..(i + 1) * d.p];
-        for ((row, &xp), yp) in s.chunks_exact_mut(d.n).zip(x.x).zip(yr.iter_mut()) {
-            let c = x.dt * xp;
-            row.iter_mut().zip(x.b).for_each(|(e, &bj)| *e = a * *e + c * bj);
-            *yp = dot(row, x.c);
+        c.iter_mut().zip(x.x).for_each(|(c, &xp)| *c = x.dt * xp);
+        let yr = &mut y[i * p..(i + 1) * p];
+        for ((row, &bj), &cj) in st.chunks_exact_mut(p).zip(x.b).zip(x.c) {
+            for ((e, &cp), yp) in row.iter_mut().zip(&c).zip(yr.iter_mut()) {
+                *e = a * *e + cp * bj;
+                *yp += cj * *e;
+            }
         }
     }
-    (y, s, ck)
+    (y, transpose(&st, n, p), ck)
+}
+
+/// Adds `a·b` into 8 lane accumulators (element i into lane i mod 8) and returns the dot
+/// product of the elements past the last full group of 8.
+#[inline(always)]
+fn dot_lanes<T: Elem>(lanes: &mut [T; 8], a: &[T], b: &[T]) -> T {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    tail
+}
+
+/// `m [rows, cols]` → `[cols, rows]`.
+#[inline(always)]
+fn transpose<T: Elem>(m: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); m.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = m[r * cols + c];
+        }
+    }
+    out
 }
 
 /// Per head: d[x|dt] `[T,P+1]`, d[B|C] `[T,2N]`, ds0 `[P,N]`, dA.
@@ -282,7 +315,9 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
             let dyr = &dy[r * p..(r + 1) * p];
             let gxr = &mut gx[i * w1..(i + 1) * w1];
             let (gb, gc) = gbc[i * w2..(i + 1) * w2].split_at_mut(n);
-            let (mut ddt, mut da) = (T::zero(), T::zero());
+            let mut ddt = T::zero();
+            // Σ_c dh[c,:]·h_{t−1}[c,:] in 8 lanes across the rows, summed once per token.
+            let (mut da_lanes, mut da_tail) = ([T::zero(); 8], T::zero());
             for c in 0..p {
                 let hpr = &hp[c * n..(c + 1) * n];
                 let dhr = &mut dh[c * n..(c + 1) * n];
@@ -296,9 +331,10 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
                 gxr[c] = x.dt * e;
                 ddt += x.x[c] * e;
                 axpy(gb, dxc, dhr);
-                da += dot(dhr, hpr);
+                da_tail += dot_lanes(&mut da_lanes, dhr, hpr);
                 dhr.iter_mut().for_each(|v| *v *= a);
             }
+            let da = da_lanes.iter().fold(da_tail, |s, &v| s + v);
             // a = exp(dt·A): da/d(dt) = A·a, da/dA = dt·a.
             gxr[p] = ddt + a_h * a * da;
             d_a += x.dt * a * da;
