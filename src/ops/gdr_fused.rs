@@ -112,7 +112,7 @@ impl ScanKernel for Gdr {
 
 /// Problem sizes, read from the packed input and v.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     b: usize,
     t: usize,
     h: usize,
@@ -121,6 +121,10 @@ struct Dims {
 }
 
 impl Dims {
+    /// Batch b, length t, h heads with key dim k and value dim v.
+    pub(super) fn of(b: usize, t: usize, h: usize, k: usize, v: usize) -> Self {
+        Self { b, t, h, k, v }
+    }
     fn new(packed: &Shape, v: &Shape) -> Result<Self> {
         let (b, t, h, w) = packed.dims4()?;
         let (_, _, _, dv) = v.dims4()?;
@@ -220,7 +224,7 @@ fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dv: usize, scale: T, r: &mut [T], s_a:
 }
 
 /// Forward over all (batch, head) pairs: the packed output buffer.
-fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
+pub(super) fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
     let kv = d.kv();
     let nseg = d.nseg();
     let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| with_fast_isa(#[inline(always)] || forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
@@ -263,7 +267,7 @@ type HeadGrads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
 /// Backward over all heads from the forward's checkpoints `ck_all` and the gradient `grad` of
 /// its `[o | final state]` output.
-fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+pub(super) fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], ck_all: &[T], grad: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let kv = d.kv();
     let nseg = d.nseg();
     let (n_o, n_s) = (d.n_o(), d.n_s());

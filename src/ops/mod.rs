@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod ffn_fused;
 pub mod fox;
 pub mod gated_delta_rule;
+pub mod gdn_sublayer;
 pub mod gemm;
 pub mod gdr_fused;
 pub mod grouped_linear;
