@@ -39,7 +39,7 @@
 //! - Auxiliary-loss-free update (DeepSeek-V3; Wang et al. arXiv:2408.15664), after each step,
 //!   from the whole step's selection counts: `b_i += γ·sign(mean load − load_i)`.
 
-use crate::ops::grouped_linear::grouped_linear;
+use crate::ops::moe_experts::{moe_experts, SlotPlan};
 use super::ffn::Ffn;
 use super::params::ParamBuilder;
 use crate::config::model::FfnKind;
@@ -271,32 +271,18 @@ impl Moe {
         let (logits, scores) = self.scores(&x2)?;
         let r = self.route(&scores)?;
         let gates = self.gates(&scores, &r.chosen)?.to_dtype(x.dtype())?;
-        let dev = x.device();
-        // Every kept slot's token, grouped by expert; each expert's rows through one grouped
-        // projection per weight (ops::grouped_linear) instead of per-expert gathers and matmuls.
-        let zero_row = Tensor::zeros((1, d), x.dtype(), dev)?;
-        let all = if r.kept == 0 {
-            zero_row
-        } else {
-            let mut offsets = vec![0usize];
-            r.tokens.iter().for_each(|tk| offsets.push(offsets[offsets.len() - 1] + tk.len()));
-            let idx = Tensor::from_vec(r.tokens.concat(), r.kept, dev)?;
-            let xs = x2.index_select(&idx, 0)?;
-            let stack = |f: fn(&Expert) -> &Tensor| Tensor::stack(&self.experts.iter().map(f).collect::<Vec<_>>(), 0);
-            let gate = grouped_linear(&xs, &stack(|e| &e.w_gate)?, &offsets)?;
-            let up = grouped_linear(&xs, &stack(|e| &e.w_up)?, &offsets)?;
-            let ys = grouped_linear(&crate::ops::swiglu::swiglu(&gate, &up)?, &stack(|e| &e.w_down)?, &offsets)?;
-            Tensor::cat(&[&ys, &zero_row], 0)?
-        };
+        // The routed experts as one fused node on CPU (ops::moe_experts): grouped projections per
+        // expert, combined with the gates.
         let k = self.spec.top_k;
-        let pos = Tensor::from_vec(r.pos.clone(), n * k, dev)?;
-        let slots = all.index_select(&pos, 0)?.reshape((n, k, d))?;
-        let mut y = slots.broadcast_mul(&gates.unsqueeze(2)?)?.sum(1)?;
+        let kept = r.kept;
+        let plan = SlotPlan { tokens: r.tokens, pos: r.pos };
+        let ws = |f: fn(&Expert) -> &Tensor| self.experts.iter().map(|e| f(e).clone()).collect::<Vec<_>>();
+        let mut y = moe_experts(&x2, &gates, &ws(|e| &e.w_gate), &ws(|e| &e.w_up), &ws(|e| &e.w_down), &plan)?;
         if let Some(s) = &self.shared {
             y = (y + s.forward(&x2.reshape((1, n, d))?)?.reshape((n, d))?)?;
         }
         let (loss, aux_v, z_v) = self.balance_losses(&logits, &scores, &r.selected, b, &r.chosen)?;
-        let stats = RouteStats { selected: r.selected, dropped: n * k - r.kept, slots: n * k, aux_loss: aux_v, z_loss: z_v };
+        let stats = RouteStats { selected: r.selected, dropped: n * k - kept, slots: n * k, aux_loss: aux_v, z_loss: z_v };
         Ok(MoeOutput { y: y.reshape((b, t, d))?, loss, stats })
     }
 

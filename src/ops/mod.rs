@@ -17,6 +17,7 @@ pub mod linear;
 pub mod mamba2_sublayer;
 pub mod moba;
 pub mod moba_fused;
+pub mod moe_experts;
 pub mod norm;
 pub mod rope;
 pub mod rwkv7;
