@@ -225,13 +225,14 @@ impl Attention {
 
 impl Attention {
     /// `x + self(RMSNorm(x; g))` with token mixing `core` as one fused node
-    /// ([`crate::ops::attn_sublayer`]) for plain attention (no QK-norm, no short conv) on CPU in
-    /// f32/f64; `None` otherwise.
+    /// ([`crate::ops::attn_sublayer`]) on CPU in f32/f64, with or without the short convs;
+    /// `None` with QK-norm or elsewhere.
     pub fn sublayer(&self, x: &Tensor, g: &Tensor, eps: f64, core: Core) -> Option<Result<Tensor>> {
-        if self.convs.is_some() || self.q_norm.is_some() || !crate::ops::cpu_fusable(&[x, g, &self.wq, &self.wk, &self.wv, &self.wo]) {
+        if self.q_norm.is_some() || !crate::ops::cpu_fusable(&[x, g, &self.wq, &self.wk, &self.wv, &self.wo]) {
             return None;
         }
-        let w = AttnWeights { g, wq: &self.wq, wk: &self.wk, wv: &self.wv, wo: &self.wo };
+        let convs = self.convs.as_ref().map(|[a, b, c]| [a, b, c]);
+        let w = AttnWeights { g, wq: &self.wq, wk: &self.wk, wv: &self.wv, wo: &self.wo, convs };
         Some(attention_sublayer(x, &w, &self.rope, (self.cfg.num_heads, self.cfg.kv_heads(), self.head_dim), core, eps))
     }
 
@@ -249,8 +250,7 @@ impl Mixer for Attention {
         self.forward_with(x, &attn)
     }
 
-    /// Plain attention (no QK-norm, no short conv) on CPU in f32/f64: one fused node
-    /// ([`crate::ops::attn_sublayer`]).
+    /// Attention without QK-norm on CPU in f32/f64: one fused node ([`crate::ops::attn_sublayer`]).
     fn forward_residual(&self, x: &Tensor, g: &Tensor, eps: f64, _ctx: &mut ForwardCtx) -> Option<Result<Tensor>> {
         self.sublayer(x, g, eps, Core::Causal)
     }
@@ -292,19 +292,21 @@ mod tests {
         }
     }
 
-    /// The fused sublayer (norm, projections, RoPE, attention, residual in one node) == the
-    /// composed block with its pre-norm and residual, with GQA, f64 (plus finite differences) and
-    /// f32; QK-norm and the short conv keep the composed path.
+    /// The fused sublayer (norm, projections, short convs, RoPE, attention, residual in one node)
+    /// == the composed block with its pre-norm and residual, with GQA, with and without the short
+    /// convs, f64 (plus finite differences) and f32; QK-norm keeps the composed path.
     #[test]
     fn fused_sublayer_matches_composed() {
         let cfg = AttentionConfig { num_heads: 4, num_kv_heads: Some(2), ..Default::default() };
         let dims = BlockDims { d_model: 16, max_seq_len: 70, n_layers: 2, layer_idx: 0, init_std: 0.3, out_std: 0.3 };
-        for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
-            let mut store = ParamStore::default();
-            let a = Attention::new(&cfg, &dims, &mut ParamBuilder::new(&mut store, 7, dt, &Device::Cpu)).unwrap();
-            check_sublayer(&a, &store, &[2, 70, 16], tol);
+        for c in [cfg.clone(), AttentionConfig { short_conv: 3, ..cfg.clone() }] {
+            for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+                let mut store = ParamStore::default();
+                let a = Attention::new(&c, &dims, &mut ParamBuilder::new(&mut store, 7, dt, &Device::Cpu)).unwrap();
+                check_sublayer(&a, &store, &[2, 70, 16], tol);
+            }
         }
-        for c in [AttentionConfig { qk_norm: true, ..cfg.clone() }, AttentionConfig { short_conv: 2, ..cfg }] {
+        for c in [AttentionConfig { qk_norm: true, ..cfg.clone() }, AttentionConfig { qk_norm: true, short_conv: 2, ..cfg }] {
             let a = build(&c, 16, 5, &mut ParamStore::default());
             let x = rand_tensor(&[1, 5, 16], 1.0, 1);
             assert!(a.forward_residual(&x, &Tensor::ones(16, DType::F64, &Device::Cpu).unwrap(), 1e-6, &mut ForwardCtx::default()).is_none());

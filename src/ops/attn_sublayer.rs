@@ -29,6 +29,7 @@ use super::gemm::{mm_par, Mat};
 use super::moba_fused::{backward_raw as moba_backward, forward_raw as moba_forward};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
 use super::rope::Rope;
+use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -40,6 +41,8 @@ pub struct AttnWeights<'a> {
     pub wk: &'a Tensor,
     pub wv: &'a Tensor,
     pub wo: &'a Tensor,
+    /// The residual short convs on q, k, v (`[C, taps]` each): `p ← p + conv(p)` before RoPE.
+    pub convs: Option<[&'a Tensor; 3]>,
 }
 
 /// How the heads mix tokens.
@@ -58,7 +61,9 @@ pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usiz
     let (hq, hkv, hd) = heads;
     let (b, t, d) = x.dims3()?;
     let (qd, kd) = (hq * hd, hkv * hd);
-    let fits = w.g.dims() == [d] && w.wq.dims() == [d, qd] && w.wk.dims() == [d, kd] && w.wv.dims() == [d, kd] && w.wo.dims() == [qd, d];
+    let conv = w.convs.map(|c| c[0].dim(1)).transpose()?.unwrap_or(0);
+    let convs_fit = w.convs.is_none_or(|c| c[0].dims() == [qd, conv] && c[1].dims() == [kd, conv] && c[2].dims() == [kd, conv] && conv > 0);
+    let fits = convs_fit && w.g.dims() == [d] && w.wq.dims() == [d, qd] && w.wk.dims() == [d, kd] && w.wv.dims() == [d, kd] && w.wo.dims() == [qd, d];
     if let Core::Moba { block_size, top_k } = core {
         if block_size == 0 || top_k == 0 {
             bail!("attention_sublayer: MoBA block_size and top_k must be >= 1; got {block_size}, {top_k}");
@@ -75,11 +80,13 @@ pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usiz
             w.wo.dims()
         );
     }
-    if !super::cpu_fusable(&[x, w.g, w.wq, w.wk, w.wv, w.wo]) {
+    let mut parts = vec![w.g, w.wq, w.wk, w.wv, w.wo];
+    parts.extend(w.convs.iter().flatten());
+    if !super::cpu_fusable(&[&[x][..], &parts].concat()) {
         return attention_sublayer_composed(x, w, rope, heads, core, eps);
     }
-    let p = Tensor::cat(&[w.g.flatten_all()?, w.wq.flatten_all()?, w.wk.flatten_all()?, w.wv.flatten_all()?, w.wo.flatten_all()?], 0)?;
-    let op = AttnSublayer { b, t, d, hq, hkv, hd, eps, core, rope: rope.clone(), saved: Stash::default() };
+    let p = Tensor::cat(&parts.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
+    let op = AttnSublayer { b, t, d, hq, hkv, hd, eps, core, rope: rope.clone(), conv, saved: Stash::default() };
     x.contiguous()?.apply_op2(&p, op)
 }
 
@@ -88,9 +95,16 @@ pub fn attention_sublayer_composed(x: &Tensor, w: &AttnWeights, rope: &Rope, hea
     let (hq, hkv, hd) = heads;
     let (b, t, d) = x.dims3()?;
     let n = super::norm::rms_norm_composed(x, w.g, eps)?.reshape((b * t, d))?;
-    let q = rope.apply_composed(&n.matmul(w.wq)?.reshape((b, t, hq, hd))?)?;
-    let k = rope.apply_composed(&n.matmul(w.wk)?.reshape((b, t, hkv, hd))?)?;
-    let v = n.matmul(w.wv)?.reshape((b, t, hkv, hd))?;
+    let pre = |wp: &Tensor, i: usize| -> Result<Tensor> {
+        let y = n.matmul(wp)?.reshape((b, t, wp.dim(1)?))?;
+        match w.convs {
+            Some(c) => &y + super::short_conv::causal_conv(&y, c[i])?,
+            None => Ok(y),
+        }
+    };
+    let q = rope.apply_composed(&pre(w.wq, 0)?.reshape((b, t, hq, hd))?)?;
+    let k = rope.apply_composed(&pre(w.wk, 1)?.reshape((b, t, hkv, hd))?)?;
+    let v = pre(w.wv, 2)?.reshape((b, t, hkv, hd))?;
     let o = match core {
         Core::Causal => super::attn::attn_composed(&q, &k, &v)?,
         Core::Moba { block_size, top_k } => super::moba::moba_composed(&q, &k, &v, block_size, top_k)?,
@@ -109,15 +123,24 @@ struct AttnSublayer {
     eps: f64,
     core: Core,
     rope: Rope,
-    /// `[q ‖ k ‖ v ‖ o ‖ L]`: rotated q, k, v, the attention output and its log-sum-exp.
+    /// Taps of the residual short convs on q, k, v (0: none).
+    conv: usize,
+    /// `[q, k, v, o ‖ L]`: rotated q, k, v, the attention output and its log-sum-exp; with the
+    /// convs also the raw projections `[q, k, v]` (the convs' inputs).
     saved: Stash,
 }
 
 impl AttnSublayer {
-    /// Offsets of g, W_q, W_k, W_v, W_o in the packed weights, and their total length.
-    fn offsets(&self) -> [usize; 6] {
-        let (d, qd, kd) = (self.d, self.hq * self.hd, self.hkv * self.hd);
-        [0, d, d + d * qd, d + d * (qd + kd), d + d * (qd + 2 * kd), d + 2 * d * (qd + kd)]
+    /// Offsets of g, W_q, W_k, W_v, W_o, q_conv, k_conv, v_conv in the packed weights, and their
+    /// total length (the convs are empty without them).
+    fn offsets(&self) -> [usize; 9] {
+        let (d, qd, kd, cs) = (self.d, self.hq * self.hd, self.hkv * self.hd, self.conv);
+        let lens = [d, d * qd, d * kd, d * kd, qd * d, qd * cs, kd * cs, kd * cs];
+        let mut o = [0; 9];
+        for (i, l) in lens.iter().enumerate() {
+            o[i + 1] = o[i] + l;
+        }
+        o
     }
 
     fn sizes(&self) -> (usize, usize, usize, usize, usize) {
@@ -147,36 +170,48 @@ impl AttnSublayer {
         let o = self.offsets();
         let mut n = vec![T::zero(); x.len()];
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
-        let proj = |w: &[T], cols: usize| {
-            let mut y = vec![T::zero(); rows * cols];
-            mm_par(rows, cols, d, &mut y, cols, false, Mat::rows(&n, d, 0), Mat::rows(w, cols, 0), T::one());
-            y
-        };
-        let q = self.rope.rotate_cpu(&proj(&p[o[1]..o[2]], qd), t, self.hq, self.hd, false)?;
-        let k = self.rope.rotate_cpu(&proj(&p[o[2]..o[3]], kd), t, self.hkv, self.hd, false)?;
-        let v = proj(&p[o[3]..o[4]], kd);
+        let raw: Vec<Vec<T>> = [(1, qd), (2, kd), (3, kd)]
+            .into_iter()
+            .map(|(i, cols)| {
+                let mut y = vec![T::zero(); rows * cols];
+                mm_par(rows, cols, d, &mut y, cols, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[i]..o[i + 1]], cols, 0), T::one());
+                y
+            })
+            .collect();
         drop(n);
+        // `p + conv(p)` with the residual short convs, else p.
+        let pre: Vec<Vec<T>> = if self.conv > 0 {
+            raw.iter().enumerate().map(|(i, r)| {
+                let c = r.len() / rows;
+                let mut y = conv_fwd(r, &p[o[5 + i]..o[6 + i]], &vec![T::zero(); c], ConvDims::of(t, c, self.conv), false);
+                y.iter_mut().zip(r).for_each(|(y, &v)| *y += v);
+                y
+            }).collect()
+        } else {
+            raw.clone()
+        };
+        let q = self.rope.rotate_cpu(&pre[0], t, self.hq, self.hd, false)?;
+        let k = self.rope.rotate_cpu(&pre[1], t, self.hkv, self.hd, false)?;
+        let v = pre.into_iter().nth(2).expect("three projections");
         let ol = self.mix(&q, &k, &v);
         let mut y = x.to_vec();
         mm_par(rows, d, qd, &mut y, d, true, Mat::rows(&ol[..rows * qd], qd, 0), Mat::rows(&p[o[4]..o[5]], d, 0), T::one());
-        let mut saved = Vec::with_capacity(q.len() + k.len() + v.len() + ol.len());
-        for part in [&q, &k, &v, &ol] {
-            saved.extend_from_slice(part);
+        let mut saved = vec![q, k, v, ol];
+        if self.conv > 0 {
+            saved.extend(raw);
         }
-        self.saved.put(saved);
+        self.saved.put_parts(saved);
         Ok(y)
     }
 
     /// Returns `(dx, dp)`.
-    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[T], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
         let (rows, d, t) = (self.b * self.t, self.d, self.t);
         let (qd, kd) = (self.hq * self.hd, self.hkv * self.hd);
         let o = self.offsets();
-        let (q, rest) = saved.split_at(rows * qd);
-        let (k, rest) = rest.split_at(rows * kd);
-        let (v, rest) = rest.split_at(rows * kd);
-        let (out, lse) = rest.split_at(rows * qd);
-        let mut dp = vec![T::zero(); o[5]];
+        let (q, k, v) = (saved[0], saved[1], saved[2]);
+        let (out, lse) = saved[3].split_at(rows * qd);
+        let mut dp = vec![T::zero(); o[8]];
         mm_par(qd, d, rows, &mut dp[o[4]..o[5]], d, false, Mat::rows_t(out, qd, 0), Mat::rows(dy, d, 0), T::one());
         let mut d_o = vec![T::zero(); rows * qd];
         mm_par(rows, qd, d, &mut d_o, qd, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[4]..o[5]], d, 0), T::one());
@@ -184,9 +219,19 @@ impl AttnSublayer {
         drop(d_o);
         let dq = self.rope.rotate_cpu(&dq, t, self.hq, self.hd, true)?;
         let dk = self.rope.rotate_cpu(&dk, t, self.hkv, self.hd, true)?;
+        let mut g = [dq, dk, dv];
+        if self.conv > 0 {
+            // Through `p + conv(p)`: dp_raw = dpre + convᵀ(dpre); the conv weights' gradients.
+            for (i, gi) in g.iter_mut().enumerate() {
+                let c = gi.len() / rows;
+                let cg = conv_bwd(saved[4 + i], &p[o[5 + i]..o[6 + i]], &vec![T::zero(); c], gi, ConvDims::of(t, c, self.conv), false);
+                gi.iter_mut().zip(&cg[..rows * c]).for_each(|(v, &w)| *v += w);
+                dp[o[5 + i]..o[6 + i]].copy_from_slice(&cg[rows * c..rows * c + c * self.conv]);
+            }
+        }
         let mut n = vec![T::zero(); x.len()];
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
-        let parts = [(&dq, qd, o[1]..o[2]), (&dk, kd, o[2]..o[3]), (&dv, kd, o[3]..o[4])];
+        let parts = [(&g[0], qd, o[1]..o[2]), (&g[1], kd, o[2]..o[3]), (&g[2], kd, o[3]..o[4])];
         for (g, cols, range) in parts.clone() {
             mm_par(d, cols, rows, &mut dp[range], cols, false, Mat::rows_t(&n, d, 0), Mat::rows(g, cols, 0), T::one());
         }
@@ -202,7 +247,7 @@ impl AttnSublayer {
     fn grads<T: Elem>(&self, x: &Tensor, p: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
         let guards: Vec<_> = [x, p, dy].iter().map(|t| t.storage_and_layout()).collect();
         let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-        let (dx, dp) = self.saved.with(|s| self.backward(sl[0], sl[1], s, sl[2]))??;
+        let (dx, dp) = self.saved.with_parts(|s| self.backward(sl[0], sl[1], s, sl[2]))??;
         drop(sl);
         drop(guards);
         Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dp, p.shape(), p.device())?))
@@ -215,7 +260,7 @@ impl CustomOp2 for AttnSublayer {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != [self.b, self.t, self.d] || l2.shape().elem_count() != self.offsets()[5] {
+        if l1.dims() != [self.b, self.t, self.d] || l2.shape().elem_count() != self.offsets()[8] {
             bail!("attention_sublayer: x {:?} / packed weights {:?} do not fit the op", l1.dims(), l2.dims());
         }
         let y = match (s1, s2) {
@@ -261,7 +306,7 @@ mod tests {
     }
 
     fn weights(w: &[Var]) -> AttnWeights<'_> {
-        AttnWeights { g: w[0].as_tensor(), wq: w[1].as_tensor(), wk: w[2].as_tensor(), wv: w[3].as_tensor(), wo: w[4].as_tensor() }
+        AttnWeights { g: w[0].as_tensor(), wq: w[1].as_tensor(), wk: w[2].as_tensor(), wv: w[3].as_tensor(), wo: w[4].as_tensor(), convs: None }
     }
 
     /// Fused == composed, forward and every gradient, f64 and f32, with GQA and a sequence
