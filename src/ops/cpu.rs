@@ -12,6 +12,28 @@ pub fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]>
 /// in chunk order, so results do not depend on the number of threads (bit-exact determinism).
 pub const ROW_CHUNK: usize = 64;
 
+/// `Σ_rows f(row)` for vectors of `len`: `f` adds one row's terms into its accumulator; rows run
+/// in fixed chunks of [`ROW_CHUNK`] on the rayon pool and the partials are added in chunk order
+/// (the result does not depend on the thread count).
+pub fn row_sums<T: WithDType>(rows: usize, len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    use rayon::prelude::*;
+    let parts: Vec<Vec<T>> = (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|k| {
+            let mut acc = vec![T::zero(); len];
+            for r in k * ROW_CHUNK..((k + 1) * ROW_CHUNK).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![T::zero(); len];
+    for p in &parts {
+        sum.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
+    }
+    sum
+}
+
 /// Process-wide CPU threading defaults, called by the CLI before the first tensor op: candle's
 /// element-wise ops run on the calling thread (`CANDLE_NUM_THREADS=1`) unless the user set
 /// `CANDLE_NUM_THREADS`. Matrix products (gemm) and mixscale's fused ops still use the rayon

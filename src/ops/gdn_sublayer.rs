@@ -18,12 +18,12 @@
 //! ops; its tests compare the two, forward and gradients.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
-use super::cpu::{Stash, ROW_CHUNK};
+use super::cpu::{row_sums, Stash};
 use super::gdr_fused::{backward as gdr_backward, forward as gdr_forward, Dims as GdrDims};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
 use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
-use super::simd::with_fast_isa;
+use super::simd::{sigmoid, softplus, with_fast_isa};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -104,41 +104,9 @@ struct GdnSublayer {
     saved: Stash,
 }
 
-#[inline(always)]
-fn sigmoid<T: Elem>(v: T) -> T {
-    T::one() / (T::one() + (T::zero() - v).exp())
-}
-
-/// `max(v, 0) + ln(1 + exp(−|v|))`, as the block's composed softplus.
-#[inline(always)]
-fn softplus<T: Elem>(v: T) -> T {
-    let abs = if v < T::zero() { T::zero() - v } else { v };
-    let relu = if v > T::zero() { v } else { T::zero() };
-    relu + (T::one() + (T::zero() - abs).exp()).ln()
-}
-
 /// Per-row `1/sqrt(Σx² + ε)` of rows of `w` elements.
 fn inv_l2<T: Elem>(x: &[T], w: usize, eps: f64) -> Vec<T> {
     x.par_chunks(w).map(|r| T::from_f64(1.0 / (r.iter().fold(T::zero(), |s, &v| s + v * v).to_f64() + eps).sqrt())).collect()
-}
-
-/// Sums `f(row)` over rows in fixed chunks, adding partials in chunk order.
-fn row_sums<T: Elem>(rows: usize, len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
-    let parts: Vec<Vec<T>> = (0..rows.div_ceil(ROW_CHUNK))
-        .into_par_iter()
-        .map(|k| {
-            let mut acc = vec![T::zero(); len];
-            for r in k * ROW_CHUNK..((k + 1) * ROW_CHUNK).min(rows) {
-                f(r, &mut acc);
-            }
-            acc
-        })
-        .collect();
-    let mut sum = vec![T::zero(); len];
-    for p in &parts {
-        sum.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
-    }
-    sum
 }
 
 impl GdnSublayer {

@@ -21,10 +21,10 @@
 //! same computation from candle ops; its tests compare the two, forward and gradients.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
-use super::cpu::{Stash, ROW_CHUNK};
+use super::cpu::{row_sums, Stash};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
-use super::simd::with_fast_isa;
+use super::simd::{sigmoid, softplus, with_fast_isa};
 use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
 use super::ssd_fused::{backward as ssd_backward, forward as ssd_forward, Dims as SsdDims};
 use candle_core::backend::BackendStorage;
@@ -126,38 +126,6 @@ struct Mamba2Sublayer {
     /// `[proj, conv out, scan out]` (three buffers): `n W_in` `[R, proj_dim]`, `silu(conv(xBC))` `[R, conv_dim]`,
     /// and the scan's `[y ‖ final state ‖ checkpoints]`.
     saved: Stash,
-}
-
-#[inline(always)]
-fn sigmoid<T: Elem>(v: T) -> T {
-    T::one() / (T::one() + (T::zero() - v).exp())
-}
-
-/// `max(v, 0) + ln(1 + exp(−|v|))`, as the block's composed softplus.
-#[inline(always)]
-fn softplus<T: Elem>(v: T) -> T {
-    let abs = if v < T::zero() { T::zero() - v } else { v };
-    let relu = if v > T::zero() { v } else { T::zero() };
-    relu + (T::one() + (T::zero() - abs).exp()).ln()
-}
-
-/// Sums `f(row)` (a vector of `len`) over rows in fixed chunks, adding partials in chunk order.
-fn row_sums<T: Elem>(rows: usize, len: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
-    let parts: Vec<Vec<T>> = (0..rows.div_ceil(ROW_CHUNK))
-        .into_par_iter()
-        .map(|k| {
-            let mut acc = vec![T::zero(); len];
-            for r in k * ROW_CHUNK..((k + 1) * ROW_CHUNK).min(rows) {
-                f(r, &mut acc);
-            }
-            acc
-        })
-        .collect();
-    let mut sum = vec![T::zero(); len];
-    for p in &parts {
-        sum.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
-    }
-    sum
 }
 
 impl Mamba2Sublayer {

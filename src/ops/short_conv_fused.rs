@@ -21,7 +21,7 @@
 use super::attn_fused::Elem;
 use super::cpu::{slice, ROW_CHUNK};
 use super::short_conv::causal_conv;
-use super::simd::with_fast_isa;
+use super::simd::{sigmoid, with_fast_isa};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -106,11 +106,6 @@ fn pre_row<T: Elem>(x: &[T], wt: &[T], bias: &[T], d: Dims, r: usize, p: &mut [T
             }
         }
     }
-}
-
-#[inline(always)]
-fn sigmoid<T: Elem>(p: T) -> T {
-    T::one() / (T::one() + (T::zero() - p).exp())
 }
 
 /// The forward over contiguous rows x `[B·T, C]`, w `[C, cs]`, bias `[C]`.
