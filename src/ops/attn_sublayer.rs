@@ -23,15 +23,15 @@
 //! (Lu et al. 2025, arXiv:2502.13189; the kernel of [`super::moba_fused`]), which share every
 //! other step.
 
-use super::attn_fused::{backward as attn_backward, contiguous, cpu_slice, forward as attn_forward, Dims, Elem};
+use super::attn_fused::{backward as attn_backward, forward as attn_forward, Dims, Elem};
 use super::cpu::Stash;
+use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::moba_fused::{backward_raw as moba_backward, forward_raw as moba_forward};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
 use super::rope::Rope;
 use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, Layout, Result, Tensor};
 
 /// The weights of one attention sublayer: `g [d]`, `wq [d, hq·hd]`, `wk`, `wv [d, hkv·hd]`,
 /// `wo [hq·hd, d]`.
@@ -87,7 +87,7 @@ pub fn attention_sublayer(x: &Tensor, w: &AttnWeights, rope: &Rope, heads: (usiz
     }
     let p = Tensor::cat(&parts.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
     let op = AttnSublayer { b, t, d, hq, hkv, hd, eps, core, rope: rope.clone(), conv, saved: Stash::default() };
-    x.contiguous()?.apply_op2(&p, op)
+    x.contiguous()?.apply_op2(&p, SublayerOp(op))
 }
 
 /// Reference form from the composed ops (norm, matmuls, RoPE, causal attention).
@@ -164,7 +164,7 @@ impl AttnSublayer {
         }
     }
 
-    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
+    fn forward_impl<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
         let (rows, d, t) = (self.b * self.t, self.d, self.t);
         let (qd, kd) = (self.hq * self.hd, self.hkv * self.hd);
         let o = self.offsets();
@@ -205,7 +205,7 @@ impl AttnSublayer {
     }
 
     /// Returns `(dx, dp)`.
-    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+    fn backward_impl<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
         let (rows, d, t) = (self.b * self.t, self.d, self.t);
         let (qd, kd) = (self.hq * self.hd, self.hkv * self.hd);
         let o = self.offsets();
@@ -244,44 +244,28 @@ impl AttnSublayer {
         Ok((dx, dp))
     }
 
-    fn grads<T: Elem>(&self, x: &Tensor, p: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let guards: Vec<_> = [x, p, dy].iter().map(|t| t.storage_and_layout()).collect();
-        let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-        let (dx, dp) = self.saved.with_parts(|s| self.backward(sl[0], sl[1], s, sl[2]))??;
-        drop(sl);
-        drop(guards);
-        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dp, p.shape(), p.device())?))
-    }
 }
 
-impl CustomOp2 for AttnSublayer {
-    fn name(&self) -> &'static str {
-        "attention_sublayer"
+impl SublayerKernel for AttnSublayer {
+    const NAME: &'static str = "attention_sublayer";
+
+    fn check(&self, x: &Layout, p: &Layout) -> Result<()> {
+        if x.dims() != [self.b, self.t, self.d] || p.shape().elem_count() != self.offsets()[8] {
+            bail!("attention_sublayer: x {:?} / packed weights {:?} do not fit the op", x.dims(), p.dims());
+        }
+        Ok(())
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != [self.b, self.t, self.d] || l2.shape().elem_count() != self.offsets()[8] {
-            bail!("attention_sublayer: x {:?} / packed weights {:?} do not fit the op", l1.dims(), l2.dims());
-        }
-        let y = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)?),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)?),
-            _ => bail!("attention_sublayer: inputs must both be f32 or both f64; got {:?}, {:?}", s1.dtype(), s2.dtype()),
-        };
-        Ok((y, l1.shape().clone()))
+    fn stash(&self) -> &Stash {
+        &self.saved
     }
 
-    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !x.device().is_cpu() {
-            bail!("attention_sublayer: CPU only, got inputs on {:?}", x.device().location());
-        }
-        let dy = dy.contiguous()?;
-        let (dx, dp) = match x.dtype() {
-            DType::F32 => self.grads::<f32>(x, p, &dy)?,
-            DType::F64 => self.grads::<f64>(x, p, &dy)?,
-            dt => bail!("attention_sublayer: unsupported dtype {dt:?}"),
-        };
-        Ok((Some(dx), Some(dp)))
+    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
+        self.forward_impl(x, p)
+    }
+
+    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        self.backward_impl(x, p, saved, dy)
     }
 }
 
@@ -289,7 +273,7 @@ impl CustomOp2 for AttnSublayer {
 mod tests {
     use super::*;
     use crate::testing::{assert_close, check_grads, rand_tensor};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// g, wq, wk, wv, wo for width d, heads (hq, hkv, hd).
     fn vars(d: usize, (hq, hkv, hd): (usize, usize, usize), dt: DType, seed: u64) -> Vec<Var> {

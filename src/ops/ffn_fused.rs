@@ -21,12 +21,12 @@
 //! norm's backward plus `dy` for dx. [`swiglu_ffn_residual_composed`] is the reference.
 //! CPU, f32/f64; elsewhere the composed form runs.
 
-use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::attn_fused::Elem;
 use super::cpu::Stash;
+use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// Elements per parallel task of the element-wise passes (fixed: results do not depend on the
@@ -45,7 +45,7 @@ pub fn swiglu_ffn_residual(x: &Tensor, g: &Tensor, w_gate: &Tensor, w_up: &Tenso
         return swiglu_ffn_residual_composed(x, g, w_gate, w_up, w_down, eps);
     }
     let p = Tensor::cat(&[g.flatten_all()?, w_gate.flatten_all()?, w_up.flatten_all()?, w_down.flatten_all()?], 0)?;
-    x.contiguous()?.apply_op2(&p, SwigluFfn { d, h, eps, ab: Stash::default() })
+    x.contiguous()?.apply_op2(&p, SublayerOp(SwigluFfn { d, h, eps, ab: Stash::default() }))
 }
 
 /// Reference form from candle primitives (the composed norm, matmuls and SiLU).
@@ -78,7 +78,7 @@ fn silu_sig<T: Elem>(a: T) -> (T, T) {
 
 impl SwigluFfn {
     /// Returns y and keeps `[a ‖ b]` in the stash.
-    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
+    fn forward_impl<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
         let (d, h) = (self.d, self.h);
         let o = offsets(d, h);
         let rows = x.len() / d;
@@ -104,7 +104,7 @@ impl SwigluFfn {
     }
 
     /// Returns `(dx, dp)`.
-    fn backward<T: Elem>(&self, x: &[T], p: &[T], ab: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    fn backward_impl<T: Elem>(&self, x: &[T], p: &[T], ab: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
         let (d, h) = (self.d, self.h);
         let o = offsets(d, h);
         let rows = x.len() / d;
@@ -144,44 +144,28 @@ impl SwigluFfn {
         (dx, dp)
     }
 
-    fn grads<T: Elem>(&self, x: &Tensor, p: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let guards: Vec<_> = [x, p, dy].iter().map(|t| t.storage_and_layout()).collect();
-        let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-        let (dx, dp) = self.ab.with(|ab| self.backward(sl[0], sl[1], ab, sl[2]))?;
-        drop(sl);
-        drop(guards);
-        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dp, p.shape(), p.device())?))
-    }
 }
 
-impl CustomOp2 for SwigluFfn {
-    fn name(&self) -> &'static str {
-        "swiglu_ffn_residual"
+impl SublayerKernel for SwigluFfn {
+    const NAME: &'static str = "swiglu_ffn_residual";
+
+    fn check(&self, x: &Layout, p: &Layout) -> Result<()> {
+        if p.shape().elem_count() != offsets(self.d, self.h)[4] || x.shape().elem_count() % self.d != 0 {
+            bail!("swiglu_ffn_residual: x {:?} / packed weights {:?} do not fit d {} h {}", x.dims(), p.dims(), self.d, self.h);
+        }
+        Ok(())
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l2.shape().elem_count() != offsets(self.d, self.h)[4] || l1.shape().elem_count() % self.d != 0 {
-            bail!("swiglu_ffn_residual: x {:?} / packed weights {:?} do not fit d {} h {}", l1.dims(), l2.dims(), self.d, self.h);
-        }
-        let y = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)),
-            _ => bail!("swiglu_ffn_residual: inputs must both be f32 or both f64; got {:?}, {:?}", s1.dtype(), s2.dtype()),
-        };
-        Ok((y, l1.shape().clone()))
+    fn stash(&self) -> &Stash {
+        &self.ab
     }
 
-    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !x.device().is_cpu() {
-            bail!("swiglu_ffn_residual: CPU only, got inputs on {:?}", x.device().location());
-        }
-        let dy = dy.contiguous()?;
-        let (dx, dp) = match x.dtype() {
-            DType::F32 => self.grads::<f32>(x, p, &dy)?,
-            DType::F64 => self.grads::<f64>(x, p, &dy)?,
-            dt => bail!("swiglu_ffn_residual: unsupported dtype {dt:?}"),
-        };
-        Ok((Some(dx), Some(dp)))
+    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
+        Ok(self.forward_impl(x, p))
+    }
+
+    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        Ok(self.backward_impl(x, p, saved[0], dy))
     }
 }
 
@@ -189,7 +173,7 @@ impl CustomOp2 for SwigluFfn {
 mod tests {
     use super::*;
     use crate::testing::{assert_close, check_grads, rand_tensor};
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     fn vars(d: usize, h: usize, dt: DType, seed: u64) -> Vec<Var> {
         let shapes: [&[usize]; 4] = [&[d], &[d, h], &[d, h], &[h, d]];

@@ -20,15 +20,15 @@
 //! the conv's are those of their own fused ops). [`crate::blocks::mamba2::Mamba2`] composes the
 //! same computation from candle ops; its tests compare the two, forward and gradients.
 
-use super::attn_fused::{contiguous, cpu_slice, Elem};
+use super::attn_fused::Elem;
 use super::cpu::{row_sums, Stash};
+use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
 use super::simd::{sigmoid, softplus, with_fast_isa};
 use super::short_conv_fused::{bwd as conv_bwd, fwd as conv_fwd, Dims as ConvDims};
 use super::ssd_fused::{backward as ssd_backward, forward as ssd_forward, Dims as SsdDims};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// Sizes of one Mamba2 sublayer.
@@ -114,7 +114,7 @@ pub fn mamba2_sublayer(x: &Tensor, w: &Mamba2Weights, dims: Mamba2Dims, eps: f64
     }
     let flat = parts.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?;
     let p = Tensor::cat(&flat, 0)?;
-    x.contiguous()?.apply_op2(&p, Mamba2Sublayer { b, t, m, eps, norm_eps, saved: Stash::default() })
+    x.contiguous()?.apply_op2(&p, SublayerOp(Mamba2Sublayer { b, t, m, eps, norm_eps, saved: Stash::default() }))
 }
 
 struct Mamba2Sublayer {
@@ -211,7 +211,7 @@ impl Mamba2Sublayer {
         (u, y2)
     }
 
-    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
+    fn forward_impl<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
         let m = self.m;
         let (rows, o, d, w, c, di) = (self.rows(), m.offsets(), m.d_model, m.proj_dim(), m.conv_dim(), m.d_inner);
         let mut n = vec![T::zero(); x.len()];
@@ -232,7 +232,7 @@ impl Mamba2Sublayer {
         y
     }
 
-    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    fn backward_impl<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> (Vec<T>, Vec<T>) {
         let m = self.m;
         let (rows, o, d, w, c, di, h, hp) = (self.rows(), m.offsets(), m.d_model, m.proj_dim(), m.conv_dim(), m.d_inner, m.heads, m.headdim);
         let (proj, xbc, scan) = (saved[0], saved[1], saved[2]);
@@ -327,43 +327,27 @@ impl Mamba2Sublayer {
         (dx, dp)
     }
 
-    fn grads<T: Elem>(&self, x: &Tensor, p: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-        let guards: Vec<_> = [x, p, dy].iter().map(|t| t.storage_and_layout()).collect();
-        let sl = guards.iter().map(|(st, l)| cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
-        let (dx, dp) = self.saved.with_parts(|s| self.backward(sl[0], sl[1], s, sl[2]))?;
-        drop(sl);
-        drop(guards);
-        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dp, p.shape(), p.device())?))
-    }
 }
 
-impl CustomOp2 for Mamba2Sublayer {
-    fn name(&self) -> &'static str {
-        "mamba2_sublayer"
+impl SublayerKernel for Mamba2Sublayer {
+    const NAME: &'static str = "mamba2_sublayer";
+
+    fn check(&self, x: &Layout, p: &Layout) -> Result<()> {
+        if x.dims() != [self.b, self.t, self.m.d_model] || p.shape().elem_count() != self.m.offsets()[9] {
+            bail!("mamba2_sublayer: x {:?} / packed parameters {:?} do not fit the op", x.dims(), p.dims());
+        }
+        Ok(())
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != [self.b, self.t, self.m.d_model] || l2.shape().elem_count() != self.m.offsets()[9] {
-            bail!("mamba2_sublayer: x {:?} / packed parameters {:?} do not fit the op", l1.dims(), l2.dims());
-        }
-        let y = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)),
-            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.forward(contiguous(x, l1)?, contiguous(p, l2)?)),
-            _ => bail!("mamba2_sublayer: inputs must both be f32 or both f64; got {:?}, {:?}", s1.dtype(), s2.dtype()),
-        };
-        Ok((y, l1.shape().clone()))
+    fn stash(&self) -> &Stash {
+        &self.saved
     }
 
-    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !x.device().is_cpu() {
-            bail!("mamba2_sublayer: CPU only, got inputs on {:?}", x.device().location());
-        }
-        let dy = dy.contiguous()?;
-        let (dx, dp) = match x.dtype() {
-            DType::F32 => self.grads::<f32>(x, p, &dy)?,
-            DType::F64 => self.grads::<f64>(x, p, &dy)?,
-            dt => bail!("mamba2_sublayer: unsupported dtype {dt:?}"),
-        };
-        Ok((Some(dx), Some(dp)))
+    fn forward<T: Elem>(&self, x: &[T], p: &[T]) -> Result<Vec<T>> {
+        Ok(self.forward_impl(x, p))
+    }
+
+    fn backward<T: Elem>(&self, x: &[T], p: &[T], saved: &[&[T]], dy: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        Ok(self.backward_impl(x, p, saved, dy))
     }
 }

@@ -31,6 +31,7 @@ pub mod softmax;
 pub mod ssd;
 pub mod ssd_chunked;
 pub mod ssd_fused;
+pub mod sublayer_op;
 pub mod swiglu;
 
 use crate::error::{Error, Result};
