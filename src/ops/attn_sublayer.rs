@@ -180,15 +180,17 @@ impl AttnSublayer {
             .collect();
         drop(n);
         // `p + conv(p)` with the residual short convs, else p.
-        let pre: Vec<Vec<T>> = if self.conv > 0 {
-            raw.iter().enumerate().map(|(i, r)| {
+        // Without the convs the raw projections are used as they are (and not kept twice).
+        let (pre, raw): (Vec<Vec<T>>, Vec<Vec<T>>) = if self.conv > 0 {
+            let pre = raw.iter().enumerate().map(|(i, r)| {
                 let c = r.len() / rows;
                 let mut y = conv_fwd(r, &p[o[5 + i]..o[6 + i]], &vec![T::zero(); c], ConvDims::of(t, c, self.conv), false);
                 y.iter_mut().zip(r).for_each(|(y, &v)| *y += v);
                 y
-            }).collect()
+            }).collect();
+            (pre, raw)
         } else {
-            raw.clone()
+            (raw, Vec::new())
         };
         let q = self.rope.rotate_cpu(&pre[0], t, self.hq, self.hd, false)?;
         let k = self.rope.rotate_cpu(&pre[1], t, self.hkv, self.hd, false)?;
@@ -197,9 +199,7 @@ impl AttnSublayer {
         let mut y = x.to_vec();
         mm_par(rows, d, qd, &mut y, d, true, Mat::rows(&ol[..rows * qd], qd, 0), Mat::rows(&p[o[4]..o[5]], d, 0), T::one());
         let mut saved = vec![q, k, v, ol];
-        if self.conv > 0 {
-            saved.extend(raw);
-        }
+        saved.extend(raw);
         self.saved.put_parts(saved);
         Ok(y)
     }

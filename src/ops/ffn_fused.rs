@@ -25,13 +25,10 @@ use super::attn_fused::Elem;
 use super::cpu::Stash;
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
+use super::swiglu::{gate_bwd_into, gate_into};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
 use candle_core::{bail, Layout, Result, Tensor};
-use rayon::prelude::*;
 
-/// Elements per parallel task of the element-wise passes (fixed: results do not depend on the
-/// thread count).
-const CHUNK: usize = 16 * 1024;
 
 /// `x + swiglu(n W_gate, n W_up) W_down` with `n = rms_norm(x, g, eps)`: x `[..., d]`, g `[d]`,
 /// `w_gate`, `w_up` `[d, h]`, `w_down` `[h, d]`. One fused node on CPU (f32/f64).
@@ -69,13 +66,6 @@ fn offsets(d: usize, h: usize) -> [usize; 5] {
     [0, d, d + d * h, d + 2 * d * h, d + 3 * d * h]
 }
 
-/// `silu(a) = a σ(a)` and `σ(a)`, as [`super::swiglu`] computes them.
-#[inline(always)]
-fn silu_sig<T: Elem>(a: T) -> (T, T) {
-    let s = T::one() / (T::one() + (T::zero() - a).exp());
-    (a * s, s)
-}
-
 impl SwigluFfn {
     /// Returns y and keeps `[a ‖ b]` in the stash.
     fn forward_impl<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
@@ -90,13 +80,7 @@ impl SwigluFfn {
         mm_par(rows, h, d, b, h, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[2]..o[3]], h, 0), T::one());
         drop(n);
         let mut hs = vec![T::zero(); rows * h];
-        hs.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(hc, (ac, bc))| {
-            super::simd::with_fast_isa(#[inline(always)] || {
-                for ((y, &a), &b) in hc.iter_mut().zip(ac).zip(bc) {
-                    *y = a / (T::one() + (T::zero() - a).exp()) * b;
-                }
-            })
-        });
+        gate_into(a, b, &mut hs);
         let mut y = x.to_vec();
         mm_par(rows, d, h, &mut y, d, true, Mat::rows(&hs, h, 0), Mat::rows(&p[o[3]..o[4]], d, 0), T::one());
         self.ab.put(ab);
@@ -114,20 +98,7 @@ impl SwigluFfn {
         mm_par(rows, h, d, &mut da, h, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[3]..o[4]], d, 0), T::one());
         let mut db = vec![T::zero(); rows * h];
         let mut hs = vec![T::zero(); rows * h];
-        da.par_chunks_mut(CHUNK)
-            .zip(db.par_chunks_mut(CHUNK).zip(hs.par_chunks_mut(CHUNK)))
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|((dac, (dbc, hc)), (ac, bc))| {
-                super::simd::with_fast_isa(#[inline(always)] || {
-                    for i in 0..ac.len() {
-                        let (a, b, g) = (ac[i], bc[i], dac[i]);
-                        let (silu, s) = silu_sig(a);
-                        hc[i] = silu * b;
-                        dbc[i] = g * silu;
-                        dac[i] = g * b * s * (T::one() + a * (T::one() - s));
-                    }
-                })
-            });
+        gate_bwd_into(a, b, &mut da, &mut db, &mut hs);
         let mut dp = vec![T::zero(); o[4]];
         mm_par(h, d, rows, &mut dp[o[3]..o[4]], d, false, Mat::rows_t(&hs, h, 0), Mat::rows(dy, d, 0), T::one());
         drop(hs);

@@ -127,7 +127,9 @@ impl GdnSublayer {
 
     /// The scan's packed input `[q | k | g | β]` `[R, H, 2K+2]` from the conv outputs (q, k
     /// L2-normalised here) and the a, b projections.
-    fn scan_input<T: Elem>(&self, p: &[T], cq: &[T], ck: &[T], pa: &[T], pb: &[T]) -> Vec<T> {
+    /// Also returns the per-(row, head) `1/ρ` of q and k (the L2 norms' backward reads them).
+    #[allow(clippy::type_complexity)]
+    fn scan_input<T: Elem>(&self, p: &[T], cq: &[T], ck: &[T], pa: &[T], pb: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (h, kd) = (self.m.heads, self.m.key_dim);
         let o = self.m.offsets();
         let w = 2 * kd + 2;
@@ -143,7 +145,7 @@ impl GdnSublayer {
             row[2 * kd] = neg_a[hh] * softplus(pa[rh] + p[o[DTB] + hh]);
             row[2 * kd + 1] = bscale * sigmoid(pb[rh]);
         });
-        packed
+        (packed, iq, ik)
     }
 
     fn forward_impl<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
@@ -165,7 +167,7 @@ impl GdnSublayer {
             conv_fwd(&proj[i], &p[o[QC + i]..o[QC + i + 1]], &vec![T::zero(); c], ConvDims::of(self.t, c, m.conv_size), true)
         };
         let (cq, ck, cv) = (conv(0), conv(1), conv(2));
-        let packed = self.scan_input(p, &cq, &ck, &proj[3], &proj[4]);
+        let (packed, _, _) = self.scan_input(p, &cq, &ck, &proj[3], &proj[4]);
         let scan = gdr_forward(self.gdr_dims(), &packed, &cv, &vec![T::zero(); self.b * h * m.key_dim * vd]);
         drop(packed);
         let mut on = vec![T::zero(); rows * hv];
@@ -222,13 +224,12 @@ impl GdnSublayer {
         norm_bwd_into(&scan[..rows * hv], &p[o[ONORM]..o[ONORM + 1]], &dgated, vd, m.norm_eps, None, &mut d_o[..rows * hv], &mut dp[o[ONORM]..o[ONORM + 1]]);
         drop(dgated);
         // The scan.
-        let packed = self.scan_input(p, cq, ck, proj[3], proj[4]);
+        let (packed, iq, ik) = self.scan_input(p, cq, ck, proj[3], proj[4]);
         let n_s = self.b * h * kd * vd;
         let (gpk, gv, _ds0) = gdr_backward(self.gdr_dims(), &packed, cv, &scan[rows * hv + n_s..], &d_o);
         drop(d_o);
         // Unpack: q, k through the L2 norm; g and β to the a, b projections.
         let (neg_a, bscale) = self.decay_and_beta_scale(p);
-        let (iq, ik) = (inv_l2(cq, kd, m.l2_eps), inv_l2(ck, kd, m.l2_eps));
         let w = 2 * kd + 2;
         let mut dcq = vec![T::zero(); rows * hk];
         let mut dck = vec![T::zero(); rows * hk];

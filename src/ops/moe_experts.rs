@@ -20,7 +20,7 @@
 use super::attn_fused::{contiguous, cpu_slice, Elem};
 use super::cpu::Stash;
 use super::gemm::{mm_par, Mat};
-use super::simd::with_fast_isa;
+use super::swiglu::{gate_bwd_into, gate_into};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -112,8 +112,6 @@ struct MoeExperts {
     saved: Stash,
 }
 
-/// Elements per parallel task of the element-wise passes.
-const CH: usize = 16 * 1024;
 
 impl MoeExperts {
     fn experts(&self) -> usize {
@@ -154,13 +152,7 @@ impl MoeExperts {
             mm_par(rows, h, d, &mut a[r0 * h..], h, false, Mat::rows(xe, d, 0), Mat::rows(self.weight(p, 0, e), h, 0), T::one());
             mm_par(rows, h, d, &mut b[r0 * h..], h, false, Mat::rows(xe, d, 0), Mat::rows(self.weight(p, 1, e), h, 0), T::one());
         }
-        hs.par_chunks_mut(CH).zip(a.par_chunks(CH).zip(b.par_chunks(CH))).for_each(|(hc, (ac, bc))| {
-            with_fast_isa(#[inline(always)] || {
-                for ((y, &a), &b) in hc.iter_mut().zip(ac).zip(bc) {
-                    *y = a / (T::one() + (T::zero() - a).exp()) * b;
-                }
-            })
-        });
+        gate_into(&a, &b, &mut hs);
         for e in 0..self.experts() {
             let (r0, rows) = (off[e], off[e + 1] - off[e]);
             if rows > 0 {
@@ -222,18 +214,7 @@ impl MoeExperts {
         }
         let mut db = vec![T::zero(); kept * h];
         let mut hs = vec![T::zero(); kept * h];
-        da.par_chunks_mut(CH).zip(db.par_chunks_mut(CH).zip(hs.par_chunks_mut(CH))).zip(a.par_chunks(CH).zip(b.par_chunks(CH))).for_each(|((dac, (dbc, hc)), (ac, bc))| {
-            with_fast_isa(#[inline(always)] || {
-                for i in 0..ac.len() {
-                    let (a, b, g) = (ac[i], bc[i], dac[i]);
-                    let s = T::one() / (T::one() + (T::zero() - a).exp());
-                    let silu = a * s;
-                    hc[i] = silu * b;
-                    dbc[i] = g * silu;
-                    dac[i] = g * b * s * (T::one() + a * (T::one() - s));
-                }
-            })
-        });
+        gate_bwd_into(a, b, &mut da, &mut db, &mut hs);
         let sz = d * h;
         let ex = self.experts();
         let mut dxs = vec![T::zero(); kept * d];

@@ -12,6 +12,7 @@
 //! attention-preset training step.
 
 use super::cpu::slice;
+use super::attn_fused::Elem;
 use super::simd::{exp_f32, with_fast_isa};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -54,16 +55,43 @@ impl Float for f64 {
     }
 }
 
-fn fwd<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
+fn fwd<T: Elem>(a: &[T], b: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); a.len()];
-    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(yc, (ac, bc))| {
+    gate_into(a, b, &mut y);
+    y
+}
+
+/// `h = silu(a) ⊙ b` into `h`, in parallel chunks in the widest ISA: the op's forward, also run
+/// inside the fused feed-forward ops (`ffn_fused`, `moe_experts`).
+pub(super) fn gate_into<T: Elem>(a: &[T], b: &[T], h: &mut [T]) {
+    h.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(hc, (ac, bc))| {
         with_fast_isa(#[inline(always)] || {
-            for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
-                *y = a / (T::ONE + (-a).exp()) * b;
+            for ((y, &a), &b) in hc.iter_mut().zip(ac).zip(bc) {
+                *y = a / (T::one() + (T::zero() - a).exp()) * b;
             }
         })
     });
-    y
+}
+
+/// The gate's backward inside a fused op: `dh_da` holds dh on entry and da on return; writes
+/// `db` and the recomputed gate output `h = silu(a) ⊙ b` (the down projection's input).
+pub(super) fn gate_bwd_into<T: Elem>(a: &[T], b: &[T], dh_da: &mut [T], db: &mut [T], h: &mut [T]) {
+    dh_da
+        .par_chunks_mut(CHUNK)
+        .zip(db.par_chunks_mut(CHUNK).zip(h.par_chunks_mut(CHUNK)))
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|((dac, (dbc, hc)), (ac, bc))| {
+            with_fast_isa(#[inline(always)] || {
+                for i in 0..ac.len() {
+                    let (a, b, g) = (ac[i], bc[i], dac[i]);
+                    let s = T::one() / (T::one() + (T::zero() - a).exp());
+                    let silu = a * s;
+                    hc[i] = silu * b;
+                    dbc[i] = g * silu;
+                    dac[i] = g * b * s * (T::one() + a * (T::one() - s));
+                }
+            })
+        });
 }
 
 /// Returns `[da ++ db]`.
