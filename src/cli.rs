@@ -120,10 +120,16 @@ enum Cmd {
         sets: Vec<String>,
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
+        /// Tokens per sequence (default: each preset's `train.seq_len`, 256 for every preset but
+        /// the MAD ones, whose data fix it).
+        #[arg(long)]
+        seq_len: Option<usize>,
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Rounds per preset, alternating mixscale and PyTorch; the table shows the medians and
+        /// the ratio of each round (a shared machine's load moves both sides of a round alike).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         /// Threads for both implementations (default: all cores).
@@ -160,7 +166,9 @@ fn with_precision(mut sets: Vec<String>, precision: Option<String>) -> Vec<Strin
 
 /// Loads an architecture file with overrides, checks it and resolves block options.
 /// `mixscale bench`: every config back to back (mixscale worker, then PyTorch), one table.
-fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench::BenchOptions, device: &str, json: Option<PathBuf>) -> Result<i32> {
+/// `seq_len`: `--seq-len`, else each preset's own `train.seq_len`.
+#[allow(clippy::too_many_arguments)]
+fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench::BenchOptions, seq_len: Option<usize>, device: &str, json: Option<PathBuf>) -> Result<i32> {
     let configs = if all {
         let mut v: Vec<PathBuf> = std::fs::read_dir("architectures")
             .context("--all reads architectures/ (run from the repository root)")?
@@ -178,6 +186,11 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
     let scratch = std::env::temp_dir().join(format!("mixscale-bench-{}", std::process::id()));
     let mut rows = Vec::new();
     let mut failed = Vec::new();
+    let mut own_len = Vec::new();
+    // The header's sequence length: --seq-len, else the one most presets use.
+    let mut lens: Vec<usize> = specs.iter().map(|s| s.train.seq_len).collect();
+    lens.sort_unstable();
+    let common = seq_len.unwrap_or_else(|| lens.iter().copied().max_by_key(|l| lens.iter().filter(|x| *x == l).count()).unwrap_or(256));
     for (i, (config, spec)) in configs.iter().zip(&specs).enumerate() {
         let name = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         eprintln!("[{}/{}] {name}", i + 1, configs.len());
@@ -185,7 +198,11 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
         std::fs::create_dir_all(&work).with_context(|| format!("{}", work.display()))?;
         // One preset that cannot run at these settings (e.g. MAD's fixed example length) is
         // reported under the table; the others are still measured.
-        match bench::bench_preset(&exe, &name, config, sets, spec, opts, device, &work, sgemm) {
+        let opts = bench::BenchOptions { seq_len: seq_len.unwrap_or(spec.train.seq_len), ..opts.clone() };
+        if opts.seq_len != common {
+            own_len.push(format!("{name}: seq {} (its train.seq_len)", opts.seq_len));
+        }
+        match bench::bench_preset(&exe, &name, config, sets, spec, &opts, device, &work, sgemm) {
             Ok(r) => rows.push(r),
             Err(e) => failed.push(format!("{name}: not benchmarked: {}", e.to_string().trim())),
         }
@@ -193,9 +210,12 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
     let _ = std::fs::remove_dir_all(&scratch);
     let header = format!(
         "mixscale bench | batch {} x seq {}, {} threads, {} timed steps after {} warmup, {}",
-        opts.batch, opts.seq_len, opts.threads, opts.steps, opts.warmup, mixscale::device::describe(&opts.device)
+        opts.batch, common, opts.threads, opts.steps, opts.warmup, mixscale::device::describe(&opts.device)
     );
     bench::print_table(&mut std::io::stdout(), &rows, &header)?;
+    for l in &own_len {
+        println!("{l}");
+    }
     for f in &failed {
         println!("{f}");
     }
@@ -296,19 +316,20 @@ pub fn run() -> Result<i32> {
         Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
             fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
-        Cmd::Bench { configs, all, sets, batch, seq_len, steps, warmup, threads, torch_python, bench_dir, json, device, precision, worker, profile } => {
+        Cmd::Bench { configs, all, sets, batch, seq_len, steps, rounds, warmup, threads, torch_python, bench_dir, json, device, precision, worker, profile } => {
             let sets = with_precision(sets, precision);
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
             let dev = mixscale::device::parse(&device)?;
-            let opts = bench::BenchOptions { batch, seq_len, steps, warmup, threads, torch_python, bench_dir, device: dev, profile };
+            let mut opts = bench::BenchOptions { batch, seq_len: seq_len.unwrap_or(0), steps, warmup, threads, torch_python, bench_dir, device: dev, profile, rounds: rounds as usize };
             if let Some(dir) = worker {
                 let spec = load_run(&configs[0], &sets)?;
+                opts.seq_len = seq_len.unwrap_or(spec.train.seq_len);
                 bench::worker_main(&spec, &opts, &dir).context("benchmark")?;
                 return Ok(0);
             }
-            bench_command(configs, all, &sets, &opts, &device, json)
+            bench_command(configs, all, &sets, &opts, seq_len, &device, json)
         }
     }
 }

@@ -45,7 +45,7 @@ fn presets(sets: &[&str]) -> Vec<(String, RunSpec)> {
 }
 
 fn opts(python: &Path, batch: usize, seq_len: usize, warmup: usize, steps: usize) -> bench::BenchOptions {
-    bench::BenchOptions { batch, seq_len, steps, warmup, threads: 1, torch_python: python.to_path_buf(), bench_dir: root().join("bench"), device: Device::Cpu, profile: false }
+    bench::BenchOptions { batch, seq_len, steps, warmup, threads: 1, torch_python: python.to_path_buf(), bench_dir: root().join("bench"), device: Device::Cpu, profile: false, rounds: 1 }
 }
 
 /// Parameter tables equal for every preset at its real size (one python process, no training).

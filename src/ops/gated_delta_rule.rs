@@ -175,7 +175,12 @@ pub fn gdr_chunked(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor
 
 /// Batched matmul over any number of leading dims (candle's CPU matmul handles at most two
 /// batch dims): `[..., m, k] @ [..., k, n]` → `[..., m, n]`, same leading dims on both sides.
+///
+/// The operands are made contiguous first: candle's CUDA matmul rejects strided views such as
+/// the off-diagonal block `L₂₁` of [`unit_lower_inverse`] (the CPU one takes any strides), and
+/// `contiguous()` is free for the operands that already are.
 fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a, b) = (&a.contiguous()?, &b.contiguous()?);
     let (ad, bd) = (a.dims(), b.dims());
     let r = ad.len();
     if r <= 3 {

@@ -77,7 +77,9 @@ pub fn rwkv7_chunked(r: &Tensor, w: &Tensor, k: &Tensor, v: &Tensor, a: &Tensor,
     let mix = |key: &Tensor| -> Result<(Tensor, Tensor)> {
         let p = e.broadcast_mul(&key.unsqueeze(1)?)?.reshape((m * c, c, dk))?;
         let out = p.matmul(&queries)?.reshape((m, c, c, 2))?;
-        Ok((out.narrow(3, 0, 1)?.squeeze(3)?, out.narrow(3, 1, 1)?.squeeze(3)?))
+        // Contiguous halves: they are matmul operands, and candle's CUDA matmul rejects the
+        // stride-2 views that `narrow` leaves (the CPU one takes them).
+        Ok((out.narrow(3, 0, 1)?.squeeze(3)?.contiguous()?, out.narrow(3, 1, 1)?.squeeze(3)?.contiguous()?))
     };
     let (a_ak, a_rk) = mix(&k)?;
     let (a_ab, a_rb) = mix(&b)?;

@@ -42,6 +42,10 @@ pub struct BenchOptions {
     pub device: Device,
     /// Also time the phases of each step (forward, backward, grad norm, clipped optimizer step).
     pub profile: bool,
+    /// Rounds per preset, each mixscale then PyTorch (at least 1): the row reports the median
+    /// of each side's tokens/s and the median of the per-round ratios, so that load changes on
+    /// a shared machine, which move both sides of a round together, move the ratio less.
+    pub rounds: usize,
 }
 
 /// The mixscale side of one preset.
@@ -246,6 +250,8 @@ pub struct BenchRow {
     pub note: Option<String>,
     pub comparable: bool,
     pub sgemm_flops: f64,
+    /// mixscale/PyTorch tokens/s of each round (`--rounds`), in order; empty when not comparable.
+    pub round_ratios: Vec<f64>,
 }
 
 impl BenchRow {
@@ -260,16 +266,52 @@ impl BenchRow {
             Err(e) => (None, Some(e)),
         };
         let comparable = torch.is_some() && note.is_none();
-        Self { name, mixscale, torch, note, comparable, sgemm_flops }
+        let round_ratios = match (&torch, comparable) {
+            (Some(t), true) => vec![mixscale.tokens_per_s / t.tokens_per_s],
+            _ => Vec::new(),
+        };
+        Self { name, mixscale, torch, note, comparable, sgemm_flops, round_ratios }
     }
 
+    /// Several rounds of the same preset as one row: each side's median tokens/s (and step time),
+    /// the median of the per-round ratios; the rest (parameters, losses, memory) from round 1.
+    /// Rounds whose PyTorch side failed or is not comparable count for mixscale only.
+    pub fn from_rounds(mut rounds: Vec<BenchRow>) -> Option<Self> {
+        let mixs: Vec<f64> = rounds.iter().map(|r| r.mixscale.tokens_per_s).collect();
+        let torch: Vec<f64> = rounds.iter().filter(|r| r.comparable).filter_map(|r| r.torch.as_ref().map(|t| t.tokens_per_s)).collect();
+        let ratios: Vec<f64> = rounds.iter().flat_map(|r| r.round_ratios.clone()).collect();
+        let mut row = if rounds.is_empty() { return None } else { rounds.remove(0) };
+        let mixed = median(&mixs);
+        row.mixscale.step_ms *= row.mixscale.tokens_per_s / mixed;
+        row.mixscale.tokens_per_s = mixed;
+        if let (Some(t), false) = (row.torch.as_mut(), torch.is_empty()) {
+            let med = median(&torch);
+            t.step_ms *= t.tokens_per_s / med;
+            t.tokens_per_s = med;
+        }
+        row.round_ratios = ratios;
+        Some(row)
+    }
+
+    /// mixscale/PyTorch tokens/s: the median of the rounds' ratios.
     pub fn ratio(&self) -> Option<f64> {
-        let t = self.torch.as_ref().filter(|_| self.comparable)?;
-        Some(self.mixscale.tokens_per_s / t.tokens_per_s)
+        self.torch.as_ref().filter(|_| self.comparable)?;
+        (!self.round_ratios.is_empty()).then(|| median(&self.round_ratios))
     }
 
     fn mfu(&self, tps: f64) -> f64 {
         tps * self.mixscale.flops_per_token / self.sgemm_flops
+    }
+}
+
+/// Median (mean of the middle two for an even count); NaN for none.
+pub fn median(x: &[f64]) -> f64 {
+    let mut v = x.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
     }
 }
 
@@ -324,6 +366,10 @@ pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std:
         let p: Vec<String> = r.mixscale.phases.iter().map(|(k, ms)| format!("{k} {ms:.1} ms")).collect();
         writeln!(out, "{} phases per step: {}", r.name, p.join(", "))?;
     }
+    for r in rows.iter().filter(|r| r.round_ratios.len() > 1) {
+        let each: Vec<String> = r.round_ratios.iter().map(|x| format!("{x:.2}")).collect();
+        writeln!(out, "{} ratio per round: {} (median {:.2}x)", r.name, each.join(" "), median(&r.round_ratios))?;
+    }
     for r in rows {
         match &r.note {
             Some(n) => writeln!(out, "{}: {n}", r.name)?,
@@ -337,14 +383,64 @@ pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std:
 /// `work` is a scratch folder for this preset.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_preset(exe: &Path, name: &str, config: &Path, sets: &[String], spec: &RunSpec, o: &BenchOptions, device: &str, work: &Path, sgemm: f64) -> Result<BenchRow> {
-    let m = run_worker(exe, config, sets, o, device, work)?;
-    let torch = if !spec.train.precision.is_f32() {
-        Err("the PyTorch reference runs in f32 only".into())
-    } else if o.device.is_cpu() {
-        let job = TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, o.threads, Some(work.join("tokens.u32")));
-        torch::run_torch(&o.torch_python, &o.bench_dir, work, &[job], false).map(|mut v| v.remove(0))
-    } else {
-        Err("the PyTorch reference runs on the CPU only".into())
-    };
-    Ok(BenchRow::new(name.to_string(), m, torch, sgemm))
+    let mut rounds = Vec::new();
+    for _ in 0..o.rounds.max(1) {
+        let m = run_worker(exe, config, sets, o, device, work)?;
+        let torch = if !spec.train.precision.is_f32() {
+            Err("the PyTorch reference runs in f32 only".into())
+        } else if o.device.is_cpu() {
+            let job = TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, o.threads, Some(work.join("tokens.u32")));
+            torch::run_torch(&o.torch_python, &o.bench_dir, work, &[job], false).map(|mut v| v.remove(0))
+        } else {
+            Err("the PyTorch reference runs on the CPU only".into())
+        };
+        rounds.push(BenchRow::new(name.to_string(), m, torch, sgemm));
+    }
+    Ok(BenchRow::from_rounds(rounds).expect("at least one round"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(tps: f64) -> MixscaleRun {
+        MixscaleRun { tokens_per_s: tps, step_ms: 1000.0 / tps, flops_per_token: 1.0, params_total: 3, param_table: Default::default(), losses: vec![], grad_norms: vec![], peak_rss_kb: None, phases: vec![] }
+    }
+
+    fn torch(tps: f64) -> TorchRun {
+        TorchRun { torch_version: "t".into(), tokens_per_s: tps, step_ms: 1000.0 / tps, params_total: 3, param_table: Default::default(), peak_rss_kb: None, losses: vec![], grad_norms: vec![] }
+    }
+
+    #[test]
+    fn median_odd_even_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    /// The row of several rounds: medians of each side, the median of the per-round ratios (not
+    /// the ratio of the medians), step times consistent with the medians; a round whose PyTorch
+    /// side failed counts for mixscale only.
+    #[test]
+    fn rounds_report_medians_and_round_ratios() {
+        let rows = vec![
+            BenchRow::new("p".into(), run(100.0), Ok(torch(50.0)), 1.0),
+            BenchRow::new("p".into(), run(60.0), Ok(torch(60.0)), 1.0),
+            BenchRow::new("p".into(), run(90.0), Ok(torch(100.0)), 1.0),
+            BenchRow::new("p".into(), run(80.0), Err("no torch".into()), 1.0),
+        ];
+        let r = BenchRow::from_rounds(rows).unwrap();
+        assert_eq!(r.round_ratios, vec![2.0, 1.0, 0.9]);
+        assert_eq!(r.ratio(), Some(1.0));
+        assert_eq!(r.mixscale.tokens_per_s, 85.0);
+        assert!((r.mixscale.step_ms - 1000.0 / 85.0).abs() < 1e-9);
+        let t = r.torch.as_ref().unwrap();
+        assert_eq!(t.tokens_per_s, 60.0);
+        assert!((t.step_ms - 1000.0 / 60.0).abs() < 1e-9);
+        let mut out = Vec::new();
+        print_table(&mut out, &[r], "h").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("p ratio per round: 2.00 1.00 0.90 (median 1.00x)"), "{text}");
+        assert!(BenchRow::from_rounds(vec![]).is_none());
+    }
 }

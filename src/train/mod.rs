@@ -360,13 +360,20 @@ pub fn compute_grads_with_stats(
 }
 
 /// Global L2 norm of all gradients (in f64).
+///
+/// Gradients the fused CPU kernel does not take (GPU, bf16) are summed on their device and read
+/// back once for all of them: one host synchronisation per step instead of one per parameter.
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut norm2 = 0.0;
+    let mut on_device = Vec::new();
     for g in grads.values() {
-        norm2 += match optim::fused::sum_squares(g)? {
-            Some(s) => s,
-            None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
-        };
+        match optim::fused::sum_squares(g)? {
+            Some(s) => norm2 += s,
+            None => on_device.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?),
+        }
+    }
+    if !on_device.is_empty() {
+        norm2 += Tensor::stack(&on_device, 0)?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(norm2.sqrt())
 }
