@@ -6,7 +6,7 @@
 //! `o[i] = Σ_{j≤i} softmax_j(q_i·k_j/√D) v_j`.
 //!
 //! Forward: one rayon task per (batch, query head). Queries are processed in row blocks of
-//! [`BLOCK`] rows against key blocks of [`BLOCK`] columns; blocks entirely above the diagonal
+//! [`BLOCK`] rows against key chunks of up to [`KEYS`] columns; keys past a block's last row
 //! are skipped, softmax is computed online (running max and running sum), so no `T×T` matrix
 //! is ever held. The per-row log-sum-exp `L_i = m_i + ln l_i` is saved for the backward.
 //! Block matmuls use the `gemm` crate single-threaded inside the rayon tasks (at D=32 it took
@@ -38,8 +38,21 @@ use super::cpu::Stash;
 use super::gemm::{mm, Mat};
 use super::simd::{exp_f32, exp_shifted_f32};
 
-/// Rows of a query block and columns of a key block.
+/// Rows of a query block and columns of a key block (MoBA's tiles).
 pub const BLOCK: usize = 64;
+
+/// Columns of a key chunk of the causal kernels: a multiple of [`BLOCK`], so every query row of a
+/// row block that reaches a chunk has at least one valid key in it. One chunk spans a whole
+/// row at T ≤ 256 (no online-softmax rescaling, one product per row block for S and one for P·V),
+/// and the products get K = 256 instead of 64 in the backward; the scratch stays
+/// `BLOCK × KEYS` (64 KiB in f32) at any T.
+pub const KEYS: usize = 256;
+
+/// Valid keys of row `row` in a chunk starting at key `j0` with `cols` columns (causal).
+#[inline]
+fn valid_keys(row: usize, j0: usize, cols: usize) -> usize {
+    (row + 1 - j0).min(cols)
+}
 
 /// Fused causal attention with GQA. q `[B,T,Hq,D]`, k/v `[B,T,Hkv,D]` → o `[B,T,Hq,D]`.
 /// CPU only, f32 or f64 (all three inputs the same dtype); other devices or dtypes are errors.
@@ -271,14 +284,14 @@ fn cum_g<T: Elem>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize
 }
 
 /// Adds the FoX bias `G_{i0+r} − G_{j0+c}` to rows `0..rows`, columns `0..valid(r)` of a tile
-/// (row stride [`BLOCK`]), as `(G_i − G_{j0}) + (G_{j0} − G_j)`.
+/// (row stride [`KEYS`]), as `(G_i − G_{j0}) + (G_{j0} − G_j)`.
 fn add_bias<T: Elem>(s: &mut [T], cum: &[f64], i0: usize, j0: usize, rows: usize, cols: usize) {
     let base = cum[j0];
     let col: Vec<T> = (0..cols).map(|c| T::from_f64(base - cum[j0 + c])).collect();
     for r in 0..rows {
-        let valid = if j0 == i0 { r + 1 } else { cols };
+        let valid = valid_keys(i0 + r, j0, cols);
         let a = T::from_f64(cum[i0 + r] - base);
-        for (x, &b) in s[r * BLOCK..r * BLOCK + valid].iter_mut().zip(&col) {
+        for (x, &b) in s[r * KEYS..r * KEYS + valid].iter_mut().zip(&col) {
             *x += a + b;
         }
     }
@@ -313,7 +326,7 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
 fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T, cum: Option<&[f64]>) -> (Vec<T>, Vec<T>) {
     let mut o = vec![T::zero(); t * d];
     let mut lse = vec![T::zero(); t];
-    let mut s = vec![T::zero(); BLOCK * BLOCK];
+    let mut s = vec![T::zero(); BLOCK * KEYS];
     let mut m = [T::NEG_INF; BLOCK];
     let mut l = [T::zero(); BLOCK];
     for i0 in (0..t).step_by(BLOCK) {
@@ -321,16 +334,16 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
         m.fill(T::NEG_INF);
         l.fill(T::zero());
         let acc = &mut o[i0 * d..(i0 + rows) * d];
-        // Key blocks start at multiples of BLOCK ≤ i0, so every row has a valid key in each.
-        for j0 in (0..i0 + rows).step_by(BLOCK) {
-            let cols = BLOCK.min(i0 + rows - j0);
-            mm(rows, cols, d, &mut s, BLOCK, false, Mat::rows(q, d, i0), Mat::rows_t(k, d, j0), scale);
+        // Key chunks start at multiples of KEYS ≤ i0, so every row has a valid key in each.
+        for j0 in (0..i0 + rows).step_by(KEYS) {
+            let cols = KEYS.min(i0 + rows - j0);
+            mm(rows, cols, d, &mut s, KEYS, false, Mat::rows(q, d, i0), Mat::rows_t(k, d, j0), scale);
             if let Some(cum) = cum {
                 add_bias(&mut s, cum, i0, j0, rows, cols);
             }
             for r in 0..rows {
-                let valid = if j0 == i0 { r + 1 } else { cols };
-                let row = &mut s[r * BLOCK..r * BLOCK + cols];
+                let valid = valid_keys(i0 + r, j0, cols);
+                let row = &mut s[r * KEYS..r * KEYS + cols];
                 let mx = max(&row[..valid], m[r]);
                 let corr = (m[r] - mx).exp();
                 T::exp_shifted(&mut row[..valid], mx);
@@ -341,7 +354,7 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
                     acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
                 }
             }
-            mm(rows, d, cols, acc, d, true, Mat::rows(&s, BLOCK, 0), Mat::rows(v, d, j0), T::one());
+            mm(rows, d, cols, acc, d, true, Mat::rows(&s, KEYS, 0), Mat::rows(v, d, j0), T::one());
         }
         for r in 0..rows {
             let inv = T::one() / l[r];
@@ -432,22 +445,22 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.
     let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
     let dvec: Vec<T> = (0..t).map(|i| (0..d).fold(T::zero(), |a, c| a + x.d_o[i * d + c] * x.o[i * d + c])).collect();
-    let mut p = vec![T::zero(); BLOCK * BLOCK];
-    let mut ds = vec![T::zero(); BLOCK * BLOCK];
+    let mut p = vec![T::zero(); BLOCK * KEYS];
+    let mut ds = vec![T::zero(); BLOCK * KEYS];
     for i0 in (0..t).step_by(BLOCK) {
         let rows = BLOCK.min(t - i0);
-        for j0 in (0..i0 + rows).step_by(BLOCK) {
-            let cols = BLOCK.min(i0 + rows - j0);
-            mm(rows, cols, d, &mut p, BLOCK, false, Mat::rows(x.q, d, i0), Mat::rows_t(x.k, d, j0), scale);
-            mm(rows, cols, d, &mut ds, BLOCK, false, Mat::rows(x.d_o, d, i0), Mat::rows_t(x.v, d, j0), T::one());
+        for j0 in (0..i0 + rows).step_by(KEYS) {
+            let cols = KEYS.min(i0 + rows - j0);
+            mm(rows, cols, d, &mut p, KEYS, false, Mat::rows(x.q, d, i0), Mat::rows_t(x.k, d, j0), scale);
+            mm(rows, cols, d, &mut ds, KEYS, false, Mat::rows(x.d_o, d, i0), Mat::rows_t(x.v, d, j0), T::one());
             if let Some(cum) = x.cum {
                 add_bias(&mut p, cum, i0, j0, rows, cols);
             }
             for r in 0..rows {
-                let valid = if j0 == i0 { r + 1 } else { cols };
+                let valid = valid_keys(i0 + r, j0, cols);
                 let (lr, dr) = (x.lse[i0 + r], dvec[i0 + r]);
-                let prow = &mut p[r * BLOCK..r * BLOCK + cols];
-                let srow = &mut ds[r * BLOCK..r * BLOCK + cols];
+                let prow = &mut p[r * KEYS..r * KEYS + cols];
+                let srow = &mut ds[r * KEYS..r * KEYS + cols];
                 T::exp_shifted(&mut prow[..valid], lr);
                 for (sv, &pv) in srow[..valid].iter_mut().zip(prow[..valid].iter()) {
                     *sv = pv * (*sv - dr);
@@ -461,9 +474,9 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
                     }
                 }
             }
-            mm(cols, d, rows, &mut dv[j0 * d..], d, true, Mat::rows_t(&p, BLOCK, 0), Mat::rows(x.d_o, d, i0), T::one());
-            mm(rows, d, cols, &mut dq[i0 * d..], d, true, Mat::rows(&ds, BLOCK, 0), Mat::rows(x.k, d, j0), scale);
-            mm(cols, d, rows, &mut dk[j0 * d..], d, true, Mat::rows_t(&ds, BLOCK, 0), Mat::rows(x.q, d, i0), scale);
+            mm(cols, d, rows, &mut dv[j0 * d..], d, true, Mat::rows_t(&p, KEYS, 0), Mat::rows(x.d_o, d, i0), T::one());
+            mm(rows, d, cols, &mut dq[i0 * d..], d, true, Mat::rows(&ds, KEYS, 0), Mat::rows(x.k, d, j0), scale);
+            mm(cols, d, rows, &mut dk[j0 * d..], d, true, Mat::rows_t(&ds, KEYS, 0), Mat::rows(x.q, d, i0), scale);
         }
     }
     // dg_t = Σ_{i≥t} dG_i (G is the inclusive cumsum of g).
