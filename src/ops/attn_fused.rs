@@ -313,7 +313,8 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
         })
         .collect();
     let n_o = dims.n_out();
-    let mut out = vec![T::zero(); n_o + b * hq * t];
+    // Every head's rows and log-sum-exps are written below.
+    let mut out = super::cpu::take(n_o + b * hq * t);
     for (bh, (o, lse)) in heads.iter().enumerate() {
         scatter(&mut out[..n_o], o, bh / hq, bh % hq, hq, t, d);
         out[n_o + bh * t..n_o + (bh + 1) * t].copy_from_slice(lse);
@@ -326,7 +327,8 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
 fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T, cum: Option<&[f64]>) -> (Vec<T>, Vec<T>) {
     let mut o = vec![T::zero(); t * d];
     let mut lse = vec![T::zero(); t];
-    let mut s = vec![T::zero(); BLOCK * KEYS];
+    // Scratch: each tile's products are written before they are read.
+    let mut s = super::cpu::take(BLOCK * KEYS);
     let mut m = [T::NEG_INF; BLOCK];
     let mut l = [T::zero(); BLOCK];
     for i0 in (0..t).step_by(BLOCK) {
@@ -362,6 +364,7 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
             lse[i0 + r] = m[r] + l[r].ln();
         }
     }
+    super::cpu::give(s);
     (o, lse)
 }
 
@@ -409,9 +412,10 @@ pub(super) fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], 
             (dqs, dk, dv)
         })
         .collect();
-    let mut dq = vec![T::zero(); b * t * hq * qw];
-    let mut dk = vec![T::zero(); b * t * hkv * d];
-    let mut dv = vec![T::zero(); b * t * hkv * d];
+    // Every (batch, head) block of the three is written below (dq's FoX column too).
+    let mut dq = super::cpu::take(b * t * hq * qw);
+    let mut dk = super::cpu::take(b * t * hkv * d);
+    let mut dv = super::cpu::take(b * t * hkv * d);
     for (bk, (dqs, dkh, dvh)) in per_kv.iter().enumerate() {
         let (bb, kh) = (bk / hkv, bk % hkv);
         for (i, (dqh, dgh)) in dqs.iter().enumerate() {
@@ -445,8 +449,9 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.
     let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
     let dvec: Vec<T> = (0..t).map(|i| (0..d).fold(T::zero(), |a, c| a + x.d_o[i * d + c] * x.o[i * d + c])).collect();
-    let mut p = vec![T::zero(); BLOCK * KEYS];
-    let mut ds = vec![T::zero(); BLOCK * KEYS];
+    // Scratch: each tile's products are written before they are read.
+    let mut p = super::cpu::take(BLOCK * KEYS);
+    let mut ds = super::cpu::take(BLOCK * KEYS);
     for i0 in (0..t).step_by(BLOCK) {
         let rows = BLOCK.min(t - i0);
         for j0 in (0..i0 + rows).step_by(KEYS) {
@@ -486,5 +491,7 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
         acc += d_cum[i];
         dg[i] = T::from_f64(acc);
     }
+    super::cpu::give(p);
+    super::cpu::give(ds);
     (dq, dg)
 }

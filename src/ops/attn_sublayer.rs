@@ -24,7 +24,7 @@
 //! other step.
 
 use super::attn_fused::{backward as attn_backward, forward as attn_forward, Dims, Elem};
-use super::cpu::Stash;
+use super::cpu::{give, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::moba_fused::{backward_raw as moba_backward, forward_raw as moba_forward};
@@ -168,17 +168,17 @@ impl AttnSublayer {
         let (rows, d, t) = (self.b * self.t, self.d, self.t);
         let (qd, kd) = (self.hq * self.hd, self.hkv * self.hd);
         let o = self.offsets();
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
         let raw: Vec<Vec<T>> = [(1, qd), (2, kd), (3, kd)]
             .into_iter()
             .map(|(i, cols)| {
-                let mut y = vec![T::zero(); rows * cols];
+                let mut y = take(rows * cols);
                 mm_par(rows, cols, d, &mut y, cols, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[i]..o[i + 1]], cols, 0), T::one());
                 y
             })
             .collect();
-        drop(n);
+        give(n);
         // `p + conv(p)` with the residual short convs, else p.
         // Without the convs the raw projections are used as they are (and not kept twice).
         let (pre, raw): (Vec<Vec<T>>, Vec<Vec<T>>) = if self.conv > 0 {
@@ -192,11 +192,15 @@ impl AttnSublayer {
         } else {
             (raw, Vec::new())
         };
-        let q = self.rope.rotate_cpu(&pre[0], t, self.hq, self.hd, false)?;
-        let k = self.rope.rotate_cpu(&pre[1], t, self.hkv, self.hd, false)?;
-        let v = pre.into_iter().nth(2).expect("three projections");
+        let mut pre = pre.into_iter();
+        let (pq, pk, v) = (pre.next().expect("q"), pre.next().expect("k"), pre.next().expect("v"));
+        let q = self.rope.rotate_cpu(&pq, t, self.hq, self.hd, false)?;
+        let k = self.rope.rotate_cpu(&pk, t, self.hkv, self.hd, false)?;
+        give(pq);
+        give(pk);
         let ol = self.mix(&q, &k, &v);
-        let mut y = x.to_vec();
+        let mut y = take(x.len());
+        y.copy_from_slice(x);
         mm_par(rows, d, qd, &mut y, d, true, Mat::rows(&ol[..rows * qd], qd, 0), Mat::rows(&p[o[4]..o[5]], d, 0), T::one());
         let mut saved = vec![q, k, v, ol];
         saved.extend(raw);
@@ -213,12 +217,15 @@ impl AttnSublayer {
         let (out, lse) = saved[3].split_at(rows * qd);
         let mut dp = vec![T::zero(); o[8]];
         mm_par(qd, d, rows, &mut dp[o[4]..o[5]], d, false, Mat::rows_t(out, qd, 0), Mat::rows(dy, d, 0), T::one());
-        let mut d_o = vec![T::zero(); rows * qd];
+        let mut d_o = take(rows * qd);
         mm_par(rows, qd, d, &mut d_o, qd, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[4]..o[5]], d, 0), T::one());
         let (dq, dk, dv) = self.mix_back(q, k, v, out, lse, &d_o);
-        drop(d_o);
-        let dq = self.rope.rotate_cpu(&dq, t, self.hq, self.hd, true)?;
-        let dk = self.rope.rotate_cpu(&dk, t, self.hkv, self.hd, true)?;
+        give(d_o);
+        let (dq0, dk0) = (dq, dk);
+        let dq = self.rope.rotate_cpu(&dq0, t, self.hq, self.hd, true)?;
+        let dk = self.rope.rotate_cpu(&dk0, t, self.hkv, self.hd, true)?;
+        give(dq0);
+        give(dk0);
         let mut g = [dq, dk, dv];
         if self.conv > 0 {
             // Through `p + conv(p)`: dp_raw = dpre + convᵀ(dpre); the conv weights' gradients.
@@ -229,7 +236,7 @@ impl AttnSublayer {
                 dp[o[5 + i]..o[6 + i]].copy_from_slice(&cg[rows * c..rows * c + c * self.conv]);
             }
         }
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
         let parts = [(&g[0], qd, o[1]..o[2]), (&g[1], kd, o[2]..o[3]), (&g[2], kd, o[3]..o[4])];
         for (g, cols, range) in parts.clone() {
@@ -239,8 +246,10 @@ impl AttnSublayer {
         for (i, (g, cols, range)) in parts.into_iter().enumerate() {
             mm_par(rows, d, cols, &mut n, d, i > 0, Mat::rows(g, cols, 0), Mat::rows_t(&p[range], cols, 0), T::one());
         }
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = take(x.len());
         norm_bwd_into(x, &p[..d], &n, d, self.eps, Some(dy), &mut dx, &mut dp[..d]);
+        give(n);
+        g.into_iter().for_each(give);
         Ok((dx, dp))
     }
 

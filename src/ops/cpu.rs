@@ -53,6 +53,77 @@ pub fn set_threading_defaults() {
     }
 }
 
+/// Recycled buffers of the fused CPU kernels ([`take`] / [`give`]).
+///
+/// Why: a kernel's scratch and output buffers used to be `vec![0; n]`, and mimalloc zero-fills
+/// every such allocation (it reuses freed memory, so fresh-page zeroes cannot be assumed): an
+/// attention-preset step zero-filled 445 MB and a Mamba2 step 990 MB (`examples/alloc_hist.rs`),
+/// 7–8% of their CPU samples in `memset`. The same shapes come back every step, so buffers a
+/// kernel is done with are kept here and handed out again without the fill.
+struct Pool {
+    /// (length, bytes, `Vec<T>`) with T f32 or f64, oldest first.
+    bufs: Vec<(usize, usize, Box<dyn std::any::Any + Send>)>,
+    bytes: usize,
+}
+
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool { bufs: Vec::new(), bytes: 0 });
+
+/// The pool holds at most this many bytes (the oldest buffers are freed first).
+const POOL_BYTES: usize = 256 << 20;
+/// Smaller buffers are not pooled (zero-filling them costs less than the bookkeeping).
+const POOL_MIN_BYTES: usize = 64 << 10;
+
+/// False when `MIXSCALE_NO_POOL` is set (every [`take`] is then a zero-filled allocation: for
+/// A/B timings, or to rule the pool out when chasing a wrong value).
+fn pool_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MIXSCALE_NO_POOL").is_none())
+}
+
+/// A buffer of `n` values **whose contents are unspecified**: a recycled one of exactly that
+/// length when the pool has one (values left from its earlier use), else zeros. Only for buffers
+/// the caller writes entirely before it reads them (a product with `accumulate = false`, a
+/// row-wise kernel that assigns every element, a copy); accumulators need `vec![0; n]`.
+pub fn take<T: WithDType>(n: usize) -> Vec<T> {
+    if n * std::mem::size_of::<T>() >= POOL_MIN_BYTES && pool_on() {
+        if let Ok(mut p) = POOL.lock() {
+            if let Some(i) = p.bufs.iter().position(|(len, _, b)| *len == n && b.is::<Vec<T>>()) {
+                let (_, bytes, b) = p.bufs.remove(i);
+                p.bytes -= bytes;
+                if let Ok(v) = b.downcast::<Vec<T>>() {
+                    return *v;
+                }
+            }
+        }
+    }
+    vec![T::zero(); n]
+}
+
+/// Returns a buffer to the pool for a later [`take`] of the same length and type.
+pub fn give<T: WithDType>(v: Vec<T>) {
+    let bytes = v.len() * std::mem::size_of::<T>();
+    if !(POOL_MIN_BYTES..=POOL_BYTES / 4).contains(&bytes) || !pool_on() {
+        return;
+    }
+    if let Ok(mut p) = POOL.lock() {
+        p.bytes += bytes;
+        p.bufs.push((v.len(), bytes, Box::new(v)));
+        while p.bytes > POOL_BYTES {
+            let (_, b, _) = p.bufs.remove(0);
+            p.bytes -= b;
+        }
+    }
+}
+
+/// [`give`] for a stashed storage (f32/f64; other dtypes are just freed).
+fn give_storage(s: CpuStorage) {
+    match s {
+        CpuStorage::F32(v) => give(v),
+        CpuStorage::F64(v) => give(v),
+        _ => {}
+    }
+}
+
 /// A buffer a fused op keeps from its forward for its backward, outside its output tensor: the
 /// state checkpoints of the scan kernels (`ssd_fused`, `gdr_fused`, `rwkv7_fused`), the gate and
 /// up projections of the fused feed-forward (`ffn_fused`).
@@ -82,7 +153,8 @@ impl Stash {
     /// Keeps several buffers (replacing what it held), without copying them into one.
     pub fn put_parts<T: WithDType>(&self, parts: Vec<Vec<T>>) {
         if let Ok(mut g) = self.0.lock() {
-            *g = parts.into_iter().map(T::to_cpu_storage_owned).collect();
+            let old = std::mem::replace(&mut *g, parts.into_iter().map(T::to_cpu_storage_owned).collect());
+            old.into_iter().for_each(give_storage);
         }
     }
 
@@ -100,6 +172,15 @@ impl Stash {
         }
         let parts = g.iter().map(|s| T::cpu_storage_as_slice(s)).collect::<Result<Vec<_>>>()?;
         Ok(f(&parts))
+    }
+}
+
+/// The stashed buffers go back to the pool when the op (its graph node) is dropped.
+impl Drop for Stash {
+    fn drop(&mut self) {
+        if let Ok(g) = self.0.get_mut() {
+            std::mem::take(g).into_iter().for_each(give_storage);
+        }
     }
 }
 
@@ -127,6 +208,35 @@ pub fn set_allocator_defaults() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A buffer given back is handed out again for the same length and type only; small ones are
+    /// not pooled; a stash's buffers return when it is dropped. (Other tests run in parallel and
+    /// share the pool, so this test uses lengths no kernel uses.)
+    #[test]
+    fn pool_recycles_by_length_and_type() {
+        let n = (POOL_MIN_BYTES / 4) + 12_345;
+        let mut v: Vec<f32> = take(n);
+        assert_eq!(v.len(), n);
+        assert!(v.iter().all(|x| *x == 0.0), "a fresh buffer is zeros");
+        v.iter_mut().for_each(|x| *x = 7.0);
+        let ptr = v.as_ptr();
+        give(v);
+        let w: Vec<f64> = take(n);
+        assert!(w.iter().all(|x| *x == 0.0), "another type does not get the f32 buffer");
+        let again: Vec<f32> = take(n + 1);
+        assert!(again.iter().all(|x| *x == 0.0), "another length does not get it");
+        let back: Vec<f32> = take(n);
+        assert_eq!(back.as_ptr(), ptr, "the same length and type gets the recycled buffer");
+        assert!(back.iter().all(|x| *x == 7.0), "its contents are left as they were");
+        let small = vec![1f32; 16];
+        give(small);
+        assert!(take::<f32>(16).iter().all(|x| *x == 0.0), "small buffers are not pooled");
+        let m = n + 777;
+        let stash = Stash::default();
+        stash.put(vec![3f32; m]);
+        drop(stash);
+        assert!(take::<f32>(m).iter().all(|x| *x == 3.0), "a dropped stash returns its buffers");
+    }
 
     /// The hard-coded option index is `purge_delay`. mimalloc reads every option's environment
     /// variable (`MIMALLOC_<NAME>`) when the process starts, so this test runs

@@ -22,7 +22,7 @@
 //! CPU, f32/f64; elsewhere the composed form runs.
 
 use super::attn_fused::Elem;
-use super::cpu::Stash;
+use super::cpu::{give, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::swiglu::{gate_bwd_into, gate_into};
@@ -72,17 +72,19 @@ impl SwigluFfn {
         let (d, h) = (self.d, self.h);
         let o = offsets(d, h);
         let rows = x.len() / d;
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
-        let mut ab = vec![T::zero(); 2 * rows * h];
+        let mut ab = take(2 * rows * h);
         let (a, b) = ab.split_at_mut(rows * h);
         mm_par(rows, h, d, a, h, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[1]..o[2]], h, 0), T::one());
         mm_par(rows, h, d, b, h, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[2]..o[3]], h, 0), T::one());
-        drop(n);
-        let mut hs = vec![T::zero(); rows * h];
+        give(n);
+        let mut hs = take(rows * h);
         gate_into(a, b, &mut hs);
-        let mut y = x.to_vec();
+        let mut y = take(x.len());
+        y.copy_from_slice(x);
         mm_par(rows, d, h, &mut y, d, true, Mat::rows(&hs, h, 0), Mat::rows(&p[o[3]..o[4]], d, 0), T::one());
+        give(hs);
         self.ab.put(ab);
         y
     }
@@ -94,24 +96,26 @@ impl SwigluFfn {
         let rows = x.len() / d;
         let (a, b) = ab.split_at(rows * h);
         // dh = dy W_downᵀ, then in place da; db and the gate output h beside it.
-        let mut da = vec![T::zero(); rows * h];
+        let mut da = take(rows * h);
         mm_par(rows, h, d, &mut da, h, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[3]..o[4]], d, 0), T::one());
-        let mut db = vec![T::zero(); rows * h];
-        let mut hs = vec![T::zero(); rows * h];
+        let mut db = take(rows * h);
+        let mut hs = take(rows * h);
         gate_bwd_into(a, b, &mut da, &mut db, &mut hs);
         let mut dp = vec![T::zero(); o[4]];
         mm_par(h, d, rows, &mut dp[o[3]..o[4]], d, false, Mat::rows_t(&hs, h, 0), Mat::rows(dy, d, 0), T::one());
-        drop(hs);
-        let mut n = vec![T::zero(); x.len()];
+        give(hs);
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
         mm_par(d, h, rows, &mut dp[o[1]..o[2]], h, false, Mat::rows_t(&n, d, 0), Mat::rows(&da, h, 0), T::one());
         mm_par(d, h, rows, &mut dp[o[2]..o[3]], h, false, Mat::rows_t(&n, d, 0), Mat::rows(&db, h, 0), T::one());
         // dn = da W_gateᵀ + db W_upᵀ (into n's buffer).
         mm_par(rows, d, h, &mut n, d, false, Mat::rows(&da, h, 0), Mat::rows_t(&p[o[1]..o[2]], h, 0), T::one());
         mm_par(rows, d, h, &mut n, d, true, Mat::rows(&db, h, 0), Mat::rows_t(&p[o[2]..o[3]], h, 0), T::one());
-        drop((da, db));
-        let mut dx = vec![T::zero(); x.len()];
+        give(da);
+        give(db);
+        let mut dx = take(x.len());
         norm_bwd_into(x, &p[..d], &n, d, self.eps, Some(dy), &mut dx, &mut dp[..d]);
+        give(n);
         (dx, dp)
     }
 

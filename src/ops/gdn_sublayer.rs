@@ -18,7 +18,7 @@
 //! ops; its tests compare the two, forward and gradients.
 
 use super::attn_fused::Elem;
-use super::cpu::{row_sums, Stash};
+use super::cpu::{give, row_sums, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gdr_fused::{backward as gdr_backward, forward as gdr_forward, Dims as GdrDims};
 use super::gemm::{mm_par, Mat};
@@ -135,7 +135,7 @@ impl GdnSublayer {
         let w = 2 * kd + 2;
         let (neg_a, bscale) = self.decay_and_beta_scale(p);
         let (iq, ik) = (inv_l2(cq, kd, self.m.l2_eps), inv_l2(ck, kd, self.m.l2_eps));
-        let mut packed = vec![T::zero(); self.rows() * h * w];
+        let mut packed = take(self.rows() * h * w);
         packed.par_chunks_mut(w).enumerate().for_each(|(rh, row)| {
             let hh = rh % h;
             for j in 0..kd {
@@ -152,16 +152,16 @@ impl GdnSublayer {
         let m = self.m;
         let (rows, o, d, h, vd) = (self.rows(), m.offsets(), m.d_model, m.heads, m.value_dim);
         let hv = h * vd;
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
         let cols = m.proj_cols();
         let mut proj: Vec<Vec<T>> = Vec::with_capacity(6);
         for (i, &c) in cols.iter().enumerate() {
-            let mut y = vec![T::zero(); rows * c];
+            let mut y = take(rows * c);
             mm_par(rows, c, d, &mut y, c, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[WQ + i]..o[WQ + i + 1]], c, 0), T::one());
             proj.push(y);
         }
-        drop(n);
+        give(n);
         let conv = |i: usize| {
             let c = cols[i];
             conv_fwd(&proj[i], &p[o[QC + i]..o[QC + i + 1]], &vec![T::zero(); c], ConvDims::of(self.t, c, m.conv_size), true)
@@ -169,8 +169,8 @@ impl GdnSublayer {
         let (cq, ck, cv) = (conv(0), conv(1), conv(2));
         let (packed, _, _) = self.scan_input(p, &cq, &ck, &proj[3], &proj[4]);
         let scan = gdr_forward(self.gdr_dims(), &packed, &cv, &vec![T::zero(); self.b * h * m.key_dim * vd]);
-        drop(packed);
-        let mut on = vec![T::zero(); rows * hv];
+        give(packed);
+        let mut on = take(rows * hv);
         norm_fwd_rows(&scan[..rows * hv], &p[o[ONORM]..o[ONORM + 1]], vd, m.norm_eps, &mut on);
         let pg = &proj[5];
         on.par_chunks_mut(CH).zip(pg.par_chunks(CH)).for_each(|(oc, gc)| {
@@ -180,8 +180,10 @@ impl GdnSublayer {
                 }
             })
         });
-        let mut y = x.to_vec();
+        let mut y = take(x.len());
+        y.copy_from_slice(x);
         mm_par(rows, d, hv, &mut y, d, true, Mat::rows(&on, hv, 0), Mat::rows(&p[o[WO]..o[WO + 1]], d, 0), T::one());
+        give(on);
         let mut saved = proj;
         saved.extend([cq, ck, cv, scan]);
         self.saved.put_parts(saved);
@@ -195,18 +197,20 @@ impl GdnSublayer {
         let cols = m.proj_cols();
         let (proj, cq, ck, cv, scan) = (&s[..6], s[6], s[7], s[8], s[9]);
         let mut dp = vec![T::zero(); o[14]];
-        let mut dproj: Vec<Vec<T>> = cols.iter().map(|&c| vec![T::zero(); rows * c]).collect();
+        // Every column block is written below: 5 with the gate, 3 and 4 with q/k, 0–2 from the convs.
+        let mut dproj: Vec<Vec<T>> = cols.iter().map(|&c| take(rows * c)).collect();
         // Output projection, gate and output norm.
-        let mut on = vec![T::zero(); rows * hv];
+        let mut on = take(rows * hv);
         norm_fwd_rows(&scan[..rows * hv], &p[o[ONORM]..o[ONORM + 1]], vd, m.norm_eps, &mut on);
         let pg = proj[5];
-        let mut gated = on.clone();
+        let mut gated = take(on.len());
+        gated.copy_from_slice(&on);
         gated.par_chunks_mut(CH).zip(pg.par_chunks(CH)).for_each(|(oc, gc)| {
             with_fast_isa(#[inline(always)] || oc.iter_mut().zip(gc).for_each(|(o, &g)| *o = g * sigmoid(g) * *o))
         });
         mm_par(hv, d, rows, &mut dp[o[WO]..o[WO + 1]], d, false, Mat::rows_t(&gated, hv, 0), Mat::rows(dy, d, 0), T::one());
-        drop(gated);
-        let mut dgated = vec![T::zero(); rows * hv];
+        give(gated);
+        let mut dgated = take(rows * hv);
         mm_par(rows, hv, d, &mut dgated, hv, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[WO]..o[WO + 1]], d, 0), T::one());
         // dg_raw into dproj[5]; d(on) in place of dgated.
         dgated.par_chunks_mut(CH).zip(dproj[5].par_chunks_mut(CH)).zip(on.par_chunks(CH).zip(pg.par_chunks(CH))).for_each(|((dc, dgc), (oc, gc))| {
@@ -219,20 +223,21 @@ impl GdnSublayer {
                 }
             })
         });
-        drop(on);
-        let mut d_o = vec![T::zero(); rows * hv + self.b * h * kd * vd];
+        give(on);
+        let mut d_o = take(rows * hv + self.b * h * kd * vd);
+        d_o[rows * hv..].fill(T::zero()); // no gradient into the final state
         norm_bwd_into(&scan[..rows * hv], &p[o[ONORM]..o[ONORM + 1]], &dgated, vd, m.norm_eps, None, &mut d_o[..rows * hv], &mut dp[o[ONORM]..o[ONORM + 1]]);
-        drop(dgated);
+        give(dgated);
         // The scan.
         let (packed, iq, ik) = self.scan_input(p, cq, ck, proj[3], proj[4]);
         let n_s = self.b * h * kd * vd;
         let (gpk, gv, _ds0) = gdr_backward(self.gdr_dims(), &packed, cv, &scan[rows * hv + n_s..], &d_o);
-        drop(d_o);
+        give(d_o);
         // Unpack: q, k through the L2 norm; g and β to the a, b projections.
         let (neg_a, bscale) = self.decay_and_beta_scale(p);
         let w = 2 * kd + 2;
-        let mut dcq = vec![T::zero(); rows * hk];
-        let mut dck = vec![T::zero(); rows * hk];
+        let mut dcq = take(rows * hk);
+        let mut dck = take(rows * hk);
         let (dpa, dpb) = {
             let (left, right) = dproj.split_at_mut(4);
             (&mut left[3], &mut right[0])
@@ -266,16 +271,18 @@ impl GdnSublayer {
             }
         });
         dp[o[ALOG]..o[ALOG + 1]].copy_from_slice(&dal);
-        drop((gpk, packed));
+        give(gpk);
+        give(packed);
         // The convs: [d raw ‖ dw ‖ db] each.
         for (i, dconv) in [dcq, dck, gv].into_iter().enumerate() {
             let c = cols[i];
             let g = conv_bwd(proj[i], &p[o[QC + i]..o[QC + i + 1]], &vec![T::zero(); c], &dconv, ConvDims::of(self.t, c, m.conv_size), true);
             dproj[i].copy_from_slice(&g[..rows * c]);
             dp[o[QC + i]..o[QC + i + 1]].copy_from_slice(&g[rows * c..rows * c + c * m.conv_size]);
+            give(dconv);
         }
         // Input projections and the pre-norm.
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
         for (i, &c) in cols.iter().enumerate() {
             mm_par(d, c, rows, &mut dp[o[WQ + i]..o[WQ + i + 1]], c, false, Mat::rows_t(&n, d, 0), Mat::rows(&dproj[i], c, 0), T::one());
@@ -283,8 +290,10 @@ impl GdnSublayer {
         for (i, &c) in cols.iter().enumerate() {
             mm_par(rows, d, c, &mut n, d, i > 0, Mat::rows(&dproj[i], c, 0), Mat::rows_t(&p[o[WQ + i]..o[WQ + i + 1]], c, 0), T::one());
         }
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = take(x.len());
         norm_bwd_into(x, &p[..d], &n, d, self.eps, Some(dy), &mut dx, &mut dp[o[G]..o[G + 1]]);
+        give(n);
+        dproj.into_iter().for_each(give);
         (dx, dp)
     }
 

@@ -229,7 +229,8 @@ pub(super) fn forward<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T]) -> Vec<T> {
     let nseg = d.nseg();
     let heads: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..d.b * d.h).into_par_iter().map(|bh| with_fast_isa(#[inline(always)] || forward_head(d, x, v, &s0[bh * kv..(bh + 1) * kv], bh))).collect();
     let (n_o, n_s) = (d.n_o(), d.n_s());
-    let mut out = vec![T::zero(); n_o + n_s * (1 + nseg)];
+    // Every head's rows, final state and checkpoints are written below.
+    let mut out = super::cpu::take(n_o + n_s * (1 + nseg));
     let (o_all, rest) = out.split_at_mut(n_o);
     let (s_all, ck_all) = rest.split_at_mut(n_s);
     for (bh, (o, s, ck)) in heads.iter().enumerate() {
@@ -280,9 +281,10 @@ pub(super) fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], ck_all: &[T], grad: &
         })
         .collect();
     let w = d.w();
-    let mut dx = vec![T::zero(); x.len()];
-    let mut dvv = vec![T::zero(); v.len()];
-    let mut ds0 = vec![T::zero(); n_s];
+    // Every head's rows and state are written below.
+    let mut dx = super::cpu::take(x.len());
+    let mut dvv = super::cpu::take(v.len());
+    let mut ds0 = super::cpu::take(n_s);
     for (bh, (hx, hv, hs)) in heads.iter().enumerate() {
         let (bb, hh) = (bh / d.h, bh % d.h);
         for i in 0..d.t {

@@ -21,7 +21,7 @@
 //! same computation from candle ops; its tests compare the two, forward and gradients.
 
 use super::attn_fused::Elem;
-use super::cpu::{row_sums, Stash};
+use super::cpu::{give, row_sums, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
@@ -140,7 +140,7 @@ impl Mamba2Sublayer {
     /// The xBC columns of the projection, contiguous `[R, conv_dim]` (the conv's input).
     fn conv_input<T: Elem>(&self, proj: &[T]) -> Vec<T> {
         let (w, c, di) = (self.m.proj_dim(), self.m.conv_dim(), self.m.d_inner);
-        let mut raw = vec![T::zero(); self.rows() * c];
+        let mut raw = take(self.rows() * c);
         raw.par_chunks_mut(c).zip(proj.par_chunks(w)).for_each(|(r, p)| r.copy_from_slice(&p[di..di + c]));
         raw
     }
@@ -151,7 +151,7 @@ impl Mamba2Sublayer {
         let m = self.m;
         let (rows, o) = (self.rows(), m.offsets());
         let (h, hp, gn, c, w) = (m.heads, m.headdim, m.groups * m.d_state, m.conv_dim(), m.proj_dim());
-        let mut in1 = vec![T::zero(); rows * h * (hp + 1)];
+        let mut in1 = take(rows * h * (hp + 1));
         in1.par_chunks_mut(h * (hp + 1)).enumerate().for_each(|(r, row)| {
             for hh in 0..h {
                 let dst = &mut row[hh * (hp + 1)..(hh + 1) * (hp + 1)];
@@ -159,7 +159,7 @@ impl Mamba2Sublayer {
                 dst[hp] = softplus(proj[r * w + m.d_inner + c + hh] + p[o[4] + hh]);
             }
         });
-        let mut in2 = vec![T::zero(); rows * 2 * gn];
+        let mut in2 = take(rows * 2 * gn);
         in2.par_chunks_mut(2 * gn).enumerate().for_each(|(r, row)| {
             let (bm, cm) = (&xbc[r * c + m.d_inner..r * c + m.d_inner + gn], &xbc[r * c + m.d_inner + gn..(r + 1) * c]);
             for g in 0..m.groups {
@@ -187,8 +187,8 @@ impl Mamba2Sublayer {
         let m = self.m;
         let (di, c, w) = (m.d_inner, m.conv_dim(), m.proj_dim());
         let dfull = self.d_full(p);
-        let mut u = vec![T::zero(); self.rows() * di];
-        let mut y2 = vec![T::zero(); if keep_y2 { self.rows() * di } else { 0 }];
+        let mut u = take(self.rows() * di);
+        let mut y2 = take(if keep_y2 { self.rows() * di } else { 0 });
         let work = |r: usize, ur: &mut [T], yr: Option<&mut [T]>| {
             with_fast_isa(#[inline(always)] || {
                 let (z, x, yv) = (&proj[r * w..r * w + di], &xbc[r * c..r * c + di], &y[r * di..(r + 1) * di]);
@@ -214,20 +214,26 @@ impl Mamba2Sublayer {
     fn forward_impl<T: Elem>(&self, x: &[T], p: &[T]) -> Vec<T> {
         let m = self.m;
         let (rows, o, d, w, c, di) = (self.rows(), m.offsets(), m.d_model, m.proj_dim(), m.conv_dim(), m.d_inner);
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
-        let mut proj = vec![T::zero(); rows * w];
+        let mut proj = take(rows * w);
         mm_par(rows, w, d, &mut proj, w, false, Mat::rows(&n, d, 0), Mat::rows(&p[o[1]..o[2]], w, 0), T::one());
-        drop(n);
-        let xbc = conv_fwd(&self.conv_input(&proj), &p[o[2]..o[3]], &p[o[3]..o[4]], ConvDims::of(self.t, c, m.d_conv), true);
+        give(n);
+        let raw = self.conv_input(&proj);
+        let xbc = conv_fwd(&raw, &p[o[2]..o[3]], &p[o[3]..o[4]], ConvDims::of(self.t, c, m.d_conv), true);
+        give(raw);
         let (in1, in2, in3) = self.scan_inputs(p, &proj, &xbc);
         let scan = ssd_forward(self.ssd_dims(), &in1, &in2, &in3);
-        drop((in1, in2, in3));
+        give(in1);
+        give(in2);
         let (u, _) = self.gate(p, &proj, &xbc, &scan[..rows * di], false);
-        let mut un = vec![T::zero(); u.len()];
+        let mut un = take(u.len());
         norm_fwd_rows(&u, &p[o[7]..o[8]], di, self.norm_eps, &mut un);
-        let mut y = x.to_vec();
+        give(u);
+        let mut y = take(x.len());
+        y.copy_from_slice(x);
         mm_par(rows, d, di, &mut y, d, true, Mat::rows(&un, di, 0), Mat::rows(&p[o[8]..o[9]], d, 0), T::one());
+        give(un);
         self.saved.put_parts(vec![proj, xbc, scan]);
         y
     }
@@ -242,16 +248,18 @@ impl Mamba2Sublayer {
         let mut dp = vec![T::zero(); o[9]];
         // Output projection and the gated norm.
         let (u, y2) = self.gate(p, proj, xbc, &scan[..n_y], true);
-        let mut un = vec![T::zero(); u.len()];
+        let mut un = take(u.len());
         norm_fwd_rows(&u, &p[o[7]..o[8]], di, self.norm_eps, &mut un);
         mm_par(di, d, rows, &mut dp[o[8]..o[9]], d, false, Mat::rows_t(&un, di, 0), Mat::rows(dy, d, 0), T::one());
         let mut dun = un;
         mm_par(rows, di, d, &mut dun, di, false, Mat::rows(dy, d, 0), Mat::rows_t(&p[o[8]..o[9]], d, 0), T::one());
-        let mut du = vec![T::zero(); u.len()];
+        let mut du = take(u.len());
         norm_bwd_into(&u, &p[o[7]..o[8]], &dun, di, self.norm_eps, None, &mut du, &mut dp[o[7]..o[8]]);
-        drop((u, dun));
+        give(u);
+        give(dun);
         // Gate: dz into the projection's gradient, dy2 (the scan output's and the skip's) in du.
-        let mut dproj = vec![T::zero(); rows * w];
+        // Every column of dproj is written: z here, dt with dxBC below, xBC from the conv.
+        let mut dproj = take(rows * w);
         dproj.par_chunks_mut(w).zip(du.par_chunks_mut(di)).enumerate().for_each(|(r, (dpr, dur))| {
             with_fast_isa(#[inline(always)] || {
                 let (zr, yr) = (&proj[r * w..r * w + di], &y2[r * di..(r + 1) * di]);
@@ -278,14 +286,17 @@ impl Mamba2Sublayer {
         }
         // The scan.
         let (in1, in2, in3) = self.scan_inputs(p, proj, xbc);
-        let mut grad = vec![T::zero(); n_y + n_s];
+        let mut grad = take(n_y + n_s);
         grad[..n_y].copy_from_slice(&dy2);
+        grad[n_y..].fill(T::zero());
         let (g1, g2, g3) = ssd_backward(sd, &in1, &in2, &in3, &scan[n_y + n_s..], &grad);
-        drop((grad, in2));
+        give(grad);
+        give(in1);
+        give(in2);
         // dxBC (conv output) from the scan's gradients and the skip; ddt → dt_raw.
         let gn = m.groups * m.d_state;
         let dfull = self.d_full(p);
-        let mut dxbc = vec![T::zero(); rows * c];
+        let mut dxbc = take(rows * c);
         dxbc.par_chunks_mut(c).zip(dproj.par_chunks_mut(w)).enumerate().for_each(|(r, (dxr, dpr))| {
             for hh in 0..h {
                 let g = &g1[(r * h + hh) * (hp + 1)..(r * h + hh + 1) * (hp + 1)];
@@ -305,7 +316,9 @@ impl Mamba2Sublayer {
                 dxr[di + gn + gg * n..di + gn + (gg + 1) * n].copy_from_slice(&src[n..]);
             }
         });
-        drop((g1, g2, y2));
+        give(g1);
+        give(g2);
+        give(y2);
         let dtb = row_sums::<T>(rows, h, |r, acc| acc.iter_mut().zip(&dproj[r * w + di + c..(r + 1) * w]).for_each(|(a, &v)| *a += v));
         dp[o[4]..o[5]].copy_from_slice(&dtb);
         for hh in 0..h {
@@ -314,16 +327,20 @@ impl Mamba2Sublayer {
         // The conv (its backward returns [d raw ‖ dw ‖ db]).
         let raw = self.conv_input(proj);
         let cg = conv_bwd(&raw, &p[o[2]..o[3]], &p[o[3]..o[4]], &dxbc, ConvDims::of(self.t, c, m.d_conv), true);
-        drop((raw, dxbc));
+        give(raw);
+        give(dxbc);
         dproj.par_chunks_mut(w).zip(cg[..rows * c].par_chunks(c)).for_each(|(dpr, g)| dpr[di..di + c].copy_from_slice(g));
         dp[o[2]..o[4]].copy_from_slice(&cg[rows * c..]);
         // In-projection and the pre-norm.
-        let mut n = vec![T::zero(); x.len()];
+        let mut n = take(x.len());
         norm_fwd_rows(x, &p[..d], d, self.eps, &mut n);
         mm_par(d, w, rows, &mut dp[o[1]..o[2]], w, false, Mat::rows_t(&n, d, 0), Mat::rows(&dproj, w, 0), T::one());
         mm_par(rows, d, w, &mut n, d, false, Mat::rows(&dproj, w, 0), Mat::rows_t(&p[o[1]..o[2]], w, 0), T::one());
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = take(x.len());
         norm_bwd_into(x, &p[..d], &n, d, self.eps, Some(dy), &mut dx, &mut dp[..d]);
+        give(n);
+        give(dproj);
+        give(dy2);
         (dx, dp)
     }
 

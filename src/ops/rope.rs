@@ -104,7 +104,8 @@ impl RopeOp {
         let half = d / 2;
         let (cos, sin) = (&self.table.0, &self.table.1);
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![T::zero(); x.len()];
+        // Every element is written (d is even: checked where the table is built).
+        let mut y = super::cpu::take(x.len());
         // One task per (batch, position): rows of H·D values sharing one table row.
         y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(bt, (yr, xr))| {
             let p = bt % t + self.offset;
@@ -134,6 +135,9 @@ impl CustomOp1 for RopeOp {
             candle_core::bail!("rope: expected [B, T, H, D], got {dims:?}");
         }
         let (t, h, d) = (dims[1], dims[2], dims[3]);
+        if d % 2 != 0 {
+            candle_core::bail!("rope: head dim {d} must be even");
+        }
         let out = match s {
             CpuStorage::F32(_) => CpuStorage::F32(self.run(slice::<f32>(s, l)?, t, h, d)),
             CpuStorage::F64(_) => CpuStorage::F64(self.run(slice::<f64>(s, l)?, t, h, d)),

@@ -175,7 +175,8 @@ pub(super) fn forward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T]) -> Vec<
         .map(|bh| with_fast_isa(#[inline(always)] || forward_head(d, in1, in2, &s0[bh * pn..(bh + 1) * pn], a[bh % d.h], bh)))
         .collect();
     let (n_y, n_s) = (d.n_y(), d.n_s());
-    let mut out = vec![T::zero(); n_y + n_s * (1 + nseg)];
+    // Every head's rows, final state and checkpoints are written below.
+    let mut out = super::cpu::take(n_y + n_s * (1 + nseg));
     let (y_all, rest) = out.split_at_mut(n_y);
     let (s_all, ck_all) = rest.split_at_mut(n_s);
     for (bh, (y, s, ck)) in heads.iter().enumerate() {
@@ -262,9 +263,11 @@ pub(super) fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], ck_all
         })
         .collect();
     let (w1, w2) = (d.p + 1, 2 * d.n);
-    let mut g1 = vec![T::zero(); in1.len()];
+    // g1 and g3's state part are written for every head below; g2 and dA are sums.
+    let mut g1 = super::cpu::take(in1.len());
     let mut g2 = vec![T::zero(); in2.len()];
-    let mut g3 = vec![T::zero(); in3.len()];
+    let mut g3 = super::cpu::take(in3.len());
+    g3[n_s..].fill(T::zero());
     // Fixed order: heads in (batch, head) order.
     for (bh, (hx, hbc, hs, da)) in heads.iter().enumerate() {
         let (bb, hh) = (bh / d.h, bh % d.h);
@@ -276,6 +279,10 @@ pub(super) fn backward<T: Elem>(d: Dims, in1: &[T], in2: &[T], in3: &[T], ck_all
         g3[bh * pn..(bh + 1) * pn].copy_from_slice(hs);
         g3[n_s + hh] += *da;
     }
+    heads.into_iter().for_each(|(hx, hbc, _, _)| {
+        super::cpu::give(hx);
+        super::cpu::give(hbc);
+    });
     (g1, g2, g3)
 }
 
@@ -285,12 +292,14 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
     let (bb, hh) = (bh / d.h, bh % d.h);
     let (p, n, pn) = (d.p, d.n, d.pn());
     let (w1, w2) = (p + 1, 2 * n);
-    let mut gx = vec![T::zero(); d.t * w1];
+    // Every row of gx is written (the P columns and dt) before the function returns.
+    let mut gx = super::cpu::take(d.t * w1);
     let mut gbc = vec![T::zero(); d.t * w2];
     let mut dh = d_sf.to_vec();
     let mut d_a = T::zero();
     // States before each token of the segment: h_{t−1} `[SEG,P,N]`.
-    let mut prev = vec![T::zero(); SEG * pn];
+    // Rows 0..len are written before they are read, in every segment.
+    let mut prev = super::cpu::take(SEG * pn);
     let mut s = vec![T::zero(); pn];
     let mut ht = vec![T::zero(); n];
     for seg in (0..d.nseg()).rev() {
@@ -340,5 +349,6 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
             d_a += x.dt * a * da;
         }
     }
+    super::cpu::give(prev);
     (gx, gbc, dh, d_a)
 }
