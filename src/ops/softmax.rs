@@ -119,7 +119,8 @@ fn ce_fwd<T: CeElem>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
 }
 
 fn ce_bwd<T: CeElem>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    // Every row is written by softmax_scaled.
+    let mut out = super::cpu::take(x.len());
     out.par_chunks_mut(ROW_CHUNK * v).zip(x.par_chunks(ROW_CHUNK * v)).zip(t.par_chunks(ROW_CHUNK).zip(g.par_chunks(ROW_CHUNK))).for_each(
         |((oc, xc), (tc, gc))| {
             with_fast_isa(#[inline(always)] || {
