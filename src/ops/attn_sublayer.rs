@@ -24,7 +24,7 @@
 //! other step.
 
 use super::attn_fused::{backward as attn_backward, forward as attn_forward, Dims, Elem};
-use super::cpu::{give, take, Stash};
+use super::cpu::{copy_of, give, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::moba_fused::{backward_raw as moba_backward, forward_raw as moba_forward};
@@ -199,8 +199,7 @@ impl AttnSublayer {
         give(pq);
         give(pk);
         let ol = self.mix(&q, &k, &v);
-        let mut y = take(x.len());
-        y.copy_from_slice(x);
+        let mut y = copy_of(x);
         mm_par(rows, d, qd, &mut y, d, true, Mat::rows(&ol[..rows * qd], qd, 0), Mat::rows(&p[o[4]..o[5]], d, 0), T::one());
         let mut saved = vec![q, k, v, ol];
         saved.extend(raw);

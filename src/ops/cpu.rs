@@ -99,6 +99,13 @@ pub fn take<T: WithDType>(n: usize) -> Vec<T> {
     vec![T::zero(); n]
 }
 
+/// A copy of `x` in a [`take`]n buffer (`x.to_vec()` without the zero fill).
+pub fn copy_of<T: WithDType>(x: &[T]) -> Vec<T> {
+    let mut v = take(x.len());
+    v.copy_from_slice(x);
+    v
+}
+
 /// Returns a buffer to the pool for a later [`take`] of the same length and type.
 pub fn give<T: WithDType>(v: Vec<T>) {
     let bytes = v.len() * std::mem::size_of::<T>();

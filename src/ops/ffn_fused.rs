@@ -22,7 +22,7 @@
 //! CPU, f32/f64; elsewhere the composed form runs.
 
 use super::attn_fused::Elem;
-use super::cpu::{give, take, Stash};
+use super::cpu::{copy_of, give, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::swiglu::{gate_bwd_into, gate_into};
@@ -81,8 +81,7 @@ impl SwigluFfn {
         give(n);
         let mut hs = take(rows * h);
         gate_into(a, b, &mut hs);
-        let mut y = take(x.len());
-        y.copy_from_slice(x);
+        let mut y = copy_of(x);
         mm_par(rows, d, h, &mut y, d, true, Mat::rows(&hs, h, 0), Mat::rows(&p[o[3]..o[4]], d, 0), T::one());
         give(hs);
         self.ab.put(ab);

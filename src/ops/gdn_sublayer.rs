@@ -18,7 +18,7 @@
 //! ops; its tests compare the two, forward and gradients.
 
 use super::attn_fused::Elem;
-use super::cpu::{give, row_sums, take, Stash};
+use super::cpu::{copy_of, give, row_sums, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gdr_fused::{backward as gdr_backward, forward as gdr_forward, Dims as GdrDims};
 use super::gemm::{mm_par, Mat};
@@ -180,8 +180,7 @@ impl GdnSublayer {
                 }
             })
         });
-        let mut y = take(x.len());
-        y.copy_from_slice(x);
+        let mut y = copy_of(x);
         mm_par(rows, d, hv, &mut y, d, true, Mat::rows(&on, hv, 0), Mat::rows(&p[o[WO]..o[WO + 1]], d, 0), T::one());
         give(on);
         let mut saved = proj;
@@ -203,8 +202,7 @@ impl GdnSublayer {
         let mut on = take(rows * hv);
         norm_fwd_rows(&scan[..rows * hv], &p[o[ONORM]..o[ONORM + 1]], vd, m.norm_eps, &mut on);
         let pg = proj[5];
-        let mut gated = take(on.len());
-        gated.copy_from_slice(&on);
+        let mut gated = copy_of(&on);
         gated.par_chunks_mut(CH).zip(pg.par_chunks(CH)).for_each(|(oc, gc)| {
             with_fast_isa(#[inline(always)] || oc.iter_mut().zip(gc).for_each(|(o, &g)| *o = g * sigmoid(g) * *o))
         });

@@ -42,7 +42,7 @@ struct Linear {
 
 /// `c[m×n] = a[m×k] b[k×n]`, row-major, on the rayon pool.
 pub(super) fn gemm_rows<T: WithDType>(a: &[T], b: &[T], m: usize, k: usize, n: usize) -> Vec<T> {
-    let mut c = vec![T::zero(); m * n];
+    let mut c = super::cpu::take(m * n); // the product overwrites it
     mm_par(m, n, k, &mut c, n, false, Mat::rows(a, k, 0), Mat::rows(b, n, 0), T::one());
     c
 }

@@ -21,7 +21,7 @@
 //! same computation from candle ops; its tests compare the two, forward and gradients.
 
 use super::attn_fused::Elem;
-use super::cpu::{give, row_sums, take, Stash};
+use super::cpu::{copy_of, give, row_sums, take, Stash};
 use super::sublayer_op::{SublayerKernel, SublayerOp};
 use super::gemm::{mm_par, Mat};
 use super::norm::{bwd_into as norm_bwd_into, fwd_rows as norm_fwd_rows};
@@ -230,8 +230,7 @@ impl Mamba2Sublayer {
         let mut un = take(u.len());
         norm_fwd_rows(&u, &p[o[7]..o[8]], di, self.norm_eps, &mut un);
         give(u);
-        let mut y = take(x.len());
-        y.copy_from_slice(x);
+        let mut y = copy_of(x);
         mm_par(rows, d, di, &mut y, d, true, Mat::rows(&un, di, 0), Mat::rows(&p[o[8]..o[9]], d, 0), T::one());
         give(un);
         self.saved.put_parts(vec![proj, xbc, scan]);

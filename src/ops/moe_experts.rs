@@ -18,7 +18,7 @@
 //! each slot's token in slot order (deterministic). [`moe_experts_composed`] is the reference.
 
 use super::attn_fused::{contiguous, cpu_slice, Elem};
-use super::cpu::Stash;
+use super::cpu::{give, take, Stash};
 use super::gemm::{mm_par, Mat};
 use super::swiglu::{gate_bwd_into, gate_into};
 use candle_core::backend::BackendStorage;
@@ -129,7 +129,7 @@ impl MoeExperts {
     fn gather<T: Elem>(&self, x: &[T]) -> Vec<T> {
         let d = self.d;
         let idx: Vec<u32> = self.plan.tokens.concat();
-        let mut xs = vec![T::zero(); idx.len() * d];
+        let mut xs = take(idx.len() * d);
         xs.par_chunks_mut(d).zip(idx.par_iter()).for_each(|(r, &t)| r.copy_from_slice(&x[t as usize * d..(t as usize + 1) * d]));
         xs
     }
@@ -139,10 +139,11 @@ impl MoeExperts {
         let off = self.plan.offsets();
         let kept = off[off.len() - 1];
         let xs = self.gather(x);
-        let mut a = vec![T::zero(); kept * h];
-        let mut b = vec![T::zero(); kept * h];
-        let mut o = vec![T::zero(); kept * d];
-        let mut hs = vec![T::zero(); kept * h];
+        // The experts' row ranges tile 0..kept: every row of a, b, o and hs is written.
+        let mut a = take(kept * h);
+        let mut b = take(kept * h);
+        let mut o = take(kept * d);
+        let mut hs = take(kept * h);
         for e in 0..self.experts() {
             let (r0, rows) = (off[e], off[e + 1] - off[e]);
             if rows == 0 {
@@ -159,6 +160,8 @@ impl MoeExperts {
                 mm_par(rows, d, h, &mut o[r0 * d..], d, false, Mat::rows(&hs[r0 * h..], h, 0), Mat::rows(self.weight(p, 2, e), d, 0), T::one());
             }
         }
+        give(xs);
+        give(hs);
         let mut y = vec![T::zero(); self.n * d];
         let pos = &self.plan.pos;
         y.par_chunks_mut(d).enumerate().for_each(|(t, yr)| {
@@ -183,7 +186,8 @@ impl MoeExperts {
         let pos = &self.plan.pos;
         // dgates and each slot's output gradient (every kept slot belongs to one (token, rank)).
         let mut dgates = vec![T::zero(); n * k];
-        let mut d_o = vec![T::zero(); kept * d];
+        // Every kept slot belongs to one (token, rank): all rows of d_o are written.
+        let mut d_o = take(kept * d);
         let mut slot_of = vec![(0usize, T::zero()); kept];
         for t in 0..n {
             for r in 0..k {
@@ -205,19 +209,19 @@ impl MoeExperts {
         // Per expert: SwiGLU FFN backward.
         let xs = self.gather(x);
         let mut dp = vec![T::zero(); 3 * self.experts() * d * h];
-        let mut da = vec![T::zero(); kept * h];
+        let mut da = take(kept * h);
         for e in 0..self.experts() {
             let (r0, rows) = (off[e], off[e + 1] - off[e]);
             if rows > 0 {
                 mm_par(rows, h, d, &mut da[r0 * h..], h, false, Mat::rows(&d_o[r0 * d..], d, 0), Mat::rows_t(self.weight(p, 2, e), d, 0), T::one());
             }
         }
-        let mut db = vec![T::zero(); kept * h];
-        let mut hs = vec![T::zero(); kept * h];
+        let mut db = take(kept * h);
+        let mut hs = take(kept * h);
         gate_bwd_into(a, b, &mut da, &mut db, &mut hs);
         let sz = d * h;
         let ex = self.experts();
-        let mut dxs = vec![T::zero(); kept * d];
+        let mut dxs = take(kept * d);
         for e in 0..ex {
             let (r0, rows) = (off[e], off[e + 1] - off[e]);
             if rows == 0 {
@@ -235,6 +239,7 @@ impl MoeExperts {
         for (slot, &(t, _)) in slot_of.iter().enumerate() {
             dx[t * d..(t + 1) * d].iter_mut().zip(&dxs[slot * d..(slot + 1) * d]).for_each(|(v, &g)| *v += g);
         }
+        [xs, d_o, da, db, hs, dxs].into_iter().for_each(give);
         (dx, dgates, dp)
     }
 

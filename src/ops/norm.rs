@@ -41,7 +41,7 @@ fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
 }
 
 fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = super::cpu::take(x.len()); // every row is written
     fwd_rows(x, g, d, eps, &mut y);
     y
 }
@@ -49,7 +49,7 @@ fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
 /// Returns `[dx (len x) ++ dg (d)]`.
 fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
     let n = x.len();
-    let mut out = vec![T::zero(); n + d];
+    let mut out = super::cpu::take(n + d); // dx and dg are assigned whole
     let (dx, dg) = out.split_at_mut(n);
     bwd_into(x, g, dy, d, eps, None, dx, dg);
     out
