@@ -2,9 +2,6 @@
 //! `ops::cpu::take`): wraps mimalloc in a counting allocator, runs two untimed steps, counts the
 //! third, and lists the zero-filled allocations of 1 MiB or more by exact size.
 //!     cargo run --release --example alloc_hist -- architectures/mamba2.yaml
-use candle_core::{DType, Device};
-use mixscale::config::{RunSpec, YamlDoc};
-use mixscale::model::LanguageModel;
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 struct Count;
@@ -27,14 +24,7 @@ unsafe impl GlobalAlloc for Count {
 static G: Count = Count;
 fn main() {
     let path = std::env::args().nth(1).unwrap_or("architectures/attention.yaml".into());
-    let doc = YamlDoc::load(std::path::Path::new(&path)).unwrap();
-    let mut spec = RunSpec::from_doc(&doc).unwrap();
-    mixscale::blocks::resolve_blocks(&doc, &mut spec.model).unwrap();
-    let dev = Device::Cpu;
-    let (t, b) = (spec.train.seq_len, spec.train.batch_size);
-    let m = LanguageModel::new(&spec.model, t, 0, DType::F32, &dev).unwrap();
-    let data = mixscale::data::DataSource::new(&spec.data, 0, t).unwrap();
-    let batch = data.train_batch(0, b, &dev).unwrap();
+    let (m, batch) = mixscale::testing::preset_model_and_batch(&path);
     for i in 0..3 {
         ON.store(i == 2, Relaxed);
         let loss = m.loss(&batch.inputs, &batch.targets).unwrap();

@@ -1,19 +1,9 @@
 //! Counts the autograd nodes of one training loss of a preset, with their element counts
 //! (development aid: candle's backward allocates a zero gradient and adds into it per node input).
-use candle_core::{DType, Device};
-use mixscale::config::{RunSpec, YamlDoc};
-use mixscale::model::LanguageModel;
 use std::collections::BTreeMap;
 fn main() {
     let path = std::env::args().nth(1).unwrap_or("architectures/attention.yaml".into());
-    let doc = YamlDoc::load(std::path::Path::new(&path)).unwrap();
-    let mut spec = RunSpec::from_doc(&doc).unwrap();
-    mixscale::blocks::resolve_blocks(&doc, &mut spec.model).unwrap();
-    let dev = Device::Cpu;
-    let (t, b) = (spec.train.seq_len, spec.train.batch_size);
-    let m = LanguageModel::new(&spec.model, t, 0, DType::F32, &dev).unwrap();
-    let data = mixscale::data::DataSource::new(&spec.data, 0, t).unwrap();
-    let batch = data.train_batch(0, b, &dev).unwrap();
+    let (m, batch) = mixscale::testing::preset_model_and_batch(&path);
     let loss = m.loss(&batch.inputs, &batch.targets).unwrap();
     let nodes = loss.sorted_nodes();
     if std::env::var_os("LIST").is_some() {

@@ -1,19 +1,11 @@
 //! Rough per-phase timing of one training step of a preset (development aid).
-use candle_core::{DType, Device, Tensor};
-use mixscale::config::{RunSpec, YamlDoc};
-use mixscale::model::LanguageModel;
+use candle_core::{Device, Tensor};
 use std::time::Instant;
 fn main() {
     let path = std::env::args().nth(1).unwrap_or("architectures/attention.yaml".into());
-    let doc = YamlDoc::load(std::path::Path::new(&path)).unwrap();
-    let mut spec = RunSpec::from_doc(&doc).unwrap();
-    mixscale::blocks::resolve_blocks(&doc, &mut spec.model).unwrap();
+    let (m, batch) = mixscale::testing::preset_model_and_batch(&path);
     let dev = Device::Cpu;
-    let t = spec.train.seq_len;
-    let b = spec.train.batch_size;
-    let m = LanguageModel::new(&spec.model, t, 0, DType::F32, &dev).unwrap();
-    let data = mixscale::data::DataSource::new(&spec.data, 0, t).unwrap();
-    let batch = data.train_batch(0, b, &dev).unwrap();
+    let (b, t) = batch.inputs.dims2().unwrap();
     for _ in 0..3 {
         let t0 = Instant::now();
         let h = m.hidden(&batch.inputs).unwrap();

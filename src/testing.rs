@@ -112,3 +112,17 @@ pub fn check_sublayer(block: &dyn Mixer, store: &ParamStore, x_shape: &[usize], 
         check_grads("fused sublayer", &vars, &loss, 12);
     }
 }
+
+/// A preset's f32 model on the CPU (seed 0) and its first training batch of `train.batch_size`
+/// sequences: the set-up of the development examples (`examples/graph_nodes.rs`, `prof.rs`,
+/// `alloc_hist.rs`). Panics with the error on a bad preset (development aid).
+pub fn preset_model_and_batch(path: &str) -> (crate::model::LanguageModel, crate::data::Batch) {
+    let doc = crate::config::YamlDoc::load(std::path::Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
+    let mut spec = crate::config::RunSpec::from_doc(&doc).unwrap_or_else(|e| panic!("{e}"));
+    crate::blocks::resolve_blocks(&doc, &mut spec.model).unwrap_or_else(|e| panic!("{e}"));
+    let (t, b) = (spec.train.seq_len, spec.train.batch_size);
+    let model = crate::model::LanguageModel::new(&spec.model, t, 0, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let data = crate::data::DataSource::new(&spec.data, 0, t).unwrap_or_else(|e| panic!("{e}"));
+    let batch = data.train_batch(0, b, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    (model, batch)
+}
