@@ -128,8 +128,8 @@ enum Cmd {
         steps: usize,
         /// Rounds per preset, alternating mixscale and PyTorch; the table shows the medians and
         /// the ratio of each round (a shared machine's load moves both sides of a round alike).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-        rounds: u64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         /// Threads for both implementations (default: all cores).
