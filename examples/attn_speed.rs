@@ -1,6 +1,6 @@
 //! Times composed vs fused causal attention (forward, and forward + backward of sum(o·w)),
 //! f32 on the CPU, at the attention preset's per-layer shape (B=16, T=256, Hq=4, D=32) and at T=1024.
-//!     cargo run --release --example attn_speed [-- --fused-only]
+//!     cargo run --release --example attn_speed [-- --fused-only] [--t256 (the preset's shape only, 200 runs: for perf)]
 use candle_core::{Device, Result, Tensor, Var};
 use mixscale::ops::attn::attn_composed;
 use mixscale::ops::attn_fused::attn_fused;
@@ -26,7 +26,9 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 fn main() -> Result<()> {
     let dev = Device::Cpu;
     let only_fused = std::env::args().any(|a| a == "--fused-only");
-    for (b, t, h, d, reps) in [(16, 256, 4, 32, 20), (16, 1024, 4, 32, 6)] {
+    let short = std::env::args().any(|a| a == "--t256");
+    let shapes = if short { vec![(16, 256, 4, 32, 200)] } else { vec![(16, 256, 4, 32, 20), (16, 1024, 4, 32, 6)] };
+    for (b, t, h, d, reps) in shapes {
         let x = || Tensor::randn(0f32, 1.0, (b, t, h, d), &dev);
         let (q, k, v) = (Var::from_tensor(&x()?)?, Var::from_tensor(&x()?)?, Var::from_tensor(&x()?)?);
         let w = x()?;

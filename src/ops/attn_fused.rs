@@ -143,9 +143,11 @@ pub(super) trait Elem: WithDType {
 
 impl Elem for f32 {
     const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
     fn exp(self) -> Self {
         exp_f32(self)
     }
+    #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
     }
@@ -156,9 +158,11 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
     fn ln(self) -> Self {
         f64::ln(self)
     }
@@ -168,6 +172,7 @@ impl Elem for f64 {
 }
 
 /// Sum with 8 independent accumulators (vectorisable; fixed order, so deterministic).
+#[inline(always)]
 pub(super) fn sum<T: Elem>(x: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = x.chunks_exact(8);
@@ -181,6 +186,7 @@ pub(super) fn sum<T: Elem>(x: &[T]) -> T {
 }
 
 /// Maximum of `init` and the elements, with 8 independent lanes.
+#[inline(always)]
 pub(super) fn max<T: Elem>(x: &[T], init: T) -> T {
     let mx = |a: T, b: T| if b > a { b } else { a };
     let mut acc = [init; 8];
@@ -448,7 +454,7 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     let mut dq = vec![T::zero(); t * d];
     // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.
     let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
-    let dvec: Vec<T> = (0..t).map(|i| (0..d).fold(T::zero(), |a, c| a + x.d_o[i * d + c] * x.o[i * d + c])).collect();
+    let dvec: Vec<T> = x.d_o.chunks_exact(d).zip(x.o.chunks_exact(d)).take(t).map(|(a, b)| super::gdr_fused::dot(a, b)).collect();
     // Scratch: each tile's products are written before they are read.
     let mut p = super::cpu::take(BLOCK * KEYS);
     let mut ds = super::cpu::take(BLOCK * KEYS);

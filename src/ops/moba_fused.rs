@@ -276,7 +276,7 @@ impl FusedMoba {
     #[allow(clippy::too_many_arguments)]
     fn backward_head<T: Elem>(&self, q: &[T], k: &[T], v: &[T], o: &[T], d_o: &[T], lse: &[T], t: usize, d: usize, dk: &mut [T], dv: &mut [T]) -> Vec<T> {
         let scale = T::from_f64(1.0 / (d as f64).sqrt());
-        let dvec: Vec<T> = (0..t).map(|i| (0..d).fold(T::zero(), |a, c| a + d_o[i * d + c] * o[i * d + c])).collect();
+        let dvec: Vec<T> = d_o.chunks_exact(d).zip(o.chunks_exact(d)).take(t).map(|(a, b)| super::gdr_fused::dot(a, b)).collect();
         let mut dq = vec![T::zero(); t * d];
         let mut p = vec![T::zero(); BLOCK * BLOCK];
         let mut ds = vec![T::zero(); BLOCK * BLOCK];

@@ -36,8 +36,27 @@ struct RmsNorm {
 
 #[inline(always)]
 fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
-    let ss: f64 = row.iter().map(|v| v.to_f64() * v.to_f64()).sum();
-    1.0 / (ss / row.len() as f64 + eps).sqrt()
+    let mut acc = [0f64; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0f64, |s, v| s + v.to_f64() * v.to_f64());
+    for c in chunks {
+        let c: &[T; LANES] = c.try_into().unwrap();
+        for l in 0..LANES {
+            let v = c[l].to_f64();
+            acc[l] += v * v;
+        }
+    }
+    1.0 / ((lanes_total(&acc) + tail) / row.len() as f64 + eps).sqrt()
+}
+
+/// Independent f64 accumulators of the row reductions: the compiler keeps them in one vector
+/// register, where a single running sum is a chain of dependent adds (the rows' reductions were
+/// most of this op's time). Their fixed combination order makes the result independent of the ISA.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn lanes_total(a: &[f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
 fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {
@@ -66,23 +85,41 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
         .map(|((c, dxc), (xc, dyc))| {
             let res = residual.map(|r| &r[c * ROW_CHUNK * d..c * ROW_CHUNK * d + xc.len()]);
             let mut dg = vec![0f64; d];
+            let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
             with_fast_isa(#[inline(always)] || for (row, ((dxr, xr), dyr)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate() {
                 let r = inv_rms(xr, eps);
-                let mut dot = 0.0;
-                for i in 0..d {
-                    let xh = xr[i].to_f64() * r;
-                    let dyv = dyr[i].to_f64();
-                    dg[i] += dyv * xh;
-                    dot += dyv * g[i].to_f64() * xh;
+                // dg += dy·x̂ and Σ dy·g·x, lane-wise (see LANES); zipped slices, so no bounds checks
+                // stop the vectoriser.
+                let mut acc = [0f64; LANES];
+                let lanes = dg.chunks_exact_mut(LANES).zip(gf.chunks_exact(LANES)).zip(xr.chunks_exact(LANES).zip(dyr.chunks_exact(LANES)));
+                for ((dgc, gc), (xc8, dyc8)) in lanes {
+                    for l in 0..LANES {
+                        let (xv, dyv) = (xc8[l].to_f64(), dyc8[l].to_f64());
+                        dgc[l] += dyv * (xv * r);
+                        acc[l] += dyv * gc[l] * xv;
+                    }
                 }
-                let mean = dot / d as f64;
-                for i in 0..d {
-                    let xh = xr[i].to_f64() * r;
-                    let v = T::from_f64(r * (dyr[i].to_f64() * g[i].to_f64() - xh * mean));
-                    dxr[i] = match res {
-                        Some(res) => v + res[row * d + i],
-                        None => v,
-                    };
+                let whole = d - d % LANES;
+                let mut tail = 0f64;
+                for i in whole..d {
+                    let (xv, dyv) = (xr[i].to_f64(), dyr[i].to_f64());
+                    dg[i] += dyv * (xv * r);
+                    tail += dyv * gf[i] * xv;
+                }
+                let mean = (lanes_total(&acc) + tail) * r / d as f64;
+                let dx_of = |xv: T, dyv: T, gv: f64| T::from_f64(r * (dyv.to_f64() * gv - xv.to_f64() * r * mean));
+                let elems = dxr.iter_mut().zip(xr.iter().zip(dyr)).zip(&gf);
+                match res {
+                    Some(res) => {
+                        for (((o, (&xv, &dyv)), &gv), &rv) in elems.zip(&res[row * d..(row + 1) * d]) {
+                            *o = dx_of(xv, dyv, gv) + rv;
+                        }
+                    }
+                    None => {
+                        for ((o, (&xv, &dyv)), &gv) in elems {
+                            *o = dx_of(xv, dyv, gv);
+                        }
+                    }
                 }
             });
             dg
@@ -97,10 +134,11 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
 pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &mut [T]) {
     y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
         with_fast_isa(#[inline(always)] || {
+            let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
             for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
                 let r = inv_rms(xr, eps);
-                for i in 0..d {
-                    yr[i] = T::from_f64(xr[i].to_f64() * r * g[i].to_f64());
+                for ((o, &xv), &gv) in yr.iter_mut().zip(xr).zip(&gf) {
+                    *o = T::from_f64(xv.to_f64() * r * gv);
                 }
             }
         })

@@ -78,7 +78,8 @@ impl CeElem for f64 {
 impl CeElem for f32 {
     #[inline(always)]
     fn lse(row: &[f32]) -> f64 {
-        let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        // Lane-wise maximum (a single running max is a chain of dependent compares).
+        let m = super::attn_fused::max(row, f32::NEG_INFINITY);
         let mut acc = [0f32; 16];
         let chunks = row.chunks_exact(16);
         let tail = chunks.remainder().iter().map(|&x| exp_f32(x - m) as f64).sum::<f64>();

@@ -81,14 +81,15 @@ pub(super) fn gate_bwd_into<T: Elem>(a: &[T], b: &[T], dh_da: &mut [T], db: &mut
         .zip(db.par_chunks_mut(CHUNK).zip(h.par_chunks_mut(CHUNK)))
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|((dac, (dbc, hc)), (ac, bc))| {
+            // Zipped slices (no bounds checks), so the loop vectorises.
             with_fast_isa(#[inline(always)] || {
-                for i in 0..ac.len() {
-                    let (a, b, g) = (ac[i], bc[i], dac[i]);
+                for ((da, (db, h)), (&a, &b)) in dac.iter_mut().zip(dbc.iter_mut().zip(hc.iter_mut())).zip(ac.iter().zip(bc)) {
+                    let g = *da;
                     let s = T::one() / (T::one() + (T::zero() - a).exp());
                     let silu = a * s;
-                    hc[i] = silu * b;
-                    dbc[i] = g * silu;
-                    dac[i] = g * b * s * (T::one() + a * (T::one() - s));
+                    *h = silu * b;
+                    *db = g * silu;
+                    *da = g * b * s * (T::one() + a * (T::one() - s));
                 }
             })
         });
@@ -102,12 +103,11 @@ fn bwd<T: Float>(a: &[T], b: &[T], dh: &[T]) -> Vec<T> {
     da.par_chunks_mut(CHUNK).zip(db.par_chunks_mut(CHUNK)).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(dh.par_chunks(CHUNK))).for_each(
         |((dac, dbc), ((ac, bc), gc))| {
             with_fast_isa(#[inline(always)] || {
-                for i in 0..ac.len() {
-                    let (a, b, g) = (ac[i], bc[i], gc[i]);
+                for ((da, db), ((&a, &b), &g)) in dac.iter_mut().zip(dbc.iter_mut()).zip(ac.iter().zip(bc).zip(gc)) {
                     let s = T::ONE / (T::ONE + (-a).exp());
                     let silu = a * s;
-                    dac[i] = g * b * (s * (T::ONE + a * (T::ONE - s)));
-                    dbc[i] = g * silu;
+                    *da = g * b * (s * (T::ONE + a * (T::ONE - s)));
+                    *db = g * silu;
                 }
             })
         },

@@ -1,0 +1,41 @@
+//! GEMM throughput of the `gemm` crate at the projection shapes of a preset step (dev aid):
+//!     cargo run --release --example gemm_shapes -- [threads]
+use std::time::Instant;
+fn main() {
+    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
+    // (m, k, n, a_transposed, b_transposed) — the attention preset's d=128 linear layers.
+    let tiles = std::env::args().any(|a| a == "--tiles");
+    let shapes_big = [
+        (4096, 128, 384, false, false), (4096, 384, 128, false, true), (128, 4096, 384, true, false),
+        (4096, 128, 352, false, false), (4096, 352, 128, false, false), (4096, 352, 128, false, true),
+        (352, 4096, 128, true, false), (128, 4096, 352, true, false), (4096, 128, 512, false, true),
+        (512, 4096, 128, true, false), (1024, 1024, 1024, false, false),
+    ];
+    // attention tiles (single-threaded inside the kernel's tasks): S = Q Kᵀ, P V, dV = Pᵀ dO, dQ = dS K, dK = dSᵀ Q
+    let shapes_tiles = [
+        (64, 32, 256, false, true), (64, 32, 128, false, true), (64, 256, 32, false, false), (64, 128, 32, false, false),
+        (256, 64, 32, true, false), (128, 64, 32, true, false), (256, 256, 32, false, false), (256, 32, 256, false, true),
+    ];
+    let shapes: Vec<_> = if tiles { shapes_tiles.to_vec() } else { shapes_big.to_vec() };
+    let threads = if tiles { 1 } else { threads };
+    for (m, k, n, ta, tb) in shapes {
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * n];
+        let mut c = vec![0f32; m * n];
+        // a stored [m,k] (or [k,m] when ta), b [k,n] (or [n,k] when tb)
+        let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
+        let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
+        let run = |c: &mut Vec<f32>| unsafe {
+            gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), a_cs, a_rs, b.as_ptr(), b_cs, b_rs, 1.0, 1.0, false, false, false,
+                if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None })
+        };
+        for _ in 0..3 { run(&mut c); }
+        let reps = 30;
+        let mut best = f64::MAX;
+        let mut tot = 0.0;
+        for _ in 0..reps { let t0 = Instant::now(); run(&mut c); let s = t0.elapsed().as_secs_f64(); best = best.min(s); tot += s; }
+        let fl = 2.0 * (m * n * k) as f64;
+        println!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+    }
+}
