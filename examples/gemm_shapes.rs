@@ -14,7 +14,7 @@ fn main() {
     ];
     // attention tiles (single-threaded inside the kernel's tasks): S = Q Kᵀ, P V, dV = Pᵀ dO, dQ = dS K, dK = dSᵀ Q
     let shapes_tiles = [
-        (64, 32, 256, false, true), (64, 32, 128, false, true), (64, 256, 32, false, false), (64, 128, 32, false, false),
+        (64, 32, 256, false, true), (64, 32, 256, false, false), (64, 32, 128, false, true), (64, 32, 128, false, false), (64, 32, 64, false, true), (64, 32, 64, false, false), (64, 256, 32, false, false), (64, 128, 32, false, false),
         (256, 64, 32, true, false), (128, 64, 32, true, false), (256, 256, 32, false, false), (256, 32, 256, false, true),
     ];
     let shapes: Vec<_> = if tiles { shapes_tiles.to_vec() } else { shapes_big.to_vec() };

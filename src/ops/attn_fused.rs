@@ -185,6 +185,20 @@ pub(super) fn sum<T: Elem>(x: &[T]) -> T {
     acc.iter().fold(tail, |a, &v| a + v)
 }
 
+/// Sum in f64 with 8 independent accumulators (vectorisable; fixed order, so deterministic).
+#[inline(always)]
+fn sum_f64<T: Elem>(x: &[T]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0f64, |a, v| a + v.to_f64());
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i].to_f64();
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
+}
+
 /// Maximum of `init` and the elements, with 8 independent lanes.
 #[inline(always)]
 pub(super) fn max<T: Elem>(x: &[T], init: T) -> T {
@@ -337,6 +351,7 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
     let mut s = super::cpu::take(BLOCK * KEYS);
     let mut m = [T::NEG_INF; BLOCK];
     let mut l = [T::zero(); BLOCK];
+    let kt = transpose(k, t, d);
     for i0 in (0..t).step_by(BLOCK) {
         let rows = BLOCK.min(t - i0);
         m.fill(T::NEG_INF);
@@ -345,7 +360,7 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
         // Key chunks start at multiples of KEYS ≤ i0, so every row has a valid key in each.
         for j0 in (0..i0 + rows).step_by(KEYS) {
             let cols = KEYS.min(i0 + rows - j0);
-            mm(rows, cols, d, &mut s, KEYS, false, Mat::rows(q, d, i0), Mat::rows_t(k, d, j0), scale);
+            mm(rows, cols, d, &mut s, KEYS, false, Mat::rows(q, d, i0), Mat::rows(&kt[j0..], t, 0), scale);
             if let Some(cum) = cum {
                 add_bias(&mut s, cum, i0, j0, rows, cols);
             }
@@ -372,6 +387,18 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
     }
     super::cpu::give(s);
     (o, lse)
+}
+
+/// `[D, T]` copy of a dense `[T, D]` head: the key-side operand of `Q Kᵀ` (and `dO Vᵀ`) as a
+/// row-major matrix. gemm packs a transposed right operand slowly at these shapes: 64×32×256
+/// products measured 54 GFLOP/s with `Kᵀ` as a strided view vs 125 with the copy (one core,
+/// `examples/gemm_shapes.rs --tiles`).
+fn transpose<T: Copy>(x: &[T], t: usize, d: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(t * d);
+    for c in 0..d {
+        out.extend(x[..t * d].iter().skip(c).step_by(d).copied());
+    }
+    out
 }
 
 /// Backward as tensors shaped like q, k, v.
@@ -458,12 +485,13 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     // Scratch: each tile's products are written before they are read.
     let mut p = super::cpu::take(BLOCK * KEYS);
     let mut ds = super::cpu::take(BLOCK * KEYS);
+    let (kt, vt) = (transpose(x.k, t, d), transpose(x.v, t, d));
     for i0 in (0..t).step_by(BLOCK) {
         let rows = BLOCK.min(t - i0);
         for j0 in (0..i0 + rows).step_by(KEYS) {
             let cols = KEYS.min(i0 + rows - j0);
-            mm(rows, cols, d, &mut p, KEYS, false, Mat::rows(x.q, d, i0), Mat::rows_t(x.k, d, j0), scale);
-            mm(rows, cols, d, &mut ds, KEYS, false, Mat::rows(x.d_o, d, i0), Mat::rows_t(x.v, d, j0), T::one());
+            mm(rows, cols, d, &mut p, KEYS, false, Mat::rows(x.q, d, i0), Mat::rows(&kt[j0..], t, 0), scale);
+            mm(rows, cols, d, &mut ds, KEYS, false, Mat::rows(x.d_o, d, i0), Mat::rows(&vt[j0..], t, 0), T::one());
             if let Some(cum) = x.cum {
                 add_bias(&mut p, cum, i0, j0, rows, cols);
             }
@@ -479,9 +507,9 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
                 prow[valid..].fill(T::zero());
                 srow[valid..].fill(T::zero());
                 if x.cum.is_some() {
-                    d_cum[i0 + r] += srow[..valid].iter().fold(0f64, |a, v| a + v.to_f64());
-                    for (c, v) in srow[..valid].iter().enumerate() {
-                        d_cum[j0 + c] -= v.to_f64();
+                    d_cum[i0 + r] += sum_f64(&srow[..valid]);
+                    for (dc, v) in d_cum[j0..j0 + valid].iter_mut().zip(&srow[..valid]) {
+                        *dc -= v.to_f64();
                     }
                 }
             }
