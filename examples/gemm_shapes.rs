@@ -7,7 +7,7 @@ fn main() {
     // (m, k, n, a_transposed, b_transposed) — the attention preset's d=128 linear layers.
     let tiles = std::env::args().any(|a| a == "--tiles");
     let shapes_big = [
-        (4096, 128, 384, false, false), (4096, 384, 128, false, true), (128, 4096, 384, true, false),
+        (4096, 128, 384, false, false), (4096, 384, 128, false, true), (128, 4096, 384, true, false), (128, 4096, 384, false, false), (384, 4096, 128, true, false), (384, 4096, 128, false, false),
         (4096, 128, 352, false, false), (4096, 352, 128, false, false), (4096, 352, 128, false, true),
         (352, 4096, 128, true, false), (128, 4096, 352, true, false), (4096, 128, 512, false, true),
         (512, 4096, 128, true, false), (1024, 1024, 1024, false, false),

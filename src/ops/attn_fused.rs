@@ -333,11 +333,17 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
         })
         .collect();
     let n_o = dims.n_out();
-    // Every head's rows and log-sum-exps are written below.
+    // Every head's rows and log-sum-exps are written below; the rows one batch (a contiguous
+    // `[T,H,D]` block) per task, so the copy does not leave the other cores idle.
     let mut out = super::cpu::take(n_o + b * hq * t);
-    for (bh, (o, lse)) in heads.iter().enumerate() {
-        scatter(&mut out[..n_o], o, bh / hq, bh % hq, hq, t, d);
-        out[n_o + bh * t..n_o + (bh + 1) * t].copy_from_slice(lse);
+    let (o_all, l_all) = out.split_at_mut(n_o);
+    o_all.par_chunks_mut(t * hq * d).enumerate().for_each(|(bb, dst)| {
+        for h in 0..hq {
+            scatter(dst, &heads[bb * hq + h].0, 0, h, hq, t, d);
+        }
+    });
+    for (bh, (_, lse)) in heads.iter().enumerate() {
+        l_all[bh * t..(bh + 1) * t].copy_from_slice(lse);
     }
     out
 }
@@ -449,17 +455,21 @@ pub(super) fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], 
     let mut dq = super::cpu::take(b * t * hq * qw);
     let mut dk = super::cpu::take(b * t * hkv * d);
     let mut dv = super::cpu::take(b * t * hkv * d);
-    for (bk, (dqs, dkh, dvh)) in per_kv.iter().enumerate() {
-        let (bb, kh) = (bk / hkv, bk % hkv);
-        for (i, (dqh, dgh)) in dqs.iter().enumerate() {
-            scatter_w(&mut dq, dqh, bb, kh * g + i, hq, t, qw, 0, d);
-            if qw > d {
-                scatter_w(&mut dq, dgh, bb, kh * g + i, hq, t, qw, d, 1);
+    // One batch (contiguous `[T,H,·]` blocks of the three) per task.
+    let batches = dq.par_chunks_mut(t * hq * qw).zip(dk.par_chunks_mut(t * hkv * d).zip(dv.par_chunks_mut(t * hkv * d)));
+    batches.enumerate().for_each(|(bb, (dq, (dk, dv)))| {
+        for kh in 0..hkv {
+            let (dqs, dkh, dvh) = &per_kv[bb * hkv + kh];
+            for (i, (dqh, dgh)) in dqs.iter().enumerate() {
+                scatter_w(dq, dqh, 0, kh * g + i, hq, t, qw, 0, d);
+                if qw > d {
+                    scatter_w(dq, dgh, 0, kh * g + i, hq, t, qw, d, 1);
+                }
             }
+            scatter(dk, dkh, 0, kh, hkv, t, d);
+            scatter(dv, dvh, 0, kh, hkv, t, d);
         }
-        scatter(&mut dk, dkh, bb, kh, hkv, t, d);
-        scatter(&mut dv, dvh, bb, kh, hkv, t, d);
-    }
+    });
     (dq, dk, dv)
 }
 
