@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use super::cpu::Stash;
 use super::gemm::{mm, Mat};
-use super::simd::{exp_f32, exp_shifted_f32};
+use super::simd::{exp_f32, exp_shifted_f32, with_fast_isa};
 
 /// Rows of a query block and columns of a key block (MoBA's tiles).
 pub const BLOCK: usize = 64;
@@ -329,7 +329,7 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
             let kh = gather(k, bb, h / g, hkv, t, d);
             let vh = gather(v, bb, h / g, hkv, t, d);
             let cum = (qw > d).then(|| cum_g(q, bb, h, hq, t, d));
-            forward_head(&qh, &kh, &vh, t, d, T::from_f64(dims.scale()), cum.as_deref())
+            with_fast_isa(#[inline(always)] || forward_head(&qh, &kh, &vh, t, d, T::from_f64(dims.scale()), cum.as_deref()))
         })
         .collect();
     let n_o = dims.n_out();
@@ -350,6 +350,7 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
 
 /// One head, dense `[T,D]` q, k, v (and the FoX cumulative gate `G` `[T]`, if any): returns
 /// o `[T,D]` and the row log-sum-exps `L` `[T]`.
+#[inline(always)] // into with_fast_isa: the row loops (max, sums, dS) get the wide ISA
 fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T, cum: Option<&[f64]>) -> (Vec<T>, Vec<T>) {
     let mut o = vec![T::zero(); t * d];
     let mut lse = vec![T::zero(); t];
@@ -445,7 +446,7 @@ pub(super) fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], 
                         lse: &lse[(bb * hq + h) * t..(bb * hq + h + 1) * t],
                         cum: cum.as_deref(),
                     };
-                    backward_head(&head, t, d, scale, &mut dk, &mut dv)
+                    with_fast_isa(#[inline(always)] || backward_head(&head, t, d, scale, &mut dk, &mut dv))
                 })
                 .collect();
             (dqs, dk, dv)
@@ -487,6 +488,7 @@ struct Head<'a, T> {
 
 /// One query head: returns its dq `[T,D]` and (FoX) dg `[T]` (empty without FoX), and adds its
 /// contributions into dk, dv `[T,D]`.
+#[inline(always)] // into with_fast_isa, as forward_head
 fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T], dv: &mut [T]) -> (Vec<T>, Vec<T>) {
     let mut dq = vec![T::zero(); t * d];
     // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.

@@ -19,6 +19,7 @@
 //! The op output is o `[B,T,Hq,D]`; the forward's L `(B·Hq·T)` stays in the op ([`Stash`]).
 
 use super::attn_fused::{contiguous, cpu_slice, gather, max, scatter, sum, Elem, BLOCK};
+use super::simd::with_fast_isa;
 use super::gemm::{mm, Mat};
 use super::moba::{block_means, select_blocks};
 use candle_core::backend::BackendStorage;
@@ -161,7 +162,7 @@ impl FusedMoba {
                 let qh = gather(q, bb, h, hq, t, d);
                 let kh = gather(k, bb, h / g, hkv, t, d);
                 let vh = gather(v, bb, h / g, hkv, t, d);
-                self.forward_head(&qh, &kh, &vh, t, d)
+                with_fast_isa(#[inline(always)] || self.forward_head(&qh, &kh, &vh, t, d))
             })
             .collect();
         let n_o = dims.n_out();
@@ -174,6 +175,7 @@ impl FusedMoba {
     }
 
     /// One head (dense `[T,D]`): o `[T,D]` and the row log-sum-exps `[T]`.
+    #[inline(always)] // into with_fast_isa: the row loops get the wide ISA
     fn forward_head<T: Elem>(&self, q: &[T], k: &[T], v: &[T], t: usize, d: usize) -> (Vec<T>, Vec<T>) {
         let scale = T::from_f64(1.0 / (d as f64).sqrt());
         let mut acc = vec![T::zero(); t * d];
@@ -252,7 +254,7 @@ impl FusedMoba {
                         let oh = gather(o, bb, h, hq, t, d);
                         let doh = gather(d_o, bb, h, hq, t, d);
                         let lh = &lse[(bb * hq + h) * t..(bb * hq + h + 1) * t];
-                        self.backward_head(&qh, &kd, &vd, &oh, &doh, lh, t, d, &mut dk, &mut dv)
+                        with_fast_isa(#[inline(always)] || self.backward_head(&qh, &kd, &vd, &oh, &doh, lh, t, d, &mut dk, &mut dv))
                     })
                     .collect();
                 (dqs, dk, dv)
@@ -274,6 +276,7 @@ impl FusedMoba {
 
     /// One query head: returns dq `[T,D]`, adds into dk, dv `[T,D]`.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)] // into with_fast_isa, as forward_head
     fn backward_head<T: Elem>(&self, q: &[T], k: &[T], v: &[T], o: &[T], d_o: &[T], lse: &[T], t: usize, d: usize, dk: &mut [T], dv: &mut [T]) -> Vec<T> {
         let scale = T::from_f64(1.0 / (d as f64).sqrt());
         let dvec: Vec<T> = d_o.chunks_exact(d).zip(o.chunks_exact(d)).take(t).map(|(a, b)| super::gdr_fused::dot(a, b)).collect();

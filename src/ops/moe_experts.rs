@@ -17,6 +17,7 @@
 //! backward, `dW_gate = xᵀ da`, `dW_up = xᵀ db`, `dx_slot = da W_gateᵀ + db W_upᵀ`, added into
 //! each slot's token in slot order (deterministic). [`moe_experts_composed`] is the reference.
 
+use super::simd::with_fast_isa;
 use super::attn_fused::{contiguous, cpu_slice, Elem};
 use super::cpu::{give, take, Stash};
 use super::gemm::{mm_par, Mat};
@@ -201,7 +202,7 @@ impl MoeExperts {
             for r in 0..k {
                 let slot = pos[t * k + r] as usize;
                 if slot < kept {
-                    dg[r] = o[slot * d..(slot + 1) * d].iter().zip(&dy[t * d..(t + 1) * d]).fold(T::zero(), |s, (&v, &g)| s + v * g);
+                    dg[r] = with_fast_isa(#[inline(always)] || super::gdr_fused::dot(&o[slot * d..(slot + 1) * d], &dy[t * d..(t + 1) * d]));
                 }
             }
         });
