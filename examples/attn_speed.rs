@@ -4,24 +4,9 @@
 use candle_core::{Device, Result, Tensor, Var};
 use mixscale::ops::attn::attn_composed;
 use mixscale::ops::attn_fused::attn_fused;
-use std::time::Instant;
+use mixscale::testing::best_ms;
 
 type AttnFn = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
-
-/// Best (minimum) milliseconds of `reps` runs of `f`, after one warm-up run: the minimum is the
-/// least disturbed by other load on the machine.
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut ms: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    ms[0]
-}
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
@@ -37,10 +22,10 @@ fn main() -> Result<()> {
             if only_fused && name == "composed" {
                 continue;
             }
-            let fwd = time_ms(reps, || {
+            let fwd = best_ms(reps, || {
                 f(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
             });
-            let fwd_bwd = time_ms(reps, || {
+            let fwd_bwd = best_ms(reps, || {
                 let o = f(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
                 (o * &w).unwrap().sum_all().unwrap().backward().unwrap();
             });

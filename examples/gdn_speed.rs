@@ -7,19 +7,7 @@ use mixscale::blocks::gated_deltanet::{GatedDeltaNet, GatedDeltaNetConfig};
 use mixscale::blocks::{BlockDims, ForwardCtx, Mixer};
 use mixscale::model::params::{ParamBuilder, ParamStore};
 use mixscale::ops::gated_delta_rule::{gdr_chunked, gdr_recurrent};
-use std::time::Instant;
-
-/// Best (minimum) milliseconds of `reps` runs after one warm-up (least disturbed by other load).
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+use mixscale::testing::best_ms;
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
@@ -39,7 +27,7 @@ fn main() -> Result<()> {
             }
         };
         for (name, chunked) in [("chunked", true), ("recurrent", false)] {
-            println!("op {name:9} T={t:4}: fwd {:8.2} ms  fwd+bwd {:8.2} ms", time_ms(reps, || run(chunked, false)), time_ms(reps, || run(chunked, true)));
+            println!("op {name:9} T={t:4}: fwd {:8.2} ms  fwd+bwd {:8.2} ms", best_ms(reps, || run(chunked, false)), best_ms(reps, || run(chunked, true)));
         }
         let mut store = ParamStore::default();
         let dims = BlockDims { d_model: d, max_seq_len: t, n_layers: 4, layer_idx: 0, init_std: 0.02, out_std: 0.01 };
@@ -53,7 +41,7 @@ fn main() -> Result<()> {
                 l.backward().unwrap();
             }
         };
-        println!("layer             T={t:4}: fwd {:8.2} ms  fwd+bwd {:8.2} ms", time_ms(reps, || run(false)), time_ms(reps, || run(true)));
+        println!("layer             T={t:4}: fwd {:8.2} ms  fwd+bwd {:8.2} ms", best_ms(reps, || run(false)), best_ms(reps, || run(true)));
     }
     Ok(())
 }

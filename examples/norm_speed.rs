@@ -1,20 +1,9 @@
-//! Times the fused RMSNorm op (forward, and forward + backward of sum(y·w)) at the quickstart
+//! Times the fused RMSNorm op (forward, and the backward of sum(y·w)) at the quickstart
 //! presets' activation shape [16·256, 128] and at d = 512, f32 on the CPU (dev aid):
 //!     cargo run --release --example norm_speed
 use candle_core::{Device, Result, Tensor, Var};
 use mixscale::ops::norm::rms_norm;
-use std::time::Instant;
-
-fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .fold(f64::MAX, f64::min)
-}
+use mixscale::testing::best_ms;
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;

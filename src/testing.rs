@@ -113,6 +113,19 @@ pub fn check_sublayer(block: &dyn Mixer, store: &ParamStore, x_shape: &[usize], 
     }
 }
 
+/// Best (minimum) milliseconds of `reps` runs of `f` after one warm-up run, the least disturbed by
+/// other load on the machine: the timer of the development examples (`examples/*_speed.rs`).
+pub fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// A preset's f32 model on the CPU (seed 0) and its first training batch of `train.batch_size`
 /// sequences: the set-up of the development examples (`examples/graph_nodes.rs`, `prof.rs`,
 /// `alloc_hist.rs`). Panics with the error on a bad preset (development aid).

@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use super::cpu::Stash;
 use super::gemm::{mm, Mat};
-use super::simd::{exp_f32, exp_shifted_f32, with_fast_isa};
+use super::simd::{exp_f32, exp_shifted_f32, lanes_sum, with_fast_isa};
 
 /// Rows of a query block and columns of a key block (MoBA's tiles).
 pub const BLOCK: usize = 64;
@@ -183,20 +183,6 @@ pub(super) fn sum<T: Elem>(x: &[T]) -> T {
         }
     }
     acc.iter().fold(tail, |a, &v| a + v)
-}
-
-/// Sum in f64 with 8 independent accumulators (vectorisable; fixed order, so deterministic).
-#[inline(always)]
-fn sum_f64<T: Elem>(x: &[T]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(0f64, |a, v| a + v.to_f64());
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i].to_f64();
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
 /// Maximum of `init` and the elements, with 8 independent lanes.
@@ -519,7 +505,7 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
                 prow[valid..].fill(T::zero());
                 srow[valid..].fill(T::zero());
                 if x.cum.is_some() {
-                    d_cum[i0 + r] += sum_f64(&srow[..valid]);
+                    d_cum[i0 + r] += lanes_sum(&srow[..valid], |v| v.to_f64());
                     for (dc, v) in d_cum[j0..j0 + valid].iter_mut().zip(&srow[..valid]) {
                         *dc -= v.to_f64();
                     }

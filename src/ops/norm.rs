@@ -7,7 +7,7 @@
 //! `dx = r·(dy·g − x̂·mean(dy·g·x̂))`. Row statistics are accumulated in f64.
 
 use super::cpu::{slice, ROW_CHUNK};
-use super::simd::with_fast_isa;
+use super::simd::{lanes_sum, lanes_total, with_fast_isa, LANES};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
@@ -36,27 +36,7 @@ struct RmsNorm {
 
 #[inline(always)]
 fn inv_rms<T: WithDType>(row: &[T], eps: f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(0f64, |s, v| s + v.to_f64() * v.to_f64());
-    for c in chunks {
-        let c: &[T; LANES] = c.try_into().unwrap();
-        for l in 0..LANES {
-            let v = c[l].to_f64();
-            acc[l] += v * v;
-        }
-    }
-    1.0 / ((lanes_total(&acc) + tail) / row.len() as f64 + eps).sqrt()
-}
-
-/// Independent f64 accumulators of the row reductions: the compiler keeps them in one vector
-/// register, where a single running sum is a chain of dependent adds (the rows' reductions were
-/// most of this op's time). Their fixed combination order makes the result independent of the ISA.
-const LANES: usize = 8;
-
-#[inline(always)]
-fn lanes_total(a: &[f64; LANES]) -> f64 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+    1.0 / (lanes_sum(row, |v| v.to_f64() * v.to_f64()) / row.len() as f64 + eps).sqrt()
 }
 
 fn fwd<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64) -> Vec<T> {

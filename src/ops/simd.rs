@@ -56,6 +56,32 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// Independent f64 accumulators of the kernels' row reductions: the compiler keeps them in one
+/// vector register, where a single running sum is a chain of dependent adds that no ISA speeds
+/// up. Combined in a fixed order ([`lanes_total`]), so results do not depend on the vector width.
+pub const LANES: usize = 8;
+
+/// The fixed-order total of [`LANES`] accumulators.
+#[inline(always)]
+pub fn lanes_total(a: &[f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// `Σ f(x_i)` in f64 over [`LANES`] accumulators (element i into lane i mod 8; the elements past
+/// the last full group are added last).
+#[inline(always)]
+pub fn lanes_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0f64, |s, &v| s + f(v));
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    lanes_total(&acc) + tail
+}
+
 /// `x ← exp(x − shift)` with [`exp_f32`], in the widest vector ISA the CPU has.
 #[inline(always)]
 pub fn exp_shifted_f32(x: &mut [f32], shift: f32) {
@@ -86,6 +112,19 @@ mod tests {
         exp_shifted_f32(&mut row, 1.5);
         for (g, w) in row.iter().zip(&want) {
             assert!((g - w).abs() <= 4e-7 * w, "{g} vs {w}");
+        }
+    }
+
+    /// The lane-wise sum covers every element (full groups and tail) for every length, and its
+    /// fixed order gives the same bits under any ISA.
+    #[test]
+    fn lanes_sum_covers_every_element() {
+        for n in 0..40usize {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let got = lanes_sum(&x, |v| v as f64 * v as f64);
+            let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0), "n={n}: {got} vs {want}");
+            assert_eq!(with_fast_isa(#[inline(always)] || lanes_sum(&x, |v| v as f64)).to_bits(), lanes_sum(&x, |v| v as f64).to_bits());
         }
     }
 

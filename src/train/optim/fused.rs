@@ -9,7 +9,7 @@
 
 use crate::ops::cpu::slice;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Storage, Tensor, WithDType};
-use crate::ops::simd::with_fast_isa;
+use crate::ops::simd::{lanes_sum, with_fast_isa};
 use rayon::prelude::*;
 
 /// Elements per parallel task (fixed: results never depend on the thread count).
@@ -161,19 +161,9 @@ pub fn sum_squares(g: &Tensor) -> Result<Option<f64>> {
     let (s, l) = g.storage_and_layout();
     let Storage::Cpu(s) = &*s else { return Ok(None) };
     fn run<T: WithDType>(x: &[T]) -> f64 {
-        // 8 independent f64 lanes per chunk, combined in a fixed order (a single running sum
-        // was a chain of dependent adds: the grad-norm phase of a MoE step took 3.6 ms).
-        let lanes = |c: &[T]| {
-            let mut acc = [0f64; 8];
-            let whole = c.chunks_exact(8);
-            let tail = whole.remainder().iter().fold(0f64, |s, v| s + v.to_f64() * v.to_f64());
-            for w in whole {
-                for i in 0..8 {
-                    acc[i] += w[i].to_f64() * w[i].to_f64();
-                }
-            }
-            ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
-        };
+        // Lane-wise per chunk (`simd::lanes_sum`; a single running sum was a chain of dependent
+        // adds: the grad-norm phase of a MoE step took 3.6 ms).
+        let lanes = |c: &[T]| lanes_sum(c, |v| v.to_f64() * v.to_f64());
         let parts: Vec<f64> = x.par_chunks(CHUNK).map(|c| with_fast_isa(#[inline(always)] || lanes(c))).collect();
         parts.iter().sum()
     }
