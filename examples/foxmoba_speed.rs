@@ -8,19 +8,7 @@ use mixscale::ops::attn_fused::{attn_fused, fox_fused};
 use mixscale::ops::fox::{fox_composed, log_sigmoid};
 use mixscale::ops::moba::moba_composed;
 use mixscale::ops::moba_fused::moba_fused;
-use std::time::Instant;
-
-/// Best (minimum) milliseconds of `reps` runs after one warm-up (least disturbed by other load).
-fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        f()?;
-        best = best.min(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(best)
-}
+use mixscale::testing::best_ms;
 
 /// Forward + backward of sum(o·w) through `f`.
 fn fwd_bwd(xs: &[Var], w: &Tensor, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<()> {
@@ -39,17 +27,17 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let w = r(&[b, t, h, d])?;
     println!("B={b} T={t} H={h} D={d}, forward+backward, best of 10 (ms):");
-    println!("  attn_fused   {:8.2}", time_ms(10, || fwd_bwd(&xs, &w, &|x| attn_fused(&x[0], &x[1], &x[2])))?);
-    println!("  fox_fused    {:8.2}", time_ms(10, || fwd_bwd(&xs, &w, &|x| fox_fused(&x[0], &x[1], &x[2], &x[3])))?);
-    println!("  fox_composed {:8.2}", time_ms(10, || fwd_bwd(&xs, &w, &|x| fox_composed(&x[0], &x[1], &x[2], &x[3])))?);
+    println!("  attn_fused   {:8.2}", best_ms(10, || fwd_bwd(&xs, &w, &|x| attn_fused(&x[0], &x[1], &x[2])).unwrap()));
+    println!("  fox_fused    {:8.2}", best_ms(10, || fwd_bwd(&xs, &w, &|x| fox_fused(&x[0], &x[1], &x[2], &x[3])).unwrap()));
+    println!("  fox_composed {:8.2}", best_ms(10, || fwd_bwd(&xs, &w, &|x| fox_composed(&x[0], &x[1], &x[2], &x[3])).unwrap()));
     for t in [1024, 4096] {
         let (b, h, bs, k) = (1, 4, 64, 3);
         let xs: Vec<Var> = (0..3).map(|_| r(&[b, t, h, d]).and_then(|x| Var::from_tensor(&x))).collect::<Result<_>>()?;
         let w = r(&[b, t, h, d])?;
         println!("B={b} T={t} H={h} D={d}, MoBA block {bs} top-{k}, forward+backward, best of 3 (ms):");
-        println!("  attn_fused    {:8.2}", time_ms(3, || fwd_bwd(&xs, &w, &|x| attn_fused(&x[0], &x[1], &x[2])))?);
-        println!("  moba_fused    {:8.2}", time_ms(3, || fwd_bwd(&xs, &w, &|x| moba_fused(&x[0], &x[1], &x[2], bs, k)))?);
-        println!("  moba_composed {:8.2}", time_ms(3, || fwd_bwd(&xs, &w, &|x| moba_composed(&x[0], &x[1], &x[2], bs, k)))?);
+        println!("  attn_fused    {:8.2}", best_ms(3, || fwd_bwd(&xs, &w, &|x| attn_fused(&x[0], &x[1], &x[2])).unwrap()));
+        println!("  moba_fused    {:8.2}", best_ms(3, || fwd_bwd(&xs, &w, &|x| moba_fused(&x[0], &x[1], &x[2], bs, k)).unwrap()));
+        println!("  moba_composed {:8.2}", best_ms(3, || fwd_bwd(&xs, &w, &|x| moba_composed(&x[0], &x[1], &x[2], bs, k)).unwrap()));
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use super::cpu::Stash;
 use super::gemm::{mm, Mat};
-use super::simd::{exp_f32, exp_shifted_f32, lanes_sum, with_fast_isa};
+use super::simd::{dot, exp_f32, exp_shifted_f32, lanes_sum, max, sum, with_fast_isa};
 
 /// Rows of a query block and columns of a key block (MoBA's tiles).
 pub const BLOCK: usize = 64;
@@ -169,35 +169,6 @@ impl Elem for f64 {
     fn exp_shifted(x: &mut [Self], shift: Self) {
         x.iter_mut().for_each(|v| *v = (*v - shift).exp());
     }
-}
-
-/// Sum with 8 independent accumulators (vectorisable; fixed order, so deterministic).
-#[inline(always)]
-pub(super) fn sum<T: Elem>(x: &[T]) -> T {
-    let mut acc = [T::zero(); 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().fold(tail, |a, &v| a + v)
-}
-
-/// Maximum of `init` and the elements, with 8 independent lanes.
-#[inline(always)]
-pub(super) fn max<T: Elem>(x: &[T], init: T) -> T {
-    let mx = |a: T, b: T| if b > a { b } else { a };
-    let mut acc = [init; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(init, |a, &v| mx(a, v));
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] = mx(acc[i], c[i]);
-        }
-    }
-    acc.iter().fold(tail, |a, &v| mx(a, v))
 }
 
 impl CustomOp3 for FusedAttn {
@@ -479,7 +450,7 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     let mut dq = vec![T::zero(); t * d];
     // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.
     let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
-    let dvec: Vec<T> = x.d_o.chunks_exact(d).zip(x.o.chunks_exact(d)).take(t).map(|(a, b)| super::gdr_fused::dot(a, b)).collect();
+    let dvec: Vec<T> = x.d_o.chunks_exact(d).zip(x.o.chunks_exact(d)).take(t).map(|(a, b)| dot(a, b)).collect();
     // Scratch: each tile's products are written before they are read.
     let mut p = super::cpu::take(BLOCK * KEYS);
     let mut ds = super::cpu::take(BLOCK * KEYS);

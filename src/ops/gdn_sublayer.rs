@@ -106,7 +106,7 @@ struct GdnSublayer {
 
 /// Per-row `1/sqrt(Σx² + ε)` of rows of `w` elements.
 fn inv_l2<T: Elem>(x: &[T], w: usize, eps: f64) -> Vec<T> {
-    x.par_chunks(w).map(|r| T::from_f64(1.0 / (super::gdr_fused::dot(r, r).to_f64() + eps).sqrt())).collect()
+    x.par_chunks(w).map(|r| T::from_f64(1.0 / (super::simd::dot(r, r).to_f64() + eps).sqrt())).collect()
 }
 
 impl GdnSublayer {
@@ -249,7 +249,7 @@ impl GdnSublayer {
                 let g = &gpk[rh * w..(rh + 1) * w];
                 for (dx, gy, xs, inv) in [(dq, &g[..kd], &cq[rh * kd..(rh + 1) * kd], iq[rh]), (dk, &g[kd..2 * kd], &ck[rh * kd..(rh + 1) * kd], ik[rh])] {
                     // y = x·inv: dx = inv·(dy − y (y·dy)).
-                    let ydy = inv * super::gdr_fused::dot(xs, gy);
+                    let ydy = inv * super::simd::dot(xs, gy);
                     for j in 0..kd {
                         dx[j] = inv * (gy[j] - xs[j] * inv * ydy);
                     }

@@ -34,7 +34,7 @@
 
 use super::attn_fused::Elem;
 use super::scan_op::{ScanKernel, ScanOp};
-use super::simd::with_fast_isa;
+use super::simd::{axpy, dot, with_fast_isa};
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -152,28 +152,6 @@ impl Dims {
     fn row(&self, bb: usize, i: usize, hh: usize) -> usize {
         (bb * self.t + i) * self.h + hh
     }
-}
-
-/// `Σ a_i b_i` with 8 independent accumulators (vectorisable, fixed order).
-#[inline(always)]
-pub(super) fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [T::zero(); 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().fold(tail, |s, &x| s + x)
-}
-
-/// `y += a·x`.
-#[inline(always)]
-pub(super) fn axpy<T: Elem>(y: &mut [T], a: T, x: &[T]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
 }
 
 /// One token's inputs for one head: q, k rows `[K]`, v row `[V]`, g, β.

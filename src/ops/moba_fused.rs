@@ -18,8 +18,8 @@
 //!
 //! The op output is o `[B,T,Hq,D]`; the forward's L `(B·Hq·T)` stays in the op ([`Stash`]).
 
-use super::attn_fused::{contiguous, cpu_slice, gather, max, scatter, sum, Elem, BLOCK};
-use super::simd::with_fast_isa;
+use super::attn_fused::{contiguous, cpu_slice, gather, scatter, Elem, BLOCK};
+use super::simd::{dot, max, sum, with_fast_isa};
 use super::gemm::{mm, Mat};
 use super::moba::{block_means, select_blocks};
 use candle_core::backend::BackendStorage;
@@ -279,7 +279,7 @@ impl FusedMoba {
     #[inline(always)] // into with_fast_isa, as forward_head
     fn backward_head<T: Elem>(&self, q: &[T], k: &[T], v: &[T], o: &[T], d_o: &[T], lse: &[T], t: usize, d: usize, dk: &mut [T], dv: &mut [T]) -> Vec<T> {
         let scale = T::from_f64(1.0 / (d as f64).sqrt());
-        let dvec: Vec<T> = d_o.chunks_exact(d).zip(o.chunks_exact(d)).take(t).map(|(a, b)| super::gdr_fused::dot(a, b)).collect();
+        let dvec: Vec<T> = d_o.chunks_exact(d).zip(o.chunks_exact(d)).take(t).map(|(a, b)| dot(a, b)).collect();
         let mut dq = vec![T::zero(); t * d];
         let mut p = vec![T::zero(); BLOCK * BLOCK];
         let mut ds = vec![T::zero(); BLOCK * BLOCK];

@@ -202,7 +202,7 @@ impl MoeExperts {
             for r in 0..k {
                 let slot = pos[t * k + r] as usize;
                 if slot < kept {
-                    dg[r] = with_fast_isa(#[inline(always)] || super::gdr_fused::dot(&o[slot * d..(slot + 1) * d], &dy[t * d..(t + 1) * d]));
+                    dg[r] = with_fast_isa(#[inline(always)] || super::simd::dot(&o[slot * d..(slot + 1) * d], &dy[t * d..(t + 1) * d]));
                 }
             }
         });

@@ -1,7 +1,8 @@
 //! Vector math shared by the fused CPU kernels: a branch-free f32 `exp` the compiler vectorises,
-//! and [`with_fast_isa`], which runs a kernel compiled for the widest x86 vector extension the
-//! CPU has (AVX-512, else AVX2+FMA, else the build's baseline) without building the whole crate
-//! for a `target-cpu` (binaries are copied between machines, e.g. to the GPU hosts).
+//! lane-wise reductions (sum, max, dot, the f64 [`lanes_sum`]) and `axpy`, and [`with_fast_isa`],
+//! which runs a kernel compiled for the widest x86 vector extension the CPU has (AVX-512, else
+//! AVX2+FMA, else the build's baseline) without building the whole crate for a `target-cpu`
+//! (binaries are copied between machines, e.g. to the GPU hosts).
 
 /// Runs `f` compiled for AVX-512 (F+VL) or else AVX2+FMA when the CPU has them. The closure and
 /// the generic kernels it calls must be `#[inline(always)]` (write `with_fast_isa(#[inline(always)]
@@ -80,6 +81,57 @@ pub fn lanes_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
         }
     }
     lanes_total(&acc) + tail
+}
+
+/// Sum with 8 independent accumulators (vectorisable; fixed order, so deterministic).
+#[inline(always)]
+pub(super) fn sum<T: super::attn_fused::Elem>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(T::zero(), |a, &v| a + v);
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().fold(tail, |a, &v| a + v)
+}
+
+/// Maximum of `init` and the elements, with 8 independent lanes.
+#[inline(always)]
+pub(super) fn max<T: super::attn_fused::Elem>(x: &[T], init: T) -> T {
+    let mx = |a: T, b: T| if b > a { b } else { a };
+    let mut acc = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(init, |a, &v| mx(a, v));
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = mx(acc[i], c[i]);
+        }
+    }
+    acc.iter().fold(tail, |a, &v| mx(a, v))
+}
+
+/// `Σ a_i b_i` with 8 independent accumulators (vectorisable, fixed order).
+#[inline(always)]
+pub(super) fn dot<T: super::attn_fused::Elem>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
+/// `y += a·x`.
+#[inline(always)]
+pub(super) fn axpy<T: super::attn_fused::Elem>(y: &mut [T], a: T, x: &[T]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
 }
 
 /// `x ← exp(x − shift)` with [`exp_f32`], in the widest vector ISA the CPU has.

@@ -79,7 +79,7 @@ impl CeElem for f32 {
     #[inline(always)]
     fn lse(row: &[f32]) -> f64 {
         // Lane-wise maximum (a single running max is a chain of dependent compares).
-        let m = super::attn_fused::max(row, f32::NEG_INFINITY);
+        let m = super::simd::max(row, f32::NEG_INFINITY);
         let mut acc = [0f32; 16];
         let chunks = row.chunks_exact(16);
         let tail = chunks.remainder().iter().map(|&x| exp_f32(x - m) as f64).sum::<f64>();

@@ -28,7 +28,7 @@
 
 use super::attn_fused::Elem;
 use super::scan_op::{ScanKernel, ScanOp};
-use super::gdr_fused::{axpy, dot};
+use super::simd::{axpy, dot};
 use super::simd::with_fast_isa;
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
