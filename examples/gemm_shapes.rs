@@ -36,6 +36,17 @@ fn main() {
         let mut tot = 0.0;
         for _ in 0..reps { let t0 = Instant::now(); run(&mut c); let s = t0.elapsed().as_secs_f64(); best = best.min(s); tot += s; }
         let fl = 2.0 * (m * n * k) as f64;
-        println!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+        print!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+        // mixscale's unpacked micro-kernel (row-major b only), single-threaded
+        if tiles && !tb {
+            let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+            let run_t = |c: &mut Vec<f32>| mixscale::ops::tile_mm::try_mm_f32(m, n, k, c, n, false, (&a, ars, acs), (&b, n), 1.0);
+            if run_t(&mut c) {
+                let mut best = f64::MAX;
+                for _ in 0..reps { let t0 = Instant::now(); run_t(&mut c); best = best.min(t0.elapsed().as_secs_f64()); }
+                print!("   tile_mm best {:6.1} GF/s", fl / best / 1e9);
+            }
+        }
+        println!();
     }
 }

@@ -26,6 +26,14 @@ impl<'a, T> Mat<'a, T> {
 /// `dst[m×n] (row stride ldd) = (accumulate ? dst : 0) + alpha · a[m×k] · b[k×n]`, single-threaded.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn mm<T: WithDType>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T) {
+    if T::DTYPE == candle_core::DType::F32 && b.cs == 1 && m > 0 && n > 0 && k > 0 {
+        check(m, n, k, dst, ldd, a, b);
+        // SAFETY: T is f32 (checked above), so the casts only rename the element type.
+        let (dst32, a32, b32) = unsafe { (cast_mut(dst), cast(a.data), cast(b.data)) };
+        if super::tile_mm::try_mm_f32(m, n, k, dst32, ldd, accumulate, (a32, a.rs, a.cs), (b32, b.rs), alpha.to_f64() as f32) {
+            return;
+        }
+    }
     product(m, n, k, dst, ldd, accumulate, a, b, alpha, gemm::Parallelism::None)
 }
 
@@ -42,15 +50,14 @@ fn product<T: WithDType>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * ldd + n <= dst.len(), "mm: destination too short");
     if k == 0 {
+        assert!((m - 1) * ldd + n <= dst.len(), "mm: destination too short");
         if !accumulate {
             dst.chunks_mut(ldd).take(m).for_each(|r| r[..n].iter_mut().for_each(|v| *v = T::zero()));
         }
         return;
     }
-    let last = |x: Mat<T>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs;
-    assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len(), "mm: operand too short");
+    check(m, n, k, dst, ldd, a, b);
     // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
     // `dst` does not alias `a` or `b` (it is borrowed mutably).
     unsafe {
@@ -76,4 +83,23 @@ fn product<T: WithDType>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize
             par,
         )
     }
+}
+
+/// Panics unless every index of an `m×n·k` product lies inside the three slices (`m, n, k > 0`).
+fn check<T: Copy>(m: usize, n: usize, k: usize, dst: &[T], ldd: usize, a: Mat<T>, b: Mat<T>) {
+    assert!((m - 1) * ldd + n <= dst.len(), "mm: destination too short");
+    let last = |x: Mat<T>, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs;
+    assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len(), "mm: operand too short");
+}
+
+/// # Safety
+/// `T` must be `f32`.
+unsafe fn cast<T>(x: &[T]) -> &[f32] {
+    std::slice::from_raw_parts(x.as_ptr().cast(), x.len())
+}
+
+/// # Safety
+/// `T` must be `f32`.
+unsafe fn cast_mut<T>(x: &mut [T]) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len())
 }

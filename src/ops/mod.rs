@@ -33,6 +33,7 @@ pub mod ssd_chunked;
 pub mod ssd_fused;
 pub mod sublayer_op;
 pub mod swiglu;
+pub mod tile_mm;
 
 use crate::error::{Error, Result};
 
