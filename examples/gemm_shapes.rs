@@ -10,7 +10,8 @@ fn main() {
         (4096, 128, 384, false, false), (4096, 384, 128, false, true), (128, 4096, 384, true, false), (128, 4096, 384, false, false), (384, 4096, 128, true, false), (384, 4096, 128, false, false),
         (4096, 128, 352, false, false), (4096, 352, 128, false, false), (4096, 352, 128, false, true),
         (352, 4096, 128, true, false), (128, 4096, 352, true, false), (4096, 128, 512, false, true),
-        (512, 4096, 128, true, false), (1024, 1024, 1024, false, false),
+        (512, 4096, 128, true, false), (128, 4096, 128, true, false), (128, 2048, 128, true, false), (128, 2048, 352, true, false), (352, 2048, 128, true, false),
+        (1024, 1024, 1024, false, false),
     ];
     // attention tiles (single-threaded inside the kernel's tasks): S = Q Kᵀ, P V, dV = Pᵀ dO, dQ = dS K, dK = dSᵀ Q
     let shapes_tiles = [

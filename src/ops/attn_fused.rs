@@ -282,11 +282,9 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
         .into_par_iter()
         .map(|bh| {
             let (bb, h) = (bh / hq, bh % hq);
-            let qh = gather_w(q, bb, h, hq, t, qw, 0, d);
-            let kh = gather(k, bb, h / g, hkv, t, d);
-            let vh = gather(v, bb, h / g, hkv, t, d);
+            let (qh, kh, vh) = (Rows::head(q, bb, h, hq, t, qw), Rows::head(k, bb, h / g, hkv, t, d), Rows::head(v, bb, h / g, hkv, t, d));
             let cum = (qw > d).then(|| cum_g(q, bb, h, hq, t, d));
-            with_fast_isa(#[inline(always)] || forward_head(&qh, &kh, &vh, t, d, T::from_f64(dims.scale()), cum.as_deref()))
+            with_fast_isa(#[inline(always)] || forward_head(qh, kh, vh, t, d, T::from_f64(dims.scale()), cum.as_deref()))
         })
         .collect();
     let n_o = dims.n_out();
@@ -305,10 +303,10 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
     out
 }
 
-/// One head, dense `[T,D]` q, k, v (and the FoX cumulative gate `G` `[T]`, if any): returns
-/// o `[T,D]` and the row log-sum-exps `L` `[T]`.
+/// One head, its `[T,D]` q, k, v read in place (and the FoX cumulative gate `G` `[T]`, if any):
+/// returns o `[T,D]` and the row log-sum-exps `L` `[T]`.
 #[inline(always)] // into with_fast_isa: the row loops (max, sums, dS) get the wide ISA
-fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T, cum: Option<&[f64]>) -> (Vec<T>, Vec<T>) {
+fn forward_head<T: Elem>(q: Rows<T>, k: Rows<T>, v: Rows<T>, t: usize, d: usize, scale: T, cum: Option<&[f64]>) -> (Vec<T>, Vec<T>) {
     let mut o = vec![T::zero(); t * d];
     let mut lse = vec![T::zero(); t];
     // Scratch: each tile's products are written before they are read.
@@ -324,7 +322,7 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
         // Key chunks start at multiples of KEYS ≤ i0, so every row has a valid key in each.
         for j0 in (0..i0 + rows).step_by(KEYS) {
             let cols = KEYS.min(i0 + rows - j0);
-            mm(rows, cols, d, &mut s, KEYS, false, Mat::rows(q, d, i0), Mat::rows(&kt[j0..], t, 0), scale);
+            mm(rows, cols, d, &mut s, KEYS, false, q.mat(i0), Mat::rows(&kt[j0..], t, 0), scale);
             if let Some(cum) = cum {
                 add_bias(&mut s, cum, i0, j0, rows, cols);
             }
@@ -341,7 +339,7 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
                     acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
                 }
             }
-            mm(rows, d, cols, acc, d, true, Mat::rows(&s, KEYS, 0), Mat::rows(v, d, j0), T::one());
+            mm(rows, d, cols, acc, d, true, Mat::rows(&s, KEYS, 0), v.mat(j0), T::one());
         }
         for r in 0..rows {
             let inv = T::one() / l[r];
@@ -353,16 +351,42 @@ fn forward_head<T: Elem>(q: &[T], k: &[T], v: &[T], t: usize, d: usize, scale: T
     (o, lse)
 }
 
-/// `[D, T]` copy of a dense `[T, D]` head: the key-side operand of `Q Kᵀ` (and `dO Vᵀ`) as a
+/// `[D, T]` copy of a `[T, D]` head: the key-side operand of `Q Kᵀ` (and `dO Vᵀ`) as a
 /// row-major matrix. gemm packs a transposed right operand slowly at these shapes: 64×32×256
 /// products measured 54 GFLOP/s with `Kᵀ` as a strided view vs 125 with the copy (one core,
-/// `examples/gemm_shapes.rs --tiles`).
-fn transpose<T: Copy>(x: &[T], t: usize, d: usize) -> Vec<T> {
+/// `examples/gemm_shapes.rs --tiles`), and [`super::tile_mm`] needs a row-major right operand.
+fn transpose<T: Copy>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(t * d);
     for c in 0..d {
-        out.extend(x[..t * d].iter().skip(c).step_by(d).copied());
+        out.extend((0..t).map(|i| x.data[i * x.stride + c]));
     }
     out
+}
+
+/// One head of a `[B,T,H,W]` tensor read in place: row i (`W` wide, the head's first columns
+/// used) starts at `data[i·stride]`, `stride = H·W`. The kernels used to copy each head into a
+/// dense `[T,D]` first (five copies per head in the backward, ~4% of an attention-preset step in
+/// `memmove`); the products take the row stride as it is.
+#[derive(Clone, Copy)]
+pub(super) struct Rows<'a, T> {
+    data: &'a [T],
+    stride: usize,
+}
+
+impl<'a, T> Rows<'a, T> {
+    /// Head `h` of batch `bb` of `[B,T,heads,w]`.
+    fn head(x: &'a [T], bb: usize, h: usize, heads: usize, t: usize, w: usize) -> Self {
+        Self { data: &x[(bb * t * heads + h) * w..], stride: heads * w }
+    }
+    /// Row i, `d` wide.
+    #[inline(always)]
+    fn row(&self, i: usize, d: usize) -> &'a [T] {
+        &self.data[i * self.stride..i * self.stride + d]
+    }
+    /// The rows from `r0` on as a product operand.
+    fn mat(&self, r0: usize) -> Mat<'a, T> {
+        Mat::rows(self.data, self.stride, r0)
+    }
 }
 
 /// Backward as tensors shaped like q, k, v.
@@ -387,19 +411,18 @@ pub(super) fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], 
         .into_par_iter()
         .map(|bk| {
             let (bb, kh) = (bk / hkv, bk % hkv);
-            let kd = gather(k, bb, kh, hkv, t, d);
-            let vd = gather(v, bb, kh, hkv, t, d);
+            let (kd, vd) = (Rows::head(k, bb, kh, hkv, t, d), Rows::head(v, bb, kh, hkv, t, d));
             let mut dk = vec![T::zero(); t * d];
             let mut dv = vec![T::zero(); t * d];
             let dqs = (kh * g..(kh + 1) * g)
                 .map(|h| {
                     let cum = (qw > d).then(|| cum_g(q, bb, h, hq, t, d));
                     let head = Head {
-                        q: &gather_w(q, bb, h, hq, t, qw, 0, d),
-                        k: &kd,
-                        v: &vd,
-                        o: &gather(o, bb, h, hq, t, d),
-                        d_o: &gather(d_o, bb, h, hq, t, d),
+                        q: Rows::head(q, bb, h, hq, t, qw),
+                        k: kd,
+                        v: vd,
+                        o: Rows::head(o, bb, h, hq, t, d),
+                        d_o: Rows::head(d_o, bb, h, hq, t, d),
                         lse: &lse[(bb * hq + h) * t..(bb * hq + h + 1) * t],
                         cum: cum.as_deref(),
                     };
@@ -431,13 +454,13 @@ pub(super) fn backward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], 
     (dq, dk, dv)
 }
 
-/// Dense `[T,D]` operands of one query head's backward, and its saved `L` `[T]`.
+/// The `[T,D]` operands of one query head's backward (read in place), and its saved `L` `[T]`.
 struct Head<'a, T> {
-    q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
-    o: &'a [T],
-    d_o: &'a [T],
+    q: Rows<'a, T>,
+    k: Rows<'a, T>,
+    v: Rows<'a, T>,
+    o: Rows<'a, T>,
+    d_o: Rows<'a, T>,
     lse: &'a [T],
     /// FoX: cumulative log forget gate `G` `[T]`.
     cum: Option<&'a [f64]>,
@@ -450,7 +473,7 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     let mut dq = vec![T::zero(); t * d];
     // FoX: dG_i = Σ_j dS_ij − Σ_j dS_ji, accumulated in f64.
     let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
-    let dvec: Vec<T> = x.d_o.chunks_exact(d).zip(x.o.chunks_exact(d)).take(t).map(|(a, b)| dot(a, b)).collect();
+    let dvec: Vec<T> = (0..t).map(|i| dot(x.d_o.row(i, d), x.o.row(i, d))).collect();
     // Scratch: each tile's products are written before they are read.
     let mut p = super::cpu::take(BLOCK * KEYS);
     let mut ds = super::cpu::take(BLOCK * KEYS);
@@ -459,8 +482,8 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
         let rows = BLOCK.min(t - i0);
         for j0 in (0..i0 + rows).step_by(KEYS) {
             let cols = KEYS.min(i0 + rows - j0);
-            mm(rows, cols, d, &mut p, KEYS, false, Mat::rows(x.q, d, i0), Mat::rows(&kt[j0..], t, 0), scale);
-            mm(rows, cols, d, &mut ds, KEYS, false, Mat::rows(x.d_o, d, i0), Mat::rows(&vt[j0..], t, 0), T::one());
+            mm(rows, cols, d, &mut p, KEYS, false, x.q.mat(i0), Mat::rows(&kt[j0..], t, 0), scale);
+            mm(rows, cols, d, &mut ds, KEYS, false, x.d_o.mat(i0), Mat::rows(&vt[j0..], t, 0), T::one());
             if let Some(cum) = x.cum {
                 add_bias(&mut p, cum, i0, j0, rows, cols);
             }
@@ -482,9 +505,9 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
                     }
                 }
             }
-            mm(cols, d, rows, &mut dv[j0 * d..], d, true, Mat::rows_t(&p, KEYS, 0), Mat::rows(x.d_o, d, i0), T::one());
-            mm(rows, d, cols, &mut dq[i0 * d..], d, true, Mat::rows(&ds, KEYS, 0), Mat::rows(x.k, d, j0), scale);
-            mm(cols, d, rows, &mut dk[j0 * d..], d, true, Mat::rows_t(&ds, KEYS, 0), Mat::rows(x.q, d, i0), scale);
+            mm(cols, d, rows, &mut dv[j0 * d..], d, true, Mat::rows_t(&p, KEYS, 0), x.d_o.mat(i0), T::one());
+            mm(rows, d, cols, &mut dq[i0 * d..], d, true, Mat::rows(&ds, KEYS, 0), x.k.mat(j0), scale);
+            mm(cols, d, rows, &mut dk[j0 * d..], d, true, Mat::rows_t(&ds, KEYS, 0), x.q.mat(i0), scale);
         }
     }
     // dg_t = Σ_{i≥t} dG_i (G is the inclusive cumsum of g).
