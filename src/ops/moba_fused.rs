@@ -166,10 +166,17 @@ impl FusedMoba {
             })
             .collect();
         let n_o = dims.n_out();
-        let mut out = vec![T::zero(); n_o + b * hq * t];
-        for (bh, (o, lse)) in heads.iter().enumerate() {
-            scatter(&mut out[..n_o], o, bh / hq, bh % hq, hq, t, d);
-            out[n_o + bh * t..n_o + (bh + 1) * t].copy_from_slice(lse);
+        // Every head's rows and log-sum-exps are written below, the rows one batch (a contiguous
+        // `[T,H,D]` block) per task, as in attn_fused.
+        let mut out = super::cpu::take(n_o + b * hq * t);
+        let (o_all, l_all) = out.split_at_mut(n_o);
+        o_all.par_chunks_mut(t * hq * d).enumerate().for_each(|(bb, dst)| {
+            for h in 0..hq {
+                scatter(dst, &heads[bb * hq + h].0, 0, h, hq, t, d);
+            }
+        });
+        for (bh, (_, lse)) in heads.iter().enumerate() {
+            l_all[bh * t..(bh + 1) * t].copy_from_slice(lse);
         }
         out
     }
@@ -260,17 +267,21 @@ impl FusedMoba {
                 (dqs, dk, dv)
             })
             .collect();
-        let mut dq = vec![T::zero(); n_o];
-        let mut dk = vec![T::zero(); b * t * hkv * d];
-        let mut dv = vec![T::zero(); b * t * hkv * d];
-        for (bk, (dqs, dkh, dvh)) in per_kv.iter().enumerate() {
-            let (bb, kh) = (bk / hkv, bk % hkv);
-            for (i, dqh) in dqs.iter().enumerate() {
-                scatter(&mut dq, dqh, bb, kh * g + i, hq, t, d);
+        // Every (batch, head) block of the three is written below, one batch per task.
+        let mut dq = super::cpu::take(n_o);
+        let mut dk = super::cpu::take(b * t * hkv * d);
+        let mut dv = super::cpu::take(b * t * hkv * d);
+        let batches = dq.par_chunks_mut(t * hq * d).zip(dk.par_chunks_mut(t * hkv * d).zip(dv.par_chunks_mut(t * hkv * d)));
+        batches.enumerate().for_each(|(bb, (dq, (dk, dv)))| {
+            for kh in 0..hkv {
+                let (dqs, dkh, dvh) = &per_kv[bb * hkv + kh];
+                for (i, dqh) in dqs.iter().enumerate() {
+                    scatter(dq, dqh, 0, kh * g + i, hq, t, d);
+                }
+                scatter(dk, dkh, 0, kh, hkv, t, d);
+                scatter(dv, dvh, 0, kh, hkv, t, d);
             }
-            scatter(&mut dk, dkh, bb, kh, hkv, t, d);
-            scatter(&mut dv, dvh, bb, kh, hkv, t, d);
-        }
+        });
         (dq, dk, dv)
     }
 
