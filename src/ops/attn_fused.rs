@@ -287,7 +287,13 @@ pub(super) fn forward<T: Elem>(dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> 
             with_fast_isa(#[inline(always)] || forward_head(qh, kh, vh, t, d, T::from_f64(dims.scale()), cum.as_deref()))
         })
         .collect();
-    let n_o = dims.n_out();
+    pack_heads(&heads, b, hq, t, d)
+}
+
+/// `[o | L]` in one buffer from per-(batch, head) dense o `[T,D]` and `L` `[T]` (`heads` in
+/// batch-major order): o as `[B,T,H,D]`, then L as `[B,H,T]`.
+pub(super) fn pack_heads<T: Copy + WithDType>(heads: &[(Vec<T>, Vec<T>)], b: usize, hq: usize, t: usize, d: usize) -> Vec<T> {
+    let n_o = b * t * hq * d;
     // Every head's rows and log-sum-exps are written below; the rows one batch (a contiguous
     // `[T,H,D]` block) per task, so the copy does not leave the other cores idle.
     let mut out = super::cpu::take(n_o + b * hq * t);

@@ -18,7 +18,7 @@
 //!
 //! The op output is o `[B,T,Hq,D]`; the forward's L `(B·Hq·T)` stays in the op ([`Stash`]).
 
-use super::attn_fused::{contiguous, cpu_slice, gather, scatter, Elem, BLOCK};
+use super::attn_fused::{contiguous, cpu_slice, gather, pack_heads, scatter, Elem, BLOCK};
 use super::simd::{dot, max, sum, with_fast_isa};
 use super::gemm::{mm, Mat};
 use super::moba::{block_means, select_blocks};
@@ -165,20 +165,7 @@ impl FusedMoba {
                 with_fast_isa(#[inline(always)] || self.forward_head(&qh, &kh, &vh, t, d))
             })
             .collect();
-        let n_o = dims.n_out();
-        // Every head's rows and log-sum-exps are written below, the rows one batch (a contiguous
-        // `[T,H,D]` block) per task, as in attn_fused.
-        let mut out = super::cpu::take(n_o + b * hq * t);
-        let (o_all, l_all) = out.split_at_mut(n_o);
-        o_all.par_chunks_mut(t * hq * d).enumerate().for_each(|(bb, dst)| {
-            for h in 0..hq {
-                scatter(dst, &heads[bb * hq + h].0, 0, h, hq, t, d);
-            }
-        });
-        for (bh, (_, lse)) in heads.iter().enumerate() {
-            l_all[bh * t..(bh + 1) * t].copy_from_slice(lse);
-        }
-        out
+        pack_heads(&heads, b, hq, t, d)
     }
 
     /// One head (dense `[T,D]`): o `[T,D]` and the row log-sum-exps `[T]`.
