@@ -182,7 +182,10 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
     };
     let specs: Vec<RunSpec> = configs.iter().map(|c| load_run(c, sets)).collect::<mixscale::Result<_>>()?;
     let exe = std::env::current_exe().context("locating the mixscale binary")?;
-    let sgemm = bench::sgemm_peak(&opts.device, 10).context("sgemm peak")?;
+    // The sgemm peak is measured before every preset and after the last; MFU uses the best of
+    // them. On a shared machine one measurement swung 220–325 GFLOP/s between runs, and a low
+    // one inflates every MFU of the table.
+    let mut peaks = Vec::new();
     let scratch = std::env::temp_dir().join(format!("mixscale-bench-{}", std::process::id()));
     let mut rows = Vec::new();
     let mut failed = Vec::new();
@@ -202,15 +205,20 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
         if opts.seq_len != common {
             own_len.push(format!("{name}: seq {} (its train.seq_len)", opts.seq_len));
         }
-        match bench::bench_preset(&exe, &name, config, sets, spec, &opts, device, &work, sgemm) {
+        peaks.push(bench::sgemm_peak(&opts.device, 10).context("sgemm peak")?);
+        match bench::bench_preset(&exe, &name, config, sets, spec, &opts, device, &work, peaks[0]) {
             Ok(r) => rows.push(r),
             Err(e) => failed.push(format!("{name}: not benchmarked: {}", e.to_string().trim())),
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
+    peaks.push(bench::sgemm_peak(&opts.device, 10).context("sgemm peak")?);
+    let best = peaks.iter().copied().fold(0.0, f64::max);
+    let worst = peaks.iter().copied().fold(f64::INFINITY, f64::min);
+    rows.iter_mut().for_each(|r| r.sgemm_flops = best);
     let header = format!(
-        "mixscale bench | batch {} x seq {}, {} threads, {} timed steps after {} warmup, {}",
-        opts.batch, common, opts.threads, opts.steps, opts.warmup, mixscale::device::describe(&opts.device)
+        "mixscale bench | batch {} x seq {}, {} threads, {} timed steps after {} warmup, {}\nsgemm peak measured {} times (before each preset, after the last): {:.1}–{:.1} GFLOP/s",
+        opts.batch, common, opts.threads, opts.steps, opts.warmup, mixscale::device::describe(&opts.device), peaks.len(), worst / 1e9, best / 1e9
     );
     bench::print_table(&mut std::io::stdout(), &rows, &header)?;
     for l in &own_len {

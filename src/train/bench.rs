@@ -7,7 +7,8 @@
 //! batches mixscale trained on. Both time full optimizer steps (forward, backward, global-norm
 //! clip, AdamW) after `warmup` untimed steps. Reported: tokens/s, the ratio, model FLOP/s
 //! (mixscale's accounting, [`crate::model::count`]) as a fraction of the sgemm peak measured in
-//! the same run (best of 1024³ f32 candle matmuls, same threads), peak RSS of each process
+//! the same run (best of 1024³ f32 candle matmuls, same threads, measured before every preset
+//! and after the last; the best measurement is used), peak RSS of each process
 //! (`getrusage(RUSAGE_SELF).ru_maxrss` at the end of the run, both sides: the whole process,
 //! data and interpreter included), and the first/last training losses. A comparison whose
 //! parameter tables (names, shapes, weight-decay flags) differ is marked *not comparable*.
@@ -330,7 +331,7 @@ fn loss_pair(l: &[f64]) -> String {
 pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std::io::Result<()> {
     writeln!(out, "{header}")?;
     if let Some(r) = rows.first() {
-        writeln!(out, "sgemm peak (1024^3 f32, candle, same threads): {:.1} GFLOP/s; MFU = model FLOP/s / sgemm peak", r.sgemm_flops / 1e9)?;
+        writeln!(out, "sgemm peak (1024^3 f32, candle, same threads; the best measurement): {:.1} GFLOP/s; MFU = model FLOP/s / sgemm peak", r.sgemm_flops / 1e9)?;
     }
     writeln!(
         out,
