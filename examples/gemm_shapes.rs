@@ -1,5 +1,5 @@
 //! GEMM throughput of the `gemm` crate at the projection shapes of a preset step (dev aid):
-//!     cargo run --release --example gemm_shapes -- [threads]
+//!     cargo run --release --example gemm_shapes -- [threads] [--tiles | --d512]
 use std::time::Instant;
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
@@ -18,7 +18,15 @@ fn main() {
         (64, 32, 256, false, true), (64, 32, 256, false, false), (64, 32, 128, false, true), (64, 32, 128, false, false), (64, 32, 64, false, true), (64, 32, 64, false, false), (64, 256, 32, false, false), (64, 128, 32, false, false),
         (256, 64, 32, true, false), (128, 64, 32, true, false), (256, 256, 32, false, false), (256, 32, 256, false, true),
     ];
-    let shapes: Vec<_> = if tiles { shapes_tiles.to_vec() } else { shapes_big.to_vec() };
+    // `--d512`: the d_model=512 attention preset's products (qkv, o, FFN 1376, head 512; dx and dW)
+    let shapes_d512 = [
+        (4096, 512, 1536, false, false), (4096, 1536, 512, false, true), (512, 4096, 1536, true, false),
+        (4096, 512, 512, false, false), (512, 4096, 512, true, false),
+        (4096, 512, 1376, false, false), (4096, 1376, 512, false, true), (512, 4096, 1376, true, false), (1376, 4096, 512, true, false),
+        (4096, 1376, 512, false, false), (4096, 512, 1376, false, true),
+    ];
+    let d512 = std::env::args().any(|a| a == "--d512");
+    let shapes: Vec<_> = if tiles { shapes_tiles.to_vec() } else if d512 { shapes_d512.to_vec() } else { shapes_big.to_vec() };
     let threads = if tiles { 1 } else { threads };
     for (m, k, n, ta, tb) in shapes {
         let a = vec![0.5f32; m * k];
