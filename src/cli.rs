@@ -206,6 +206,7 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
             own_len.push(format!("{name}: seq {} (its train.seq_len)", opts.seq_len));
         }
         peaks.push(bench::sgemm_peak(&opts.device, 10).context("sgemm peak")?);
+        // Every row's peak is replaced by the best measurement of the run below.
         match bench::bench_preset(&exe, &name, config, sets, spec, &opts, device, &work, peaks[0]) {
             Ok(r) => rows.push(r),
             Err(e) => failed.push(format!("{name}: not benchmarked: {}", e.to_string().trim())),

@@ -219,19 +219,12 @@ pub(super) fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout)
     }
 }
 
-/// Copies head `h` of batch `bb` out of `[B,T,H,D]` into a dense `[T,D]`.
+/// Copies head `h` of batch `bb` out of `[B,T,H,D]` into a dense `[T,D]` (MoBA; attention reads
+/// its heads in place through [`Rows`]).
 pub(super) fn gather<T: Copy>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, d: usize) -> Vec<T> {
-    gather_w(x, bb, h, heads, t, d, 0, d)
-}
-
-/// Copies columns `c0..c0+d` of head `h` of batch `bb` out of `[B,T,H,W]` into a dense `[T,d]`.
-#[allow(clippy::too_many_arguments)]
-fn gather_w<T: Copy>(x: &[T], bb: usize, h: usize, heads: usize, t: usize, w: usize, c0: usize, d: usize) -> Vec<T> {
+    let rows = Rows::head(x, bb, h, heads, t, d);
     let mut out = Vec::with_capacity(t * d);
-    for i in 0..t {
-        let at = ((bb * t + i) * heads + h) * w + c0;
-        out.extend_from_slice(&x[at..at + d]);
-    }
+    (0..t).for_each(|i| out.extend_from_slice(rows.row(i, d)));
     out
 }
 

@@ -140,6 +140,20 @@ pub fn exp_shifted_f32(x: &mut [f32], shift: f32) {
     with_fast_isa(#[inline(always)] || x.iter_mut().for_each(|v| *v = exp_f32(*v - shift)))
 }
 
+/// `σ(v) = 1/(1 + exp(−v))` with the kernels' `exp` (f32: [`exp_f32`]).
+#[inline(always)]
+pub(super) fn sigmoid<T: super::attn_fused::Elem>(v: T) -> T {
+    T::one() / (T::one() + (T::zero() - v).exp())
+}
+
+/// `max(v, 0) + ln(1 + exp(−|v|))`, the composed softplus of the blocks (never overflows).
+#[inline(always)]
+pub(super) fn softplus<T: super::attn_fused::Elem>(v: T) -> T {
+    let abs = if v < T::zero() { T::zero() - v } else { v };
+    let relu = if v > T::zero() { v } else { T::zero() };
+    relu + (T::one() + (T::zero() - abs).exp()).ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,18 +204,4 @@ mod tests {
         });
         assert_eq!((n, v), (1, 2475.0));
     }
-}
-
-/// `σ(v) = 1/(1 + exp(−v))` with the kernels' `exp` (f32: [`exp_f32`]).
-#[inline(always)]
-pub(super) fn sigmoid<T: super::attn_fused::Elem>(v: T) -> T {
-    T::one() / (T::one() + (T::zero() - v).exp())
-}
-
-/// `max(v, 0) + ln(1 + exp(−|v|))`, the composed softplus of the blocks (never overflows).
-#[inline(always)]
-pub(super) fn softplus<T: super::attn_fused::Elem>(v: T) -> T {
-    let abs = if v < T::zero() { T::zero() - v } else { v };
-    let relu = if v > T::zero() { v } else { T::zero() };
-    relu + (T::one() + (T::zero() - abs).exp()).ln()
 }

@@ -68,7 +68,7 @@ mod x86 {
         while j0 < n {
             let w = (n - j0).min(16 * NV_MAX);
             let nv = w.div_ceil(16);
-            let mask: __mmask16 = if w % 16 == 0 { 0xFFFF } else { (1u16 << (w % 16)) - 1 };
+            let mask: __mmask16 = if w.is_multiple_of(16) { 0xFFFF } else { (1u16 << (w % 16)) - 1 };
             let s = Strip { k, b: bp.add(j0), ldb, ars, acs, ldc: ldd, accumulate, alpha, mask };
             let c = cp.add(j0);
             match nv {
