@@ -62,7 +62,9 @@ fn f32s(x: &[Tensor]) -> Vec<Tensor> {
 
 /// (B, T, H, P, G, N) cases: one group, two groups of two heads, one head per group; T = 1, T
 /// not a multiple of the chunk, T a multiple, several chunks.
-const SHAPES: [(usize, usize, usize, usize, usize, usize); 4] = [(2, 1, 2, 3, 1, 4), (2, 37, 4, 3, 2, 5), (1, 64, 3, 4, 1, 2), (2, 130, 2, 5, 2, 3)];
+/// The last shape has P = 20 and N = 35 (full 16-column blocks plus remainders in the fused
+/// kernel's blocked token steps).
+const SHAPES: [(usize, usize, usize, usize, usize, usize); 5] = [(2, 1, 2, 3, 1, 4), (2, 37, 4, 3, 2, 5), (1, 64, 3, 4, 1, 2), (2, 130, 2, 5, 2, 3), (1, 40, 2, 20, 1, 35)];
 
 /// chunked == recurrent (loop of ssd_step) == plain f64 loop, outputs and final states: f64 to
 /// 1e-10 (recurrent 1e-12), f32 to 1e-4, chunks 16 and 64, with and without initial state.
@@ -241,10 +243,12 @@ fn ssd_fused_matches_reference_and_chunked() {
 }
 
 /// Gradients of the fused kernel w.r.t. x, dt, A, Bm, Cm and initial_state == autograd through
-/// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the chunked form in f32 (1e-4).
+/// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the chunked form in f32 (1e-4). The
+/// last two shapes cover the blocked token steps: partial 16-column blocks, and P, N > 64 (more
+/// than one register group of the AVX-512 form).
 #[test]
 fn ssd_fused_grads_match_recurrent_and_chunked() {
-    for (i, shape) in [(2, 1, 2, 3, 1, 4), (2, 37, 4, 3, 2, 5), (1, 40, 3, 4, 3, 2)].into_iter().enumerate() {
+    for (i, shape) in [(2, 1, 2, 3, 1, 4), (2, 37, 4, 3, 2, 5), (1, 40, 3, 4, 3, 2), (1, 40, 2, 20, 1, 35), (1, 20, 1, 70, 1, 70)].into_iter().enumerate() {
         let (b, t, h, p, _, n) = shape;
         let x = inputs(shape, 900 + i as u64);
         let wy = rand_tensor(&[b, t, h, p], 1.0, 41);

@@ -191,14 +191,15 @@ impl Mamba2Sublayer {
         let mut y2 = take(if keep_y2 { self.rows() * di } else { 0 });
         let work = |r: usize, ur: &mut [T], yr: Option<&mut [T]>| {
             with_fast_isa(#[inline(always)] || {
+                // Zipped slices (no indexing): the loops vectorise, `exp` included.
                 let (z, x, yv) = (&proj[r * w..r * w + di], &xbc[r * c..r * c + di], &y[r * di..(r + 1) * di]);
-                for i in 0..di {
-                    let v = yv[i] + dfull[i] * x[i];
-                    ur[i] = z[i] * sigmoid(z[i]) * v;
+                let skip = |(&yv, &dv), &x| yv + dv * x;
+                for (((u, &z), v), x) in ur.iter_mut().zip(z).zip(yv.iter().zip(&dfull[..di])).zip(x) {
+                    *u = z * sigmoid(z) * skip(v, x);
                 }
                 if let Some(yr) = yr {
-                    for i in 0..di {
-                        yr[i] = yv[i] + dfull[i] * x[i];
+                    for ((y2, v), x) in yr.iter_mut().zip(yv.iter().zip(&dfull[..di])).zip(x) {
+                        *y2 = skip(v, x);
                     }
                 }
             })
@@ -262,11 +263,10 @@ impl Mamba2Sublayer {
         dproj.par_chunks_mut(w).zip(du.par_chunks_mut(di)).enumerate().for_each(|(r, (dpr, dur))| {
             with_fast_isa(#[inline(always)] || {
                 let (zr, yr) = (&proj[r * w..r * w + di], &y2[r * di..(r + 1) * di]);
-                for i in 0..di {
-                    let (z, g) = (zr[i], dur[i]);
-                    let s = sigmoid(z);
-                    dpr[i] = g * yr[i] * s * (T::one() + z * (T::one() - s));
-                    dur[i] = g * z * s;
+                for (((dz, gu), &z), &y) in dpr[..di].iter_mut().zip(dur.iter_mut()).zip(zr).zip(yr) {
+                    let (g, s) = (*gu, sigmoid(z));
+                    *dz = g * y * s * (T::one() + z * (T::one() - s));
+                    *gu = g * z * s;
                 }
             })
         });
@@ -301,8 +301,8 @@ impl Mamba2Sublayer {
                 let g = &g1[(r * h + hh) * (hp + 1)..(r * h + hh + 1) * (hp + 1)];
                 with_fast_isa(#[inline(always)] || {
                     let (dv, gy) = (&dfull[hh * hp..(hh + 1) * hp], &dy2[r * di + hh * hp..r * di + (hh + 1) * hp]);
-                    for j in 0..hp {
-                        dxr[hh * hp + j] = g[j] + dv[j] * gy[j];
+                    for (((dx, &g), &dv), &gy) in dxr[hh * hp..(hh + 1) * hp].iter_mut().zip(&g[..hp]).zip(dv).zip(gy) {
+                        *dx = g + dv * gy;
                     }
                 });
                 let pre = proj[r * w + di + c + hh] + p[o[4] + hh];

@@ -31,6 +31,7 @@ pub mod softmax;
 pub mod ssd;
 pub mod ssd_chunked;
 pub mod ssd_fused;
+mod ssd_token;
 pub mod sublayer_op;
 pub mod swiglu;
 pub mod tile_mm;

@@ -28,7 +28,7 @@
 
 use super::attn_fused::Elem;
 use super::scan_op::{ScanKernel, ScanOp};
-use super::simd::{axpy, dot};
+use super::ssd_token::{self, TokIn};
 use super::simd::with_fast_isa;
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -210,29 +210,9 @@ fn forward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], s0: &[T], a_h: T, bh: us
         let x = tok(d, in1, in2, bb, i, hh);
         let a = (x.dt * a_h).exp();
         c.iter_mut().zip(x.x).for_each(|(c, &xp)| *c = x.dt * xp);
-        let yr = &mut y[i * p..(i + 1) * p];
-        for ((row, &bj), &cj) in st.chunks_exact_mut(p).zip(x.b).zip(x.c) {
-            for ((e, &cp), yp) in row.iter_mut().zip(&c).zip(yr.iter_mut()) {
-                *e = a * *e + cp * bj;
-                *yp += cj * *e;
-            }
-        }
+        ssd_token::fwd(&mut st, &c, x.b, x.c, a, &mut y[i * p..(i + 1) * p]);
     }
     (y, transpose(&st, n, p), ck)
-}
-
-/// Adds `a·b` into 8 lane accumulators (element i into lane i mod 8) and returns the dot
-/// product of the elements past the last full group of 8.
-#[inline(always)]
-fn dot_lanes<T: Elem>(lanes: &mut [T; 8], a: &[T], b: &[T]) -> T {
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |s, (&x, &y)| s + x * y);
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    tail
 }
 
 /// `m [rows, cols]` → `[cols, rows]`.
@@ -294,14 +274,15 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
     let (w1, w2) = (p + 1, 2 * n);
     // Every row of gx is written (the P columns and dt) before the function returns.
     let mut gx = super::cpu::take(d.t * w1);
-    let mut gbc = vec![T::zero(); d.t * w2];
+    // Every row of gbc is written by `ssd_token::bwd`.
+    let mut gbc = super::cpu::take(d.t * w2);
     let mut dh = d_sf.to_vec();
     let mut d_a = T::zero();
     // States before each token of the segment: h_{t−1} `[SEG,P,N]`.
     // Rows 0..len are written before they are read, in every segment.
     let mut prev = super::cpu::take(SEG * pn);
     let mut s = vec![T::zero(); pn];
-    let mut ht = vec![T::zero(); n];
+    let (mut scratch, mut e) = (vec![T::zero(); 16 * p], vec![T::zero(); p]);
     for seg in (0..d.nseg()).rev() {
         let t0 = seg * SEG;
         let len = SEG.min(d.t - t0);
@@ -324,26 +305,13 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
             let dyr = &dy[r * p..(r + 1) * p];
             let gxr = &mut gx[i * w1..(i + 1) * w1];
             let (gb, gc) = gbc[i * w2..(i + 1) * w2].split_at_mut(n);
+            let tk = TokIn { x: x.x, dt: x.dt, b: x.b, c: x.c, a, dy: dyr };
+            let da = ssd_token::bwd(hp, &mut dh, &tk, gb, gc, &mut e, &mut scratch);
             let mut ddt = T::zero();
-            // Σ_c dh[c,:]·h_{t−1}[c,:] in 8 lanes across the rows, summed once per token.
-            let (mut da_lanes, mut da_tail) = ([T::zero(); 8], T::zero());
-            for c in 0..p {
-                let hpr = &hp[c * n..(c + 1) * n];
-                let dhr = &mut dh[c * n..(c + 1) * n];
-                let dxc = x.dt * x.x[c];
-                // h_t row, rebuilt.
-                ht.iter_mut().zip(hpr).zip(x.b).for_each(|((e, &hv), &bj)| *e = a * hv + dxc * bj);
-                let dyc = dyr[c];
-                axpy(dhr, dyc, x.c);
-                axpy(gc, dyc, &ht);
-                let e = dot(dhr, x.b);
-                gxr[c] = x.dt * e;
-                ddt += x.x[c] * e;
-                axpy(gb, dxc, dhr);
-                da_tail += dot_lanes(&mut da_lanes, dhr, hpr);
-                dhr.iter_mut().for_each(|v| *v *= a);
+            for ((g, &ec), &xc) in gxr[..p].iter_mut().zip(&e).zip(x.x) {
+                *g = x.dt * ec;
+                ddt += xc * ec;
             }
-            let da = da_lanes.iter().fold(da_tail, |s, &v| s + v);
             // a = exp(dt·A): da/d(dt) = A·a, da/dA = dt·a.
             gxr[p] = ddt + a_h * a * da;
             d_a += x.dt * a * da;

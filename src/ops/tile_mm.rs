@@ -43,8 +43,10 @@ pub fn try_mm_f32(m: usize, n: usize, k: usize, dst: &mut [f32], ldd: usize, acc
     }
 }
 
+/// Whether the CPU has AVX-512F and `MIXSCALE_NO_TILE_MM` is unset (the switch for A/B runs of
+/// the AVX-512 f32 kernels: this one and [`super::ssd_token`]'s).
 #[cfg(target_arch = "x86_64")]
-fn avx512() -> bool {
+pub(super) fn avx512() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| std::env::var_os("MIXSCALE_NO_TILE_MM").is_none() && is_x86_feature_detected!("avx512f"))

@@ -1,0 +1,271 @@
+//! The per-token steps of the fused SSD kernel ([`super::ssd_fused`], Mamba-2: Dao & Gu 2024,
+//! arXiv:2405.21060), blocked over columns so that each block's accumulators stay in registers
+//! while a step runs down the rows of the state:
+//! - [`fwd`]: on the transposed state `st [N,P]`, `st[j,:] = a·st[j,:] + c·B_j` and
+//!   `y = Σ_j C_j st[j,:]` (j in order), in blocks of P;
+//! - [`bwd`]: the backward step of the module doc of [`super::ssd_fused`] over the rows of
+//!   `h_{t−1} [P,N]` and `dh [P,N]`, in blocks of N.
+//!
+//! Each has a generic form (f32/f64, 16-element blocks the compiler vectorises; it still keeps
+//! the block accumulators in memory) and, for f32 on CPUs with AVX-512F, an intrinsic form that
+//! holds up to 4 vectors (64 columns) of every accumulator in zmm registers, fuses the
+//! multiply-adds (FMA) and masks the column edge. Both sum in a fixed order that depends only on
+//! the shapes, never on the thread count.
+
+use super::attn_fused::Elem;
+use candle_core::DType;
+
+/// Columns per block of the generic forms.
+const L: usize = 16;
+
+/// One token of the forward (see the module doc): updates `st [N,P]` and writes `y [P]`, where
+/// `c = dt·x [P]`, `b`, `cm` are `B`, `C` `[N]` and `a = exp(dt·A)`.
+#[inline(always)]
+pub(super) fn fwd<T: Elem>(st: &mut [T], c: &[T], b: &[T], cm: &[T], a: T, y: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == DType::F32 && super::tile_mm::avx512() {
+        // SAFETY: T is f32 (checked), so the casts only rename the element type; AVX-512F is
+        // present (checked).
+        unsafe { x86::fwd(f32s_mut(st), f32s(c), f32s(b), f32s(cm), a.to_f64() as f32, f32s_mut(y)) };
+        return;
+    }
+    let p = c.len();
+    let full = p - p % L;
+    for p0 in (0..full).step_by(L) {
+        let cv: &[T; L] = c[p0..p0 + L].try_into().unwrap();
+        let mut yv = [T::zero(); L];
+        for ((row, &bj), &cj) in st.chunks_exact_mut(p).zip(b).zip(cm) {
+            let e: &mut [T; L] = (&mut row[p0..p0 + L]).try_into().unwrap();
+            for l in 0..L {
+                e[l] = a * e[l] + cv[l] * bj;
+                yv[l] += cj * e[l];
+            }
+        }
+        y[p0..p0 + L].copy_from_slice(&yv);
+    }
+    if full < p {
+        let (cv, yr) = (&c[full..], &mut y[full..]);
+        yr.iter_mut().for_each(|v| *v = T::zero());
+        for ((row, &bj), &cj) in st.chunks_exact_mut(p).zip(b).zip(cm) {
+            for ((e, &cp), yp) in row[full..].iter_mut().zip(cv).zip(yr.iter_mut()) {
+                *e = a * *e + cp * bj;
+                *yp += cj * *e;
+            }
+        }
+    }
+}
+
+/// One token's inputs to [`bwd`]: x `[P]`, dt, B and C `[N]`, `a = exp(dt·A)` and dy `[P]`.
+pub(super) struct TokIn<'a, T> {
+    pub x: &'a [T],
+    pub dt: T,
+    pub b: &'a [T],
+    pub c: &'a [T],
+    pub a: T,
+    pub dy: &'a [T],
+}
+
+/// One backward token over `hp = h_{t−1} [P,N]` and `dh [P,N]` (gradient w.r.t. h_t on entry,
+/// w.r.t. h_{t−1} on return). Writes the token's `gb = dB`, `gc = dC` `[N]` and `e [P]`
+/// (`e_p = dh[p,:]·B` after adding `dy_p C`), and returns `Σ dh·h_{t−1}` (the gradient of `a`).
+/// `scratch` holds `P·16` elements.
+#[inline(always)]
+pub(super) fn bwd<T: Elem>(hp: &[T], dh: &mut [T], t: &TokIn<T>, gb: &mut [T], gc: &mut [T], e: &mut [T], scratch: &mut [T]) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == DType::F32 && super::tile_mm::avx512() {
+        let t32 = TokIn { x: f32s(t.x), dt: t.dt.to_f64() as f32, b: f32s(t.b), c: f32s(t.c), a: t.a.to_f64() as f32, dy: f32s(t.dy) };
+        // SAFETY: as in `fwd`.
+        let da = unsafe { x86::bwd(f32s(hp), f32s_mut(dh), &t32, f32s_mut(gb), f32s_mut(gc), f32s_mut(e), f32s_mut(scratch)) };
+        return T::from_f64(da as f64);
+    }
+    let (n, p, a) = (t.b.len(), t.x.len(), t.a);
+    let full = n - n % L;
+    let mut dav = [T::zero(); L];
+    let el: &mut [[T; L]] = to_blocks(&mut scratch[..p * L]);
+    el.iter_mut().for_each(|v| *v = [T::zero(); L]);
+    for j0 in (0..full).step_by(L) {
+        let bv: &[T; L] = t.b[j0..j0 + L].try_into().unwrap();
+        let cv: &[T; L] = t.c[j0..j0 + L].try_into().unwrap();
+        let (mut gbv, mut gcv) = ([T::zero(); L], [T::zero(); L]);
+        for (c, elc) in el.iter_mut().enumerate() {
+            let (dxc, dyc) = (t.dt * t.x[c], t.dy[c]);
+            let hpr: &[T; L] = hp[c * n + j0..c * n + j0 + L].try_into().unwrap();
+            let dhr: &mut [T; L] = (&mut dh[c * n + j0..c * n + j0 + L]).try_into().unwrap();
+            for l in 0..L {
+                let ht = a * hpr[l] + dxc * bv[l];
+                gcv[l] += dyc * ht;
+                let g = dhr[l] + dyc * cv[l];
+                elc[l] += g * bv[l];
+                gbv[l] += dxc * g;
+                dav[l] += g * hpr[l];
+                dhr[l] = a * g;
+            }
+        }
+        gb[j0..j0 + L].copy_from_slice(&gbv);
+        gc[j0..j0 + L].copy_from_slice(&gcv);
+    }
+    // The columns past the last full block, then the per-row totals (pairwise over the lanes).
+    let mut da_tail = T::zero();
+    gb[full..].iter_mut().chain(gc[full..].iter_mut()).for_each(|v| *v = T::zero());
+    for (c, (ec, elc)) in e[..p].iter_mut().zip(el.iter()).enumerate() {
+        let (dxc, dyc) = (t.dt * t.x[c], t.dy[c]);
+        let mut tail = T::zero();
+        for j in full..n {
+            let hv = hp[c * n + j];
+            gc[j] += dyc * (a * hv + dxc * t.b[j]);
+            let g = dh[c * n + j] + dyc * t.c[j];
+            tail += g * t.b[j];
+            gb[j] += dxc * g;
+            da_tail += g * hv;
+            dh[c * n + j] = a * g;
+        }
+        *ec = pairwise(*elc) + tail;
+    }
+    pairwise(dav) + da_tail
+}
+
+/// `Σ v` halving the lanes in order (vector-friendly and fixed).
+#[inline(always)]
+fn pairwise<T: Elem>(mut v: [T; L]) -> T {
+    let mut k = L / 2;
+    while k > 0 {
+        for l in 0..k {
+            v[l] = v[l] + v[l + k];
+        }
+        k /= 2;
+    }
+    v[0]
+}
+
+fn to_blocks<T>(x: &mut [T]) -> &mut [[T; L]] {
+    let (blocks, rest) = x.as_chunks_mut::<L>();
+    debug_assert!(rest.is_empty());
+    blocks
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f32s<T>(x: &[T]) -> &[f32] {
+    assert_eq!(std::mem::size_of::<T>(), 4);
+    // SAFETY: called only for T = f32 (size checked).
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f32s_mut<T>(x: &mut [T]) -> &mut [f32] {
+    assert_eq!(std::mem::size_of::<T>(), 4);
+    // SAFETY: called only for T = f32 (size checked).
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::TokIn;
+    use std::arch::x86_64::*;
+
+    /// Masks of a group of up to 4 vectors starting at column `j0` of `n`.
+    fn masks(n: usize, j0: usize) -> [__mmask16; 4] {
+        std::array::from_fn(|v| {
+            let w = n.saturating_sub(j0 + 16 * v).min(16);
+            if w == 16 { 0xFFFF } else { ((1u32 << w) - 1) as u16 }
+        })
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fwd(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32]) {
+        let (p, n) = (c.len(), b.len());
+        assert!(st.len() >= n * p && y.len() >= p && cm.len() >= n);
+        let mut p0 = 0;
+        while p0 < p {
+            match (p - p0).div_ceil(16) {
+                1 => fwd_group::<1>(st, c, b, cm, a, y, p0),
+                2 => fwd_group::<2>(st, c, b, cm, a, y, p0),
+                3 => fwd_group::<3>(st, c, b, cm, a, y, p0),
+                _ => fwd_group::<4>(st, c, b, cm, a, y, p0),
+            }
+            p0 += 64;
+        }
+    }
+
+    /// Columns `p0 .. p0 + 16·NV` (masked at P) of every row of `st`.
+    #[inline(always)]
+    unsafe fn fwd_group<const NV: usize>(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32], p0: usize) {
+        let p = c.len();
+        let m = masks(p, p0);
+        let av = _mm512_set1_ps(a);
+        let cv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.as_ptr().add(p0 + 16 * v)));
+        let mut yv = [_mm512_setzero_ps(); NV];
+        let sp = st.as_mut_ptr();
+        for (j, (&bj, &cj)) in b.iter().zip(cm).enumerate() {
+            let (bb, cc) = (_mm512_set1_ps(bj), _mm512_set1_ps(cj));
+            let row = sp.add(j * p + p0);
+            for v in 0..NV {
+                let e = _mm512_maskz_loadu_ps(m[v], row.add(16 * v));
+                let e = _mm512_fmadd_ps(cv[v], bb, _mm512_mul_ps(av, e));
+                _mm512_mask_storeu_ps(row.add(16 * v), m[v], e);
+                yv[v] = _mm512_fmadd_ps(cc, e, yv[v]);
+            }
+        }
+        for v in 0..NV {
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(p0 + 16 * v), m[v], yv[v]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn bwd(hp: &[f32], dh: &mut [f32], t: &TokIn<f32>, gb: &mut [f32], gc: &mut [f32], e: &mut [f32], scratch: &mut [f32]) -> f32 {
+        let (n, p) = (t.b.len(), t.x.len());
+        assert!(hp.len() >= n * p && dh.len() >= n * p && t.c.len() >= n && t.dy.len() >= p);
+        assert!(gb.len() >= n && gc.len() >= n && e.len() >= p && scratch.len() >= 16 * p);
+        // One `da` accumulator per vector of a group: a single one would chain every FMA of a row.
+        let mut da = [_mm512_setzero_ps(); 4];
+        let mut j0 = 0;
+        while j0 < n {
+            let first = j0 == 0;
+            da = match (n - j0).div_ceil(16) {
+                1 => bwd_group::<1>(hp, dh, t, gb, gc, scratch, j0, first, da),
+                2 => bwd_group::<2>(hp, dh, t, gb, gc, scratch, j0, first, da),
+                3 => bwd_group::<3>(hp, dh, t, gb, gc, scratch, j0, first, da),
+                _ => bwd_group::<4>(hp, dh, t, gb, gc, scratch, j0, first, da),
+            };
+            j0 += 64;
+        }
+        for (c, ec) in e[..p].iter_mut().enumerate() {
+            *ec = _mm512_reduce_add_ps(_mm512_loadu_ps(scratch.as_ptr().add(16 * c)));
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(da[0], da[1]), _mm512_add_ps(da[2], da[3])))
+    }
+
+    /// Columns `j0 .. j0 + 16·NV` (masked at N) of every row; the rows' `dh·B` partial sums go to
+    /// `scratch [P,16]` (stored when `first`, added otherwise).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn bwd_group<const NV: usize>(hp: &[f32], dh: &mut [f32], t: &TokIn<f32>, gb: &mut [f32], gc: &mut [f32], scratch: &mut [f32], j0: usize, first: bool, mut da: [__m512; 4]) -> [__m512; 4] {
+        let n = t.b.len();
+        let m = masks(n, j0);
+        let a = _mm512_set1_ps(t.a);
+        let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], t.b.as_ptr().add(j0 + 16 * v)));
+        let cv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], t.c.as_ptr().add(j0 + 16 * v)));
+        let (mut gbv, mut gcv) = ([_mm512_setzero_ps(); NV], [_mm512_setzero_ps(); NV]);
+        let (hpp, dhp, sp) = (hp.as_ptr(), dh.as_mut_ptr(), scratch.as_mut_ptr());
+        for (c, (&xc, &dyc)) in t.x.iter().zip(t.dy).enumerate() {
+            let (dxc, dyc) = (_mm512_set1_ps(t.dt * xc), _mm512_set1_ps(dyc));
+            let mut ev = if first { _mm512_setzero_ps() } else { _mm512_loadu_ps(sp.add(16 * c)) };
+            for v in 0..NV {
+                let off = c * n + j0 + 16 * v;
+                let h = _mm512_maskz_loadu_ps(m[v], hpp.add(off));
+                let ht = _mm512_fmadd_ps(dxc, bv[v], _mm512_mul_ps(a, h));
+                gcv[v] = _mm512_fmadd_ps(dyc, ht, gcv[v]);
+                let g = _mm512_fmadd_ps(dyc, cv[v], _mm512_maskz_loadu_ps(m[v], dhp.add(off)));
+                ev = _mm512_fmadd_ps(g, bv[v], ev);
+                gbv[v] = _mm512_fmadd_ps(dxc, g, gbv[v]);
+                da[v] = _mm512_fmadd_ps(g, h, da[v]);
+                _mm512_mask_storeu_ps(dhp.add(off), m[v], _mm512_mul_ps(a, g));
+            }
+            _mm512_storeu_ps(sp.add(16 * c), ev);
+        }
+        for v in 0..NV {
+            _mm512_mask_storeu_ps(gb.as_mut_ptr().add(j0 + 16 * v), m[v], gbv[v]);
+            _mm512_mask_storeu_ps(gc.as_mut_ptr().add(j0 + 16 * v), m[v], gcv[v]);
+        }
+        da
+    }
+}
