@@ -232,11 +232,14 @@ fn gdn_fused_matches_reference_and_chunked() {
 
 /// Gradients of the fused kernel w.r.t. q, k, v, g, beta and initial_state == autograd through
 /// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the composed chunked form in f32
-/// (1e-4); the loss weights the final state too.
+/// (1e-4); the loss weights the final state too. Besides K = 6, V = 5 at several lengths, the
+/// preset's K = 24 with V = 37 (a masked last vector of the AVX-512 token steps) and V = 70
+/// (beyond their 64 columns: the generic steps).
 #[test]
 fn gdn_fused_grads_match_recurrent_and_chunked() {
-    for t in [1usize, 16, 37, 130] {
-        let (b, h, dk, dv) = (2, 2, 6, 5);
+    let cases = [(1usize, 6usize, 5usize), (16, 6, 5), (37, 6, 5), (130, 6, 5), (21, 24, 37), (18, 5, 70)];
+    for (t, dk, dv) in cases {
+        let (b, h) = (2, 2);
         let x = inputs(b, t, h, dk, dv, 900 + t as u64);
         let wo = rand_tensor(&[b, t, h, dv], 1.0, 17);
         let ws = rand_tensor(&[b, h, dk, dv], 1.0, 18);
@@ -246,7 +249,7 @@ fn gdn_fused_grads_match_recurrent_and_chunked() {
             let got32 = grads(&fused, &f32s(&x), init, &wo, &ws);
             let chunk32 = grads(&chunked(16), &f32s(&x), init, &wo, &ws);
             for (j, w) in want.iter().enumerate() {
-                let name = format!("fused d{} t{t}_init{init}", NAMES[j]);
+                let name = format!("fused d{} t{t}_k{dk}_v{dv}_init{init}", NAMES[j]);
                 assert_close(&format!("{name} f64"), w, &got[j], 1e-10);
                 assert_close(&format!("{name} f32"), w, &got32[j], 1e-4);
                 assert_close(&format!("{name} f32 vs chunked f32"), &chunk32[j], &got32[j], 1e-4);

@@ -34,7 +34,8 @@
 
 use super::attn_fused::Elem;
 use super::scan_op::{ScanKernel, ScanOp};
-use super::simd::{axpy, dot, with_fast_isa};
+use super::gdr_token::{bwd, step, Tok};
+use super::simd::with_fast_isa;
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -154,51 +155,10 @@ impl Dims {
     }
 }
 
-/// One token's inputs for one head: q, k rows `[K]`, v row `[V]`, g, β.
-struct Tok<'a, T> {
-    q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
-    g: T,
-    beta: T,
-}
-
 fn tok<'a, T: Elem>(d: Dims, x: &'a [T], v: &'a [T], bb: usize, i: usize, hh: usize) -> Tok<'a, T> {
     let r = d.row(bb, i, hh);
     let xr = &x[r * d.w()..(r + 1) * d.w()];
     Tok { q: &xr[..d.k], k: &xr[d.k..2 * d.k], v: &v[r * d.v..(r + 1) * d.v], g: xr[2 * d.k], beta: xr[2 * d.k + 1] }
-}
-
-/// Advances `s` `[K×V]` by one token. Leaves the decayed state S_a in `s_a` when given, the
-/// residual `r = v − S_aᵀk` in `r`, and writes `o = Sᵀq·scale` when given.
-#[inline(always)]
-fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dv: usize, scale: T, r: &mut [T], s_a: Option<&mut [T]>, o: Option<&mut [T]>) {
-    let a = x.g.exp();
-    r.copy_from_slice(x.v);
-    for (row, &ki) in s.chunks_exact_mut(dv).zip(x.k) {
-        row.iter_mut().for_each(|e| *e *= a);
-        axpy(r, T::zero() - ki, row);
-    }
-    if let Some(sa) = s_a {
-        sa.copy_from_slice(s);
-    }
-    let beta = x.beta;
-    match o {
-        Some(o) => {
-            o.fill(T::zero());
-            for ((row, &ki), &qi) in s.chunks_exact_mut(dv).zip(x.k).zip(x.q) {
-                let c = ki * beta;
-                row.iter_mut().zip(r.iter()).for_each(|(e, &rj)| *e += c * rj);
-                axpy(o, qi * scale, row);
-            }
-        }
-        None => {
-            for (row, &ki) in s.chunks_exact_mut(dv).zip(x.k) {
-                let c = ki * beta;
-                row.iter_mut().zip(r.iter()).for_each(|(e, &rj)| *e += c * rj);
-            }
-        }
-    }
 }
 
 /// Forward over all (batch, head) pairs: the packed output buffer.
@@ -236,7 +196,7 @@ fn forward_head<T: Elem>(d: Dims, x: &[T], v: &[T], s0: &[T], bh: usize) -> (Vec
         if i % SEG == 0 {
             ck.extend_from_slice(&s);
         }
-        step(&mut s, &tok(d, x, v, bb, i, hh), d.v, scale, &mut r, None, Some(&mut o[i * d.v..(i + 1) * d.v]));
+        step(&mut s, &tok(d, x, v, bb, i, hh), scale, &mut r, None, Some(&mut o[i * d.v..(i + 1) * d.v]));
     }
     (o, s, ck)
 }
@@ -279,7 +239,7 @@ pub(super) fn backward<T: Elem>(d: Dims, x: &[T], v: &[T], ck_all: &[T], grad: &
 #[inline(always)]
 fn backward_head<T: Elem>(d: Dims, x: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf: &[T], bh: usize) -> HeadGrads<T> {
     let (bb, hh) = (bh / d.h, bh % d.h);
-    let (dk_, dv_, kv, w) = (d.k, d.v, d.kv(), d.w());
+    let (dv_, kv, w) = (d.v, d.kv(), d.w());
     let scale = T::from_f64((d.k as f64).powf(-0.5));
     let mut dx = vec![T::zero(); d.t * w];
     let mut dvv = vec![T::zero(); d.t * dv_];
@@ -296,7 +256,7 @@ fn backward_head<T: Elem>(d: Dims, x: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf: 
         s.copy_from_slice(&ck[seg * kv..(seg + 1) * kv]);
         for j in 0..len {
             let xt = tok(d, x, v, bb, t0 + j, hh);
-            step(&mut s, &xt, dv_, scale, &mut rr[j * dv_..(j + 1) * dv_], Some(&mut sa[j * kv..(j + 1) * kv]), None);
+            step(&mut s, &xt, scale, &mut rr[j * dv_..(j + 1) * dv_], Some(&mut sa[j * kv..(j + 1) * kv]), None);
         }
         for j in (0..len).rev() {
             let i = t0 + j;
@@ -305,37 +265,9 @@ fn backward_head<T: Elem>(d: Dims, x: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf: 
             let r = &rr[j * dv_..(j + 1) * dv_];
             let row = d.row(bb, i, hh);
             let dot_ = &d_o[row * dv_..(row + 1) * dv_];
-            u.iter_mut().zip(r).for_each(|(u, &r)| *u = xt.beta * r);
-            let u_do = dot(&u, dot_);
             let gx = &mut dx[i * w..(i + 1) * w];
-            du.fill(T::zero());
-            // Pass 1: dq, dS += scale·q doᵀ, du = dSᵀk, dk = dS u.
-            for c in 0..dk_ {
-                let sa_row = &s_a[c * dv_..(c + 1) * dv_];
-                let ds_row = &mut ds[c * dv_..(c + 1) * dv_];
-                gx[c] = scale * (dot(sa_row, dot_) + xt.k[c] * u_do);
-                axpy(ds_row, scale * xt.q[c], dot_);
-                axpy(&mut du, xt.k[c], ds_row);
-                gx[dk_ + c] = dot(ds_row, &u);
-            }
-            let dbeta = dot(&du, r);
             let gv = &mut dvv[i * dv_..(i + 1) * dv_];
-            gv.iter_mut().zip(&du).for_each(|(g, &x)| *g = xt.beta * x);
-            // dp = −β du, reusing `du`.
-            du.iter_mut().for_each(|x| *x = T::zero() - xt.beta * *x);
-            // Pass 2: dS += k dpᵀ, dk += S_a dp, dg = ⟨dS, S_a⟩, dS ← exp(g)·dS.
-            let a = xt.g.exp();
-            let mut dg = T::zero();
-            for c in 0..dk_ {
-                let sa_row = &s_a[c * dv_..(c + 1) * dv_];
-                let ds_row = &mut ds[c * dv_..(c + 1) * dv_];
-                axpy(ds_row, xt.k[c], &du);
-                gx[dk_ + c] += dot(sa_row, &du);
-                dg += dot(ds_row, sa_row);
-                ds_row.iter_mut().for_each(|e| *e *= a);
-            }
-            gx[2 * dk_] = dg;
-            gx[2 * dk_ + 1] = dbeta;
+            bwd(&xt, s_a, r, dot_, scale, &mut ds, gx, gv, &mut u, &mut du);
         }
     }
     (dx, dvv, ds)

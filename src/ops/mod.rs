@@ -12,6 +12,7 @@ pub mod gated_delta_rule;
 pub mod gdn_sublayer;
 pub mod gemm;
 pub mod gdr_fused;
+mod gdr_token;
 pub mod grouped_linear;
 pub mod linear;
 pub mod mamba2_sublayer;
