@@ -371,10 +371,12 @@ fn rwkv7_fused_matches_reference_and_chunked() {
 
 /// Gradients of the fused kernel w.r.t. r, w, k, v, a, b and initial_state == autograd through
 /// the token loop (f64 to 1e-10, fused f32 to 1e-4) and == the chunked form in f32 (1e-4).
+/// K = 4 and 37 (a masked last vector of the AVX-512 token steps) and 70 (beyond their 64
+/// columns: the generic steps).
 #[test]
 fn rwkv7_fused_grads_match_recurrent_and_chunked() {
-    for (t, strong) in [(1usize, false), (16, true), (37, false)] {
-        let (b, h, dk, dv) = (2, 2, 4, 3);
+    for (t, strong, dk, dv) in [(1usize, false, 4usize, 3usize), (16, true, 4, 3), (37, false, 4, 3), (21, false, 37, 9), (18, true, 70, 5)] {
+        let (b, h) = (2, 2);
         let x = inputs(b, t, h, dk, dv, 700 + t as u64, strong);
         let wo = rand_tensor(&[b, t, h, dv], 1.0, 31);
         let ws = rand_tensor(&[b, h, dv, dk], 1.0, 32);
@@ -384,7 +386,7 @@ fn rwkv7_fused_grads_match_recurrent_and_chunked() {
             let got32 = grads(&fused, &f32s(&x), init, &wo, &ws);
             let chunk32 = grads(&chunked(16), &f32s(&x), init, &wo, &ws);
             for (j, w) in want.iter().enumerate() {
-                let name = format!("fused d{} t{t}_init{init}", NAMES[j]);
+                let name = format!("fused d{} t{t}_k{dk}_v{dv}_init{init}", NAMES[j]);
                 assert_close(&format!("{name} f64"), w, &got[j], 1e-10);
                 assert_close(&format!("{name} f32"), w, &got32[j], 1e-4);
                 assert_close(&format!("{name} f32 vs chunked f32"), &chunk32[j], &got32[j], 1e-4);

@@ -24,6 +24,7 @@ pub mod rope;
 pub mod rwkv7;
 pub mod rwkv7_chunk;
 pub mod rwkv7_fused;
+mod rwkv7_token;
 mod scan_op;
 pub mod short_conv;
 pub mod short_conv_fused;

@@ -25,7 +25,7 @@
 
 use super::attn_fused::Elem;
 use super::scan_op::{ScanKernel, ScanOp};
-use super::simd::{axpy, dot};
+use super::rwkv7_token::{bwd, step, Tok};
 use super::simd::with_fast_isa;
 use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -139,34 +139,11 @@ impl Dims {
     }
 }
 
-/// One token of one head: r, w, k, a, b rows `[K]`, v row `[V]`.
-struct Tok<'a, T> {
-    r: &'a [T],
-    w: &'a [T],
-    k: &'a [T],
-    a: &'a [T],
-    b: &'a [T],
-    v: &'a [T],
-}
-
 fn tok<'a, T: Elem>(d: Dims, in1: &'a [T], v: &'a [T], bb: usize, i: usize, hh: usize) -> Tok<'a, T> {
     let row = d.row(bb, i, hh);
     let x = &in1[row * 5 * d.k..(row + 1) * 5 * d.k];
     let part = |j: usize| &x[j * d.k..(j + 1) * d.k];
     Tok { r: part(0), w: part(1), k: part(2), a: part(3), b: part(4), v: &v[row * d.v..(row + 1) * d.v] }
-}
-
-/// S[i,:] ← S[i,:]⊙w + (S[i,:]·a) b + v_i k for every row; returns nothing, writes `o` if given.
-#[inline(always)]
-fn step<T: Elem>(s: &mut [T], x: &Tok<T>, dk: usize, mut o: Option<&mut [T]>) {
-    for (i, row) in s.chunks_exact_mut(dk).enumerate() {
-        let sa = dot(row, x.a);
-        let vi = x.v[i];
-        row.iter_mut().zip(x.w).zip(x.b.iter().zip(x.k)).for_each(|((e, &w), (&b, &k))| *e = *e * w + sa * b + vi * k);
-        if let Some(o) = o.as_deref_mut() {
-            o[i] = dot(row, x.r);
-        }
-    }
 }
 
 fn forward<T: Elem>(d: Dims, in1: &[T], v: &[T], s0: &[T]) -> Vec<T> {
@@ -183,7 +160,7 @@ fn forward<T: Elem>(d: Dims, in1: &[T], v: &[T], s0: &[T]) -> Vec<T> {
                     if i % SEG == 0 {
                         ck.extend_from_slice(&s);
                     }
-                    step(&mut s, &tok(d, in1, v, bb, i, hh), d.k, Some(&mut o[i * d.v..(i + 1) * d.v]));
+                    step(&mut s, &tok(d, in1, v, bb, i, hh), Some(&mut o[i * d.v..(i + 1) * d.v]));
                 }
                 (o, s, ck)
             })
@@ -251,7 +228,7 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf
         s.copy_from_slice(&ck[seg * vk..(seg + 1) * vk]);
         for j in 0..len {
             prev[j * vk..(j + 1) * vk].copy_from_slice(&s);
-            step(&mut s, &tok(d, in1, v, bb, t0 + j, hh), dk, None);
+            step(&mut s, &tok(d, in1, v, bb, t0 + j, hh), None);
         }
         for j in (0..len).rev() {
             let i = t0 + j;
@@ -260,28 +237,8 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], v: &[T], ck: &[T], d_o: &[T], d_sf
             let row = d.row(bb, i, hh);
             let dor = &d_o[row * dv..(row + 1) * dv];
             let gxr = &mut gx[i * w1..(i + 1) * w1];
-            let (g_r, rest) = gxr.split_at_mut(dk);
-            let (g_w, rest) = rest.split_at_mut(dk);
-            let (g_k, rest) = rest.split_at_mut(dk);
-            let (g_a, g_b) = rest.split_at_mut(dk);
             let gvr = &mut gv[i * dv..(i + 1) * dv];
-            for c in 0..dv {
-                let spr = &sp[c * dk..(c + 1) * dk];
-                let dsr = &mut ds[c * dk..(c + 1) * dk];
-                let sa = dot(spr, x.a);
-                let vi = x.v[c];
-                st.iter_mut().zip(spr).zip(x.w).zip(x.b.iter().zip(x.k)).for_each(|(((e, &p), &w), (&b, &k))| *e = p * w + sa * b + vi * k);
-                let doi = dor[c];
-                axpy(dsr, doi, x.r);
-                axpy(g_r, doi, &st);
-                g_w.iter_mut().zip(dsr.iter()).zip(spr).for_each(|((g, &dsv), &p)| *g += dsv * p);
-                let dsa = dot(dsr, x.b);
-                axpy(g_b, sa, dsr);
-                gvr[c] = dot(dsr, x.k);
-                axpy(g_k, vi, dsr);
-                axpy(g_a, dsa, spr);
-                dsr.iter_mut().zip(x.w).zip(x.a).for_each(|((e, &w), &a)| *e = *e * w + dsa * a);
-            }
+            bwd(sp, &mut ds, &x, dor, gxr, gvr, &mut st);
         }
     }
     (gx, gv, ds)
