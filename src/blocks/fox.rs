@@ -192,7 +192,7 @@ impl Fox {
 
     /// Per-head RMSNorm of x `[B,T,heads,D]` with gains `[heads,D]`.
     fn head_norm(&self, x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
-        rms_norm(x, &self.ones, eps)?.broadcast_mul(gain)
+        crate::ops::channel::mul_channels(&rms_norm(x, &self.ones, eps)?, gain)
     }
 
     /// Shift mix `α = σ(x W_s)` `[B,T,Hkv,1]` for x2 `[B·T, d]`.
@@ -213,7 +213,7 @@ impl Fox {
         let ak = self.wks.as_ref().map(|w| self.alpha(&x2, w, b, t)).transpose()?;
         let av = self.wvs.as_ref().map(|w| self.alpha(&x2, w, b, t)).transpose()?;
         let gt = crate::ops::reduction_dtype(x.dtype());
-        let logit = x2.matmul(&self.wf)?.to_dtype(gt)?.broadcast_add(&self.bf.to_dtype(gt)?)?;
+        let logit = crate::ops::channel::add_channels(&x2.matmul(&self.wf)?.to_dtype(gt)?, &self.bf.to_dtype(gt)?)?;
         let g = log_sigmoid(&logit)?.reshape((b, t, h))?;
         Ok((q, k, v, ak, av, g))
     }

@@ -237,7 +237,7 @@ impl GatedDeltaNet {
             beta = (beta * 2.0)?;
         }
         let a = self.a_log.to_dtype(gt)?.exp()?;
-        let sp = softplus(&x2.matmul(&self.wa)?.to_dtype(gt)?.broadcast_add(&self.dt_bias.to_dtype(gt)?)?)?;
+        let sp = softplus(&crate::ops::channel::add_channels(&x2.matmul(&self.wa)?.to_dtype(gt)?, &self.dt_bias.to_dtype(gt)?)?)?;
         let g = sp.broadcast_mul(&a)?.neg()?;
         Ok((beta.reshape((b, t, h))?, g.reshape((b, t, h))?))
     }

@@ -32,6 +32,7 @@
 //! the token-shift and WKV state between segments) and [`Rwkv7::step`] (one token, step op).
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
+use crate::ops::channel::{add_channels, mul_channels};
 use crate::ops::linear::linear;
 use crate::model::params::ParamBuilder;
 use crate::ops::rwkv7::rwkv7_step;
@@ -295,7 +296,7 @@ impl Rwkv7 {
         let gt = gate_dtype(x.dtype());
         let xx = (token_shift(x, state.last_x.as_ref())? - x)?;
         state.last_x = Some(x.narrow(1, t - 1, 1)?);
-        let mixed = |i: usize| -> Result<Tensor> { (x + xx.broadcast_mul(&self.mu[i])?)?.reshape((b * t, c)) };
+        let mixed = |i: usize| -> Result<Tensor> { (x + mul_channels(&xx, &self.mu[i])?)?.reshape((b * t, c)) };
         let (xr, xw, xk, xv, xa, xg) = (mixed(0)?, mixed(1)?, mixed(2)?, mixed(3)?, mixed(4)?, mixed(5)?);
         let r = xr.matmul(&self.wr)?;
         let k = xk.matmul(&self.wk)?;
@@ -306,22 +307,22 @@ impl Rwkv7 {
             z.matmul(&lo.w2)
         };
         // Decay in the gate dtype: w = exp(−e^{−½} σ(w0 + tanh(x_w W1) W2)).
-        let w_raw = lora(&xw, &self.w_lora, true)?.to_dtype(gt)?.broadcast_add(&self.w0.to_dtype(gt)?)?;
+        let w_raw = add_channels(&lora(&xw, &self.w_lora, true)?.to_dtype(gt)?, &self.w0.to_dtype(gt)?)?;
         let w = (sigmoid(&w_raw)? * -(-0.5f64).exp())?.exp()?;
         match (&self.v_res, &ctx.v_first) {
             (Some((v0, lo)), Some(vf)) => {
-                let gate = sigmoid(&lora(&xv, lo, false)?.broadcast_add(v0)?)?;
+                let gate = sigmoid(&add_channels(&lora(&xv, lo, false)?, v0)?)?;
                 v = (&v + (vf.reshape((b * t, c))? - &v)?.mul(&gate)?)?;
             }
             _ => ctx.v_first = Some(v.reshape((b, t, c))?),
         }
-        let a = sigmoid(&lora(&xa, &self.a_lora, false)?.broadcast_add(&self.a0)?)?;
+        let a = sigmoid(&add_channels(&lora(&xa, &self.a_lora, false)?, &self.a0)?)?;
         let g = sigmoid(&xg.matmul(&self.g_lora.w1)?)?.matmul(&self.g_lora.w2)?;
-        let kk = k.broadcast_mul(&self.k_k)?.reshape((b, t, h, n))?;
+        let kk = mul_channels(&k, &self.k_k)?.reshape((b, t, h, n))?;
         // L2 normalization with f32 statistics for bf16/f16 activations.
         let kkf = kk.to_dtype(gt)?;
         let kk = kkf.broadcast_div(&kkf.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)?.to_dtype(x.dtype())?;
-        let k = k.mul(&((&a - 1.0)?.broadcast_mul(&self.k_a)? + 1.0)?)?;
+        let k = k.mul(&(mul_channels(&(&a - 1.0)?, &self.k_a)? + 1.0)?)?;
         let heads4 = |x: &Tensor| x.reshape((b, t, h, n));
         let (r4, k4, v4, a4) = (heads4(&r)?, heads4(&k)?, heads4(&v)?, heads4(&a)?);
         let w4 = heads4(&w)?;
@@ -342,7 +343,7 @@ impl Rwkv7 {
         };
         state.s = Some(s);
         let y = self.group_norm(&y)?;
-        let bonus = (&r4 * &k4)?.broadcast_mul(&self.r_k)?.sum_keepdim(D::Minus1)?.broadcast_mul(&v4)?;
+        let bonus = mul_channels(&(&r4 * &k4)?, &self.r_k)?.sum_keepdim(D::Minus1)?.broadcast_mul(&v4)?;
         let y = (y + bonus)?.reshape((b * t, c))?;
         linear(&(y * g)?, &self.wo, (b, t, c))
     }
@@ -357,7 +358,7 @@ impl Rwkv7 {
         let centered = y.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.cfg.norm_eps)?.sqrt()?)?.reshape((b, t, h * n))?.to_dtype(dt)?;
-        normed.broadcast_mul(&self.ln_w)?.broadcast_add(&self.ln_b)?.reshape((b, t, h, n))
+        add_channels(&mul_channels(&normed, &self.ln_w)?, &self.ln_b)?.reshape((b, t, h, n))
     }
 
     /// Decode form: one token x_t `[B, C]` → y_t `[B, C]`, advancing `state`; `ctx.v_first`

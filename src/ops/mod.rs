@@ -5,6 +5,7 @@
 pub mod attn;
 pub mod attn_fused;
 pub mod attn_sublayer;
+pub mod channel;
 pub mod cpu;
 pub mod ffn_fused;
 pub mod fox;
