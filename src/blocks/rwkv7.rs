@@ -34,6 +34,7 @@
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
 use crate::ops::channel::{add_channels, mul_channels};
 use crate::ops::linear::linear;
+use crate::ops::row_norm::{l2_normalize_rows, layer_norm_rows};
 use crate::model::params::ParamBuilder;
 use crate::ops::rwkv7::rwkv7_step;
 use crate::ops::rwkv7_fused::rwkv7_train;
@@ -175,9 +176,10 @@ fn gate_dtype(dt: DType) -> DType {
     if dt == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
-/// sigmoid(x) = (1 + tanh(x/2)) / 2 (finite gradients for any x).
+/// sigmoid(x) = 1 / (1 + e^−x): candle-nn's op, one autograd node with its backward
+/// `s(1 − s)·dy` (finite for any x; the composed `(1 + tanh(x/2)) / 2` was four nodes).
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    ((x * 0.5)?.tanh()? + 1.0)? * 0.5
+    candle_nn::ops::sigmoid(x)
 }
 
 /// Token shift: `[B,T,C]` → the previous token at every position (`prev` `[B,1,C]`, or zeros,
@@ -320,8 +322,7 @@ impl Rwkv7 {
         let g = sigmoid(&xg.matmul(&self.g_lora.w1)?)?.matmul(&self.g_lora.w2)?;
         let kk = mul_channels(&k, &self.k_k)?.reshape((b, t, h, n))?;
         // L2 normalization with f32 statistics for bf16/f16 activations.
-        let kkf = kk.to_dtype(gt)?;
-        let kk = kkf.broadcast_div(&kkf.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)?.to_dtype(x.dtype())?;
+        let kk = l2_normalize_rows(&kk.to_dtype(gt)?, 1e-12)?.to_dtype(x.dtype())?;
         let k = k.mul(&(mul_channels(&(&a - 1.0)?, &self.k_a)? + 1.0)?)?;
         let heads4 = |x: &Tensor| x.reshape((b, t, h, n));
         let (r4, k4, v4, a4) = (heads4(&r)?, heads4(&k)?, heads4(&v)?, heads4(&a)?);
@@ -353,11 +354,7 @@ impl Rwkv7 {
     fn group_norm(&self, y: &Tensor) -> Result<Tensor> {
         let (b, t, h, n) = y.dims4()?;
         let dt = y.dtype();
-        let y = y.to_dtype(gate_dtype(dt))?;
-        let mean = y.mean_keepdim(D::Minus1)?;
-        let centered = y.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.cfg.norm_eps)?.sqrt()?)?.reshape((b, t, h * n))?.to_dtype(dt)?;
+        let normed = layer_norm_rows(&y.to_dtype(gate_dtype(dt))?, self.cfg.norm_eps)?.reshape((b, t, h * n))?.to_dtype(dt)?;
         add_channels(&mul_channels(&normed, &self.ln_w)?, &self.ln_b)?.reshape((b, t, h, n))
     }
 

@@ -22,6 +22,7 @@ pub mod moba_fused;
 pub mod moe_experts;
 pub mod norm;
 pub mod rope;
+pub mod row_norm;
 pub mod rwkv7;
 pub mod rwkv7_chunk;
 pub mod rwkv7_fused;

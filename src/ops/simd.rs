@@ -83,6 +83,22 @@ pub fn lanes_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
     lanes_total(&acc) + tail
 }
 
+/// `Σ f(a_i, b_i)` in f64 over [`LANES`] accumulators, as [`lanes_sum`].
+#[inline(always)]
+pub fn lanes_sum_pairs<T: Copy>(a: &[T], b: &[T], f: impl Fn(T, T) -> f64) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(0f64, |s, (&x, &y)| s + f(x, y));
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    lanes_total(&acc) + tail
+}
+
 /// Sum with 8 independent accumulators (vectorisable; fixed order, so deterministic).
 #[inline(always)]
 pub(super) fn sum<T: super::attn_fused::Elem>(x: &[T]) -> T {
