@@ -281,19 +281,19 @@ fn backward_head<T: Elem>(d: Dims, in1: &[T], in2: &[T], a_h: T, ck: &[T], dy: &
     // States before each token of the segment: h_{t−1} `[SEG,P,N]`.
     // Rows 0..len are written before they are read, in every segment.
     let mut prev = super::cpu::take(SEG * pn);
-    let mut s = vec![T::zero(); pn];
     let (mut scratch, mut e) = (vec![T::zero(); 16 * p], vec![T::zero(); p]);
     for seg in (0..d.nseg()).rev() {
         let t0 = seg * SEG;
         let len = SEG.min(d.t - t0);
-        s.copy_from_slice(&ck[seg * pn..(seg + 1) * pn]);
-        for j in 0..len {
-            prev[j * pn..(j + 1) * pn].copy_from_slice(&s);
+        // Each recomputed state is written straight into the next slot (no per-token copy).
+        prev[..pn].copy_from_slice(&ck[seg * pn..(seg + 1) * pn]);
+        for j in 0..len - 1 {
+            let (cur, next) = prev[j * pn..(j + 2) * pn].split_at_mut(pn);
             let x = tok(d, in1, in2, bb, t0 + j, hh);
             let a = (x.dt * a_h).exp();
-            for (row, &xp) in s.chunks_exact_mut(n).zip(x.x) {
+            for ((out, row), &xp) in next.chunks_exact_mut(n).zip(cur.chunks_exact(n)).zip(x.x) {
                 let c = x.dt * xp;
-                row.iter_mut().zip(x.b).for_each(|(e, &bj)| *e = a * *e + c * bj);
+                out.iter_mut().zip(row).zip(x.b).for_each(|((o, &e), &bj)| *o = a * e + c * bj);
             }
         }
         for j in (0..len).rev() {
