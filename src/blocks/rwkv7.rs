@@ -32,7 +32,7 @@
 //! the token-shift and WKV state between segments) and [`Rwkv7::step`] (one token, step op).
 
 use super::{BlockConfig, BlockDims, BlockEntry, ForwardCtx, Mixer};
-use crate::ops::channel::{add_channels, mul_channels};
+use crate::ops::channel::{add_channels, mix_channels, mul_channels};
 use crate::ops::linear::linear;
 use crate::ops::row_norm::{l2_normalize_rows, layer_norm_rows};
 use crate::model::params::ParamBuilder;
@@ -298,7 +298,7 @@ impl Rwkv7 {
         let gt = gate_dtype(x.dtype());
         let xx = (token_shift(x, state.last_x.as_ref())? - x)?;
         state.last_x = Some(x.narrow(1, t - 1, 1)?);
-        let mixed = |i: usize| -> Result<Tensor> { (x + mul_channels(&xx, &self.mu[i])?)?.reshape((b * t, c)) };
+        let mixed = |i: usize| -> Result<Tensor> { mix_channels(x, &xx, &self.mu[i])?.reshape((b * t, c)) };
         let (xr, xw, xk, xv, xa, xg) = (mixed(0)?, mixed(1)?, mixed(2)?, mixed(3)?, mixed(4)?, mixed(5)?);
         let r = xr.matmul(&self.wr)?;
         let k = xk.matmul(&self.wk)?;

@@ -52,7 +52,7 @@ impl Ffn {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let xin = match &self.shift_mix {
-            Some(mu) => (x + crate::ops::channel::mul_channels(&(crate::blocks::rwkv7::token_shift(x, None)? - x)?, mu)?)?,
+            Some(mu) => crate::ops::channel::mix_channels(x, &(crate::blocks::rwkv7::token_shift(x, None)? - x)?, mu)?,
             None => x.clone(),
         };
         // One autograd node per projection (see ops::linear).

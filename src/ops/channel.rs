@@ -1,5 +1,5 @@
-//! Per-channel broadcasts `x ⊙ p` and `x + p` (p one value per element of x's last dimension),
-//! each one autograd node with a fast backward.
+//! Per-channel broadcasts `x ⊙ p`, `x + p` and `x + y ⊙ p` (p one value per element of x's
+//! trailing dimensions), each one autograd node with a fast backward.
 //!
 //! Why: candle 0.11's `broadcast_mul`/`broadcast_add` backward reduces the gradient over the
 //! broadcast (leading) dimensions with its strided `ReduceSum`, one element at a time: 12.9% of
@@ -24,6 +24,55 @@ pub fn mul_channels(x: &Tensor, p: &Tensor) -> Result<Tensor> {
 /// `x + p` with `p` broadcast as in [`mul_channels`].
 pub fn add_channels(x: &Tensor, p: &Tensor) -> Result<Tensor> {
     channels(x, p, false)
+}
+
+/// `x + y ⊙ p` (x, y of one shape; p broadcast as in [`mul_channels`]): RWKV-7's token-shift
+/// mixes `x + (shift(x) − x) ⊙ μ` in one node.
+pub fn mix_channels(x: &Tensor, y: &Tensor, p: &Tensor) -> Result<Tensor> {
+    let dims = trailing(y, p.elem_count())?;
+    if x.shape() != y.shape() {
+        bail!("mix_channels: x {:?} and y {:?} differ", x.dims(), y.dims());
+    }
+    if super::cpu_fusable(&[x, y, p]) {
+        x.contiguous()?.apply_op3(&y.contiguous()?, &p.contiguous()?, Mix)
+    } else {
+        x + y.broadcast_mul(&p.reshape(dims)?)?
+    }
+}
+
+struct Mix;
+
+impl CustomOp3 for Mix {
+    fn name(&self) -> &'static str {
+        "mix-channels"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: WithDType>(x: &[T], y: &[T], p: &[T]) -> Vec<T> {
+            let c = p.len();
+            let mut out = super::cpu::take(x.len()); // every element is written
+            out.par_chunks_mut(ROWS * c).zip(x.par_chunks(ROWS * c).zip(y.par_chunks(ROWS * c))).for_each(|(o, (x, y))| {
+                for (o, (x, y)) in o.chunks_exact_mut(c).zip(x.chunks_exact(c).zip(y.chunks_exact(c))) {
+                    o.iter_mut().zip(x.iter().zip(y)).zip(p).for_each(|((o, (&x, &y)), &p)| *o = x + y * p);
+                }
+            });
+            out
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(run::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)),
+            _ => bail!("mix-channels: fused CPU form supports f32/f64 (same dtype)"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c) = (y.elem_count(), p.elem_count());
+        let packed = y.apply_op3_no_bwd(p, &g.contiguous()?, &ChanBwd { mul: true })?;
+        let dy = packed.narrow(0, 0, n)?.reshape(y.shape())?;
+        let dp = packed.narrow(0, n, c)?.reshape(p.shape())?;
+        Ok((Some(g.clone()), Some(dy), Some(dp)))
+    }
 }
 
 fn channels(x: &Tensor, p: &Tensor, mul: bool) -> Result<Tensor> {
@@ -159,7 +208,8 @@ mod tests {
     use crate::testing::{assert_close, check_grads, rand_tensor};
     use candle_core::{DType, Var};
 
-    /// Fused == candle's broadcast (forward and both gradients), p `[C]` and `[H, N]`, f32/f64.
+    /// Fused == candle's broadcast (forward and gradients), p `[C]` and `[H, N]`, f32/f64; the
+    /// same for [`mix_channels`].
     #[test]
     fn fused_matches_broadcast() {
         for dt in [DType::F64, DType::F32] {
@@ -182,6 +232,20 @@ mod tests {
                 }
             }
         }
+        for dt in [DType::F64, DType::F32] {
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            let v = |s: &[usize], sd: f64, seed: u64| Var::from_tensor(&rand_tensor(s, sd, seed).to_dtype(dt).unwrap()).unwrap();
+            let (x, y, p) = (v(&[3, 70, 12], 1.0, 7), v(&[3, 70, 12], 1.0, 8), v(&[12], 0.8, 9));
+            let wy = rand_tensor(&[3, 70, 12], 1.0, 10).to_dtype(dt).unwrap();
+            let yf = mix_channels(x.as_tensor(), y.as_tensor(), p.as_tensor()).unwrap();
+            let yc = (x.as_tensor() + y.as_tensor().broadcast_mul(p.as_tensor()).unwrap()).unwrap();
+            assert_close("mix fwd", &yc, &yf, tol);
+            let gf = (yf * &wy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &wy).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &y, &p] {
+                assert_close("mix grad", gc.get(v.as_tensor()).unwrap(), gf.get(v.as_tensor()).unwrap(), tol);
+            }
+        }
         assert!(mul_channels(&rand_tensor(&[4, 6], 1.0, 1), &rand_tensor(&[4], 1.0, 1)).is_err());
         assert!(mul_channels(&rand_tensor(&[4, 6], 1.0, 1), &rand_tensor(&[12], 1.0, 1)).is_err());
     }
@@ -196,6 +260,7 @@ mod tests {
         let loss = || {
             let y = mul_channels(x.as_tensor(), p.as_tensor()).unwrap();
             let y = add_channels(&y.sqr().unwrap(), p.as_tensor()).unwrap();
+            let y = mix_channels(&y, x.as_tensor(), &p.as_tensor().sqr().unwrap()).unwrap();
             (y * &wy).unwrap().sum_all().unwrap()
         };
         check_grads("channels", &vars, &loss, 12);
