@@ -149,8 +149,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn store(&self, p: *mut f32, x: &[__m512; 4]) {
-            for j in 0..self.nv {
-                _mm512_mask_storeu_ps(p.add(16 * j), self.m[j], x[j]);
+            for (j, (&m, &v)) in self.m.iter().zip(x).take(self.nv).enumerate() {
+                _mm512_mask_storeu_ps(p.add(16 * j), m, v);
             }
         }
     }

@@ -129,9 +129,8 @@ pub(super) fn bwd<T: Elem>(hp: &[T], dh: &mut [T], t: &TokIn<T>, gb: &mut [T], g
 fn pairwise<T: Elem>(mut v: [T; L]) -> T {
     let mut k = L / 2;
     while k > 0 {
-        for l in 0..k {
-            v[l] = v[l] + v[l + k];
-        }
+        let (lo, hi) = v.split_at_mut(k);
+        lo.iter_mut().zip(&hi[..k]).for_each(|(a, &b)| *a += b);
         k /= 2;
     }
     v[0]
