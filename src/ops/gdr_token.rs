@@ -11,6 +11,7 @@
 
 use super::attn_fused::Elem;
 use super::simd::{axpy, dot};
+use super::zmm_row::{f32s, f32s_mut};
 use candle_core::DType;
 
 /// One token's inputs for one head: q, k rows `[K]`, v row `[V]`, g, β.
@@ -110,60 +111,10 @@ pub(super) fn bwd<T: Elem>(x: &Tok<T>, s_a: &[T], r: &[T], d_o: &[T], scale: T, 
 }
 
 #[cfg(target_arch = "x86_64")]
-fn f32s<T>(x: &[T]) -> &[f32] {
-    assert_eq!(std::mem::size_of::<T>(), 4);
-    // SAFETY: called only for T = f32 (size checked).
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn f32s_mut<T>(x: &mut [T]) -> &mut [f32] {
-    assert_eq!(std::mem::size_of::<T>(), 4);
-    // SAFETY: called only for T = f32 (size checked).
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Tok;
+    use crate::ops::zmm_row::x86::Row;
     use std::arch::x86_64::*;
-
-    /// A row of V ≤ 64 columns as up to 4 vectors, masked at V (masked-off lanes load as 0).
-    #[derive(Clone, Copy)]
-    struct Row {
-        nv: usize,
-        m: [__mmask16; 4],
-    }
-
-    impl Row {
-        fn new(v: usize) -> Self {
-            let m = std::array::from_fn(|j| {
-                let w = v.saturating_sub(16 * j).min(16);
-                if w == 16 { 0xFFFF } else { ((1u32 << w) - 1) as u16 }
-            });
-            Self { nv: v.div_ceil(16), m }
-        }
-        #[inline(always)]
-        unsafe fn load(&self, p: *const f32) -> [__m512; 4] {
-            std::array::from_fn(|j| if j < self.nv { _mm512_maskz_loadu_ps(self.m[j], p.add(16 * j)) } else { _mm512_setzero_ps() })
-        }
-        #[inline(always)]
-        unsafe fn store(&self, p: *mut f32, x: &[__m512; 4]) {
-            for (j, (&m, &v)) in self.m.iter().zip(x).take(self.nv).enumerate() {
-                _mm512_mask_storeu_ps(p.add(16 * j), m, v);
-            }
-        }
-    }
-
-    /// `Σ a·b` over the row's vectors, then across the lanes.
-    #[inline(always)]
-    unsafe fn dot(rw: Row, a: &[__m512; 4], b: &[__m512; 4]) -> f32 {
-        let mut acc = _mm512_mul_ps(a[0], b[0]);
-        for j in 1..rw.nv {
-            acc = _mm512_fmadd_ps(a[j], b[j], acc);
-        }
-        _mm512_reduce_add_ps(acc)
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn step(s: &mut [f32], x: &Tok<f32>, scale: f32, r: &mut [f32], s_a: Option<&mut [f32]>, o: Option<&mut [f32]>) {
@@ -215,23 +166,23 @@ mod x86 {
         let beta = _mm512_set1_ps(x.beta);
         let (rv, dov) = (rw.load(r.as_ptr()), rw.load(d_o.as_ptr()));
         let u: [__m512; 4] = std::array::from_fn(|j| _mm512_mul_ps(beta, rv[j]));
-        let u_do = dot(rw, &u, &dov);
+        let u_do = rw.dot(&u, &dov);
         let (sap, dsp) = (s_a.as_ptr(), ds.as_mut_ptr());
         // Pass 1: dq, dS += scale·q doᵀ, du = dSᵀk, dk = dS u.
         let mut du = [_mm512_setzero_ps(); 4];
         for c in 0..kd {
             let sa = rw.load(sap.add(c * vd));
             let mut d = rw.load(dsp.add(c * vd));
-            gx[c] = scale * (dot(rw, &sa, &dov) + x.k[c] * u_do);
+            gx[c] = scale * (rw.dot(&sa, &dov) + x.k[c] * u_do);
             let (qs, kc) = (_mm512_set1_ps(scale * x.q[c]), _mm512_set1_ps(x.k[c]));
             for j in 0..rw.nv {
                 d[j] = _mm512_fmadd_ps(qs, dov[j], d[j]);
                 du[j] = _mm512_fmadd_ps(kc, d[j], du[j]);
             }
-            gx[kd + c] = dot(rw, &d, &u);
+            gx[kd + c] = rw.dot(&d, &u);
             rw.store(dsp.add(c * vd), &d);
         }
-        gx[2 * kd + 1] = dot(rw, &du, &rv);
+        gx[2 * kd + 1] = rw.dot(&du, &rv);
         let gvv: [__m512; 4] = std::array::from_fn(|j| _mm512_mul_ps(beta, du[j]));
         rw.store(gv.as_mut_ptr(), &gvv);
         let dp: [__m512; 4] = std::array::from_fn(|j| _mm512_sub_ps(_mm512_setzero_ps(), gvv[j]));
@@ -247,7 +198,7 @@ mod x86 {
                 dg[j] = _mm512_fmadd_ps(d[j], sa[j], dg[j]);
                 d[j] = _mm512_mul_ps(a, d[j]);
             }
-            gx[kd + c] += dot(rw, &sa, &dp);
+            gx[kd + c] += rw.dot(&sa, &dp);
             rw.store(dsp.add(c * vd), &d);
         }
         gx[2 * kd] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(dg[0], dg[1]), _mm512_add_ps(dg[2], dg[3])));

@@ -39,6 +39,7 @@ mod ssd_token;
 pub mod sublayer_op;
 pub mod swiglu;
 pub mod tile_mm;
+mod zmm_row;
 
 use crate::error::{Error, Result};
 

@@ -11,6 +11,7 @@
 
 use super::attn_fused::Elem;
 use super::simd::{axpy, dot};
+use super::zmm_row::{f32s, f32s_mut};
 use candle_core::DType;
 
 /// One token of one head: r, w, k, a, b rows `[K]`, v row `[V]`.
@@ -23,7 +24,7 @@ pub(super) struct Tok<'a, T> {
     pub v: &'a [T],
 }
 
-impl<'a, T> Tok<'a, T> {
+impl<'a, T: candle_core::WithDType> Tok<'a, T> {
     #[cfg(target_arch = "x86_64")]
     fn f32(&self) -> Tok<'a, f32> {
         Tok { r: f32s(self.r), w: f32s(self.w), k: f32s(self.k), a: f32s(self.a), b: f32s(self.b), v: f32s(self.v) }
@@ -88,61 +89,10 @@ pub(super) fn bwd<T: Elem>(sp: &[T], ds: &mut [T], x: &Tok<T>, d_o: &[T], gx: &m
 }
 
 #[cfg(target_arch = "x86_64")]
-fn f32s<T>(x: &[T]) -> &[f32] {
-    assert_eq!(std::mem::size_of::<T>(), 4);
-    // SAFETY: called only for T = f32 (size checked).
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn f32s_mut<T>(x: &mut [T]) -> &mut [f32] {
-    assert_eq!(std::mem::size_of::<T>(), 4);
-    // SAFETY: called only for T = f32 (size checked).
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Tok;
+    use crate::ops::zmm_row::x86::Row;
     use std::arch::x86_64::*;
-
-    /// Up to 4 vectors of a `[K]` row (K ≤ 64), masked at K: masked-off lanes load as 0.
-    type V4 = [__m512; 4];
-
-    #[derive(Clone, Copy)]
-    struct Row {
-        nv: usize,
-        m: [__mmask16; 4],
-    }
-
-    impl Row {
-        fn new(k: usize) -> Self {
-            let m = std::array::from_fn(|j| {
-                let w = k.saturating_sub(16 * j).min(16);
-                if w == 16 { 0xFFFF } else { ((1u32 << w) - 1) as u16 }
-            });
-            Self { nv: k.div_ceil(16), m }
-        }
-        #[inline(always)]
-        unsafe fn load(&self, p: *const f32) -> V4 {
-            std::array::from_fn(|j| if j < self.nv { _mm512_maskz_loadu_ps(self.m[j], p.add(16 * j)) } else { _mm512_setzero_ps() })
-        }
-        #[inline(always)]
-        unsafe fn store(&self, p: *mut f32, x: &V4) {
-            for (j, (&m, &v)) in self.m.iter().zip(x).take(self.nv).enumerate() {
-                _mm512_mask_storeu_ps(p.add(16 * j), m, v);
-            }
-        }
-        /// `Σ a·b` over the vectors, then across the lanes.
-        #[inline(always)]
-        unsafe fn dot(&self, a: &V4, b: &V4) -> f32 {
-            let mut acc = _mm512_mul_ps(a[0], b[0]);
-            for j in 1..self.nv {
-                acc = _mm512_fmadd_ps(a[j], b[j], acc);
-            }
-            _mm512_reduce_add_ps(acc)
-        }
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn step(s: &mut [f32], x: &Tok<f32>, o: Option<&mut [f32]>) {

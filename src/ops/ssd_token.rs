@@ -13,6 +13,7 @@
 //! the shapes, never on the thread count.
 
 use super::attn_fused::Elem;
+use super::zmm_row::{f32s, f32s_mut};
 use candle_core::DType;
 
 /// Columns per block of the generic forms.
@@ -143,31 +144,10 @@ fn to_blocks<T>(x: &mut [T]) -> &mut [[T; L]] {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn f32s<T>(x: &[T]) -> &[f32] {
-    assert_eq!(std::mem::size_of::<T>(), 4);
-    // SAFETY: called only for T = f32 (size checked).
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn f32s_mut<T>(x: &mut [T]) -> &mut [f32] {
-    assert_eq!(std::mem::size_of::<T>(), 4);
-    // SAFETY: called only for T = f32 (size checked).
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::TokIn;
+    use crate::ops::zmm_row::x86::Row;
     use std::arch::x86_64::*;
-
-    /// Masks of a group of up to 4 vectors starting at column `j0` of `n`.
-    fn masks(n: usize, j0: usize) -> [__mmask16; 4] {
-        std::array::from_fn(|v| {
-            let w = n.saturating_sub(j0 + 16 * v).min(16);
-            if w == 16 { 0xFFFF } else { ((1u32 << w) - 1) as u16 }
-        })
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn fwd(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32]) {
@@ -189,7 +169,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn fwd_group<const NV: usize>(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32], p0: usize) {
         let p = c.len();
-        let m = masks(p, p0);
+        let m = Row::at(p, p0).m;
         let av = _mm512_set1_ps(a);
         let cv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], c.as_ptr().add(p0 + 16 * v)));
         let mut yv = [_mm512_setzero_ps(); NV];
@@ -239,7 +219,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn bwd_group<const NV: usize>(hp: &[f32], dh: &mut [f32], t: &TokIn<f32>, gb: &mut [f32], gc: &mut [f32], scratch: &mut [f32], j0: usize, first: bool, mut da: [__m512; 4]) -> [__m512; 4] {
         let n = t.b.len();
-        let m = masks(n, j0);
+        let m = Row::at(n, j0).m;
         let a = _mm512_set1_ps(t.a);
         let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], t.b.as_ptr().add(j0 + 16 * v)));
         let cv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(m[v], t.c.as_ptr().add(j0 + 16 * v)));

@@ -1,0 +1,73 @@
+//! Shared pieces of the AVX-512 f32 token steps of the scans ([`super::ssd_token`],
+//! [`super::gdr_token`], [`super::rwkv7_token`]): the f32 view of a generic kernel's slices, and
+//! [`x86::Row`], a row of up to 64 columns held as 4 zmm registers, masked at its end.
+
+use candle_core::{DType, WithDType};
+
+/// `x` as `&[f32]`; panics unless `T` is f32 (the callers dispatch on `T::DTYPE`).
+pub(super) fn f32s<T: WithDType>(x: &[T]) -> &[f32] {
+    assert_eq!(T::DTYPE, DType::F32);
+    // SAFETY: T is f32 (asserted), so the cast only renames the element type.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+}
+
+/// `x` as `&mut [f32]`; panics unless `T` is f32.
+pub(super) fn f32s_mut<T: WithDType>(x: &mut [T]) -> &mut [f32] {
+    assert_eq!(T::DTYPE, DType::F32);
+    // SAFETY: T is f32 (asserted), so the cast only renames the element type.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Up to 4 vectors of 16 f32 (masked-off lanes load as 0 and are never stored).
+    pub type V4 = [__m512; 4];
+
+    /// Columns `j0 .. min(j0 + 64, n)` of a row of `n`: `nv` vectors and their masks.
+    #[derive(Clone, Copy)]
+    pub struct Row {
+        pub nv: usize,
+        pub m: [__mmask16; 4],
+    }
+
+    impl Row {
+        pub fn at(n: usize, j0: usize) -> Self {
+            let m = std::array::from_fn(|j| {
+                let w = n.saturating_sub(j0 + 16 * j).min(16);
+                if w == 16 { 0xFFFF } else { ((1u32 << w) - 1) as u16 }
+            });
+            Self { nv: n.saturating_sub(j0).div_ceil(16).min(4), m }
+        }
+        /// A whole row of `n ≤ 64` columns.
+        pub fn new(n: usize) -> Self {
+            Self::at(n, 0)
+        }
+        /// # Safety
+        /// AVX-512F; `p .. p + 16·nv` (masked) readable.
+        #[inline(always)]
+        pub unsafe fn load(&self, p: *const f32) -> V4 {
+            std::array::from_fn(|j| if j < self.nv { _mm512_maskz_loadu_ps(self.m[j], p.add(16 * j)) } else { _mm512_setzero_ps() })
+        }
+        /// # Safety
+        /// AVX-512F; `p .. p + 16·nv` (masked) writable.
+        #[inline(always)]
+        pub unsafe fn store(&self, p: *mut f32, x: &V4) {
+            for (j, (&m, &v)) in self.m.iter().zip(x).take(self.nv).enumerate() {
+                _mm512_mask_storeu_ps(p.add(16 * j), m, v);
+            }
+        }
+        /// `Σ a·b` over the vectors, then across the lanes.
+        /// # Safety
+        /// AVX-512F.
+        #[inline(always)]
+        pub unsafe fn dot(&self, a: &V4, b: &V4) -> f32 {
+            let mut acc = _mm512_mul_ps(a[0], b[0]);
+            for j in 1..self.nv {
+                acc = _mm512_fmadd_ps(a[j], b[j], acc);
+            }
+            _mm512_reduce_add_ps(acc)
+        }
+    }
+}
