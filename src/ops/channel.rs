@@ -67,10 +67,7 @@ impl CustomOp3 for Mix {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c) = (y.elem_count(), p.elem_count());
-        let packed = y.apply_op3_no_bwd(p, &g.contiguous()?, &ChanBwd { mul: true })?;
-        let dy = packed.narrow(0, 0, n)?.reshape(y.shape())?;
-        let dp = packed.narrow(0, n, c)?.reshape(p.shape())?;
+        let (dy, dp) = grads(y, p, g, true)?;
         Ok((Some(g.clone()), Some(dy), Some(dp)))
     }
 }
@@ -147,33 +144,38 @@ impl CustomOp2 for Chan {
     }
 
     fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let c = p.elem_count();
-        let packed = x.apply_op3_no_bwd(p, &g.contiguous()?, &ChanBwd { mul: self.mul })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dp = packed.narrow(0, n, c)?.reshape(p.shape())?;
+        let (dx, dp) = grads(x, p, g, self.mul)?;
         Ok((Some(dx), Some(dp)))
     }
 }
 
-/// Backward: `[dx (x's elements) | dp (p's)]`.
+/// Gradients of `x ⊙ p` (`mul`) or `x + p` w.r.t. x and p from the output's gradient g: `g ⊙ p`
+/// or g itself (no copy), and the column sums of `g ⊙ x` or g.
+fn grads(x: &Tensor, p: &Tensor, g: &Tensor, mul: bool) -> Result<(Tensor, Tensor)> {
+    let (n, c) = (x.elem_count(), p.elem_count());
+    let packed = x.apply_op3_no_bwd(p, &g.contiguous()?, &ChanBwd { mul })?;
+    if mul {
+        Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, c)?.reshape(p.shape())?))
+    } else {
+        Ok((g.clone(), packed.reshape(p.shape())?))
+    }
+}
+
+/// Backward: `[dx (x's elements) | dp (p's)]` for `mul`, `[dp]` for the sum (whose dx is g).
 struct ChanBwd {
     mul: bool,
 }
 
 fn bwd<T: WithDType>(x: &[T], p: &[T], g: &[T], mul: bool) -> Vec<T> {
     let (n, c) = (x.len(), p.len());
-    let mut out = super::cpu::take(n + c); // every element is written
-    let (dx, dp) = out.split_at_mut(n);
-    if mul {
-        dx.par_chunks_mut(ROWS * c).zip(g.par_chunks(ROWS * c)).for_each(|(d, g)| {
-            for (d, g) in d.chunks_exact_mut(c).zip(g.chunks_exact(c)) {
-                d.iter_mut().zip(g).zip(p).for_each(|((d, &g), &p)| *d = g * p);
-            }
-        });
-    } else {
-        dx.copy_from_slice(g);
-    }
+    let n_dx = if mul { n } else { 0 };
+    let mut out = super::cpu::take(n_dx + c); // every element is written
+    let (dx, dp) = out.split_at_mut(n_dx);
+    dx.par_chunks_mut(ROWS * c).zip(g.par_chunks(ROWS * c)).for_each(|(d, g)| {
+        for (d, g) in d.chunks_exact_mut(c).zip(g.chunks_exact(c)) {
+            d.iter_mut().zip(g).zip(p).for_each(|((d, &g), &p)| *d = g * p);
+        }
+    });
     let sums = row_sums::<T>(n / c, c, |r, acc| {
         let gr = &g[r * c..(r + 1) * c];
         if mul {
@@ -192,7 +194,7 @@ impl CustomOp3 for ChanBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let (n, c) = (if self.mul { l1.shape().elem_count() } else { 0 }, l2.shape().elem_count());
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(bwd::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, self.mul)),
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(bwd::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, self.mul)),
