@@ -7,7 +7,7 @@
 //! ([`cross_entropy_each_composed`]), used on other devices.
 
 use super::cpu::{slice, ROW_CHUNK};
-use super::simd::{exp_f32, with_fast_isa};
+use super::simd::{exp_f32_fma, with_fast_isa};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
@@ -54,7 +54,7 @@ struct CrossEntropy {
 }
 
 /// Row kernels of the fused cross-entropy. f64 runs libm's `exp` in f64; f32 runs the vectorised
-/// [`exp_f32`] on `x − max` (in `[−∞, 0]`, so no overflow), sums in 16 f32 lanes and takes the log
+/// [`exp_f32_fma`] (called under [`with_fast_isa`] only) on `x − max` (in `[−∞, 0]`, so no overflow), sums in 16 f32 lanes and takes the log
 /// in f64: libm's scalar f64 `exp` was ~5% of an attention-preset training step.
 trait CeElem: WithDType {
     /// `log Σ_j exp(row_j)`.
@@ -82,10 +82,10 @@ impl CeElem for f32 {
         let m = super::simd::max(row, f32::NEG_INFINITY);
         let mut acc = [0f32; 16];
         let chunks = row.chunks_exact(16);
-        let tail = chunks.remainder().iter().map(|&x| exp_f32(x - m) as f64).sum::<f64>();
+        let tail = chunks.remainder().iter().map(|&x| exp_f32_fma(x - m) as f64).sum::<f64>();
         for c in chunks {
             for i in 0..16 {
-                acc[i] += exp_f32(c[i] - m);
+                acc[i] += exp_f32_fma(c[i] - m);
             }
         }
         m as f64 + (acc.iter().map(|&a| a as f64).sum::<f64>() + tail).ln()
@@ -95,7 +95,7 @@ impl CeElem for f32 {
         // x − l ≤ ln(row length): l is the row's log-sum-exp, within a few units of max(x).
         let (l, g) = (l as f32, g as f32);
         for (o, &x) in out.iter_mut().zip(row) {
-            *o = exp_f32(x - l) * g;
+            *o = exp_f32_fma(x - l) * g;
         }
     }
 }

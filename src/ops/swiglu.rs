@@ -7,13 +7,13 @@
 //! `da = dh ⊙ b ⊙ σ(a)(1 + a(1 − σ(a)))`, `db = dh ⊙ silu(a)`.
 //! The forward computes `a / (1 + exp(−a)) · b` in the input dtype, as candle's `silu` then `mul`.
 //! f64 uses libm's `exp` (bit-identical to the composed form); f32 uses the vectorised
-//! [`exp_f32`] polynomial (relative error < 4e-7, so the forward agrees with the composed form to
+//! [`super::simd::exp_f32_fma`] polynomial (relative error < 4e-7, so the forward agrees with the composed form to
 //! ~1 ulp-scale differences) inside [`with_fast_isa`]: libm's scalar `expf` was ~4% of an
 //! attention-preset training step.
 
 use super::cpu::slice;
 use super::attn_fused::Elem;
-use super::simd::{exp_f32, with_fast_isa};
+use super::simd::{exp_f32_fma, with_fast_isa};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -44,7 +44,7 @@ impl Float for f32 {
     const ONE: Self = 1.0;
     #[inline(always)]
     fn exp(self) -> Self {
-        exp_f32(self)
+        exp_f32_fma(self)
     }
 }
 impl Float for f64 {
