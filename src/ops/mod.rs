@@ -21,6 +21,7 @@ pub mod moba;
 pub mod moba_fused;
 pub mod moe_experts;
 pub mod norm;
+mod norm_x86;
 pub mod rope;
 pub mod row_norm;
 pub mod rwkv7;

@@ -7,6 +7,7 @@
 //! `dx = r·(dy·g − x̂·mean(dy·g·x̂))`. Row statistics are accumulated in f64.
 
 use super::cpu::{slice, ROW_CHUNK};
+use super::zmm_row::{f32s, f32s_mut};
 use super::simd::{lanes_sum, lanes_total, with_fast_isa, LANES};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -58,6 +59,7 @@ fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
 /// given (the gradient reaching x around a pre-norm sublayer). Row statistics in f64.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64, residual: Option<&[T]>, dx: &mut [T], dg_out: &mut [T]) {
+    let fast = fast_rows::<T>();
     let partials: Vec<Vec<f64>> = dx
         .par_chunks_mut(ROW_CHUNK * d)
         .enumerate()
@@ -66,42 +68,21 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
             let res = residual.map(|r| &r[c * ROW_CHUNK * d..c * ROW_CHUNK * d + xc.len()]);
             let mut dg = vec![0f64; d];
             let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
-            with_fast_isa(#[inline(always)] || for (row, ((dxr, xr), dyr)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate() {
-                let r = inv_rms(xr, eps);
-                // dg += dy·x̂ and Σ dy·g·x, lane-wise (see LANES); zipped slices, so no bounds checks
-                // stop the vectoriser.
-                let mut acc = [0f64; LANES];
-                let lanes = dg.chunks_exact_mut(LANES).zip(gf.chunks_exact(LANES)).zip(xr.chunks_exact(LANES).zip(dyr.chunks_exact(LANES)));
-                for ((dgc, gc), (xc8, dyc8)) in lanes {
-                    for l in 0..LANES {
-                        let (xv, dyv) = (xc8[l].to_f64(), dyc8[l].to_f64());
-                        dgc[l] += dyv * (xv * r);
-                        acc[l] += dyv * gc[l] * xv;
-                    }
+            let rows = dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate();
+            if fast {
+                #[cfg(target_arch = "x86_64")]
+                for (row, ((dxr, xr), dyr)) in rows {
+                    let res = res.map(|r| f32s(&r[row * d..(row + 1) * d]));
+                    // SAFETY: fast_rows checked AVX-512F (and T = f32, which f32s asserts).
+                    unsafe { super::norm_x86::x86::bwd_row(f32s(xr), f32s(dyr), &gf, eps, res, f32s_mut(dxr), &mut dg) };
                 }
-                let whole = d - d % LANES;
-                let mut tail = 0f64;
-                for i in whole..d {
-                    let (xv, dyv) = (xr[i].to_f64(), dyr[i].to_f64());
-                    dg[i] += dyv * (xv * r);
-                    tail += dyv * gf[i] * xv;
-                }
-                let mean = (lanes_total(&acc) + tail) * r / d as f64;
-                let dx_of = |xv: T, dyv: T, gv: f64| T::from_f64(r * (dyv.to_f64() * gv - xv.to_f64() * r * mean));
-                let elems = dxr.iter_mut().zip(xr.iter().zip(dyr)).zip(&gf);
-                match res {
-                    Some(res) => {
-                        for (((o, (&xv, &dyv)), &gv), &rv) in elems.zip(&res[row * d..(row + 1) * d]) {
-                            *o = dx_of(xv, dyv, gv) + rv;
-                        }
+            } else {
+                with_fast_isa(#[inline(always)] || {
+                    for (row, ((dxr, xr), dyr)) in rows {
+                        bwd_row(xr, dyr, &gf, eps, res.map(|r| &r[row * d..(row + 1) * d]), dxr, &mut dg);
                     }
-                    None => {
-                        for ((o, (&xv, &dyv)), &gv) in elems {
-                            *o = dx_of(xv, dyv, gv);
-                        }
-                    }
-                }
-            });
+                });
+            }
             dg
         })
         .collect();
@@ -110,19 +91,80 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
     }
 }
 
+/// Whether the f32 rows run [`super::norm_x86`] (AVX-512; off with `MIXSCALE_NO_TILE_MM`, like
+/// the other AVX-512 kernels).
+fn fast_rows<T: WithDType>() -> bool {
+    cfg!(target_arch = "x86_64") && T::DTYPE == DType::F32 && super::tile_mm::avx512()
+}
+
+/// One row of the backward, generic form: `dg += dy·x̂`, `dx = r·(dy·g − x̂·mean) (+ res)`.
+#[inline(always)]
+fn bwd_row<T: WithDType>(xr: &[T], dyr: &[T], gf: &[f64], eps: f64, res: Option<&[T]>, dxr: &mut [T], dg: &mut [f64]) {
+    let d = xr.len();
+    let r = inv_rms(xr, eps);
+    // dg += dy·x̂ and Σ dy·g·x, lane-wise (see LANES); zipped slices, so no bounds checks
+    // stop the vectoriser.
+    let mut acc = [0f64; LANES];
+    let lanes = dg.chunks_exact_mut(LANES).zip(gf.chunks_exact(LANES)).zip(xr.chunks_exact(LANES).zip(dyr.chunks_exact(LANES)));
+    for ((dgc, gc), (xc8, dyc8)) in lanes {
+        for l in 0..LANES {
+            let (xv, dyv) = (xc8[l].to_f64(), dyc8[l].to_f64());
+            dgc[l] += dyv * (xv * r);
+            acc[l] += dyv * gc[l] * xv;
+        }
+    }
+    let whole = d - d % LANES;
+    let mut tail = 0f64;
+    for i in whole..d {
+        let (xv, dyv) = (xr[i].to_f64(), dyr[i].to_f64());
+        dg[i] += dyv * (xv * r);
+        tail += dyv * gf[i] * xv;
+    }
+    let mean = (lanes_total(&acc) + tail) * r / d as f64;
+    let dx_of = |xv: T, dyv: T, gv: f64| T::from_f64(r * (dyv.to_f64() * gv - xv.to_f64() * r * mean));
+    let elems = dxr.iter_mut().zip(xr.iter().zip(dyr)).zip(gf);
+    match res {
+        Some(res) => {
+            for (((o, (&xv, &dyv)), &gv), &rv) in elems.zip(res) {
+                *o = dx_of(xv, dyv, gv) + rv;
+            }
+        }
+        None => {
+            for ((o, (&xv, &dyv)), &gv) in elems {
+                *o = dx_of(xv, dyv, gv);
+            }
+        }
+    }
+}
+
 /// The forward into `y` (len x): `y = x·g/sqrt(mean(x²) + eps)` per row of `d` elements, in f64.
 pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &mut [T]) {
+    let fast = fast_rows::<T>();
     y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
-        with_fast_isa(#[inline(always)] || {
-            let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
+        let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
+        if fast {
+            #[cfg(target_arch = "x86_64")]
             for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                let r = inv_rms(xr, eps);
-                for ((o, &xv), &gv) in yr.iter_mut().zip(xr).zip(&gf) {
-                    *o = T::from_f64(xv.to_f64() * r * gv);
-                }
+                // SAFETY: fast_rows checked AVX-512F (and T = f32, which f32s asserts).
+                unsafe { super::norm_x86::x86::fwd_row(f32s(xr), &gf, eps, f32s_mut(yr)) };
             }
-        })
+        } else {
+            with_fast_isa(#[inline(always)] || {
+                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                    fwd_row(xr, &gf, eps, yr);
+                }
+            });
+        }
     });
+}
+
+/// One row of the forward, generic form.
+#[inline(always)]
+fn fwd_row<T: WithDType>(xr: &[T], gf: &[f64], eps: f64, yr: &mut [T]) {
+    let r = inv_rms(xr, eps);
+    for ((o, &xv), &gv) in yr.iter_mut().zip(xr).zip(gf) {
+        *o = T::from_f64(xv.to_f64() * r * gv);
+    }
 }
 
 impl CustomOp2 for RmsNorm {
@@ -171,5 +213,47 @@ impl CustomOp3 for RmsNormBwd {
             _ => candle_core::bail!("rms_norm_bwd: f32/f64 only"),
         };
         Ok((out, Shape::from(n + d)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 f32 rows give the same bits as the generic rows (forward; backward dx with and
+    /// without the residual, and the f64 dg accumulators), for widths with and without a tail of
+    /// fewer than 8 columns. Skipped (prints why) on CPUs without AVX-512F.
+    #[test]
+    fn avx512_rows_match_generic_bits() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !is_x86_feature_detected!("avx512f") {
+                eprintln!("avx512_rows_match_generic_bits: no AVX-512F here, skipped");
+                return;
+            }
+            let vals = |n: usize, seed: u64| -> Vec<f32> {
+                crate::testing::rand_tensor(&[n], 1.0, seed).to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+            };
+            for d in [128usize, 37, 8, 5, 200] {
+                let (x, dy, res) = (vals(d, d as u64), vals(d, 100 + d as u64), vals(d, 200 + d as u64));
+                let gf: Vec<f64> = vals(d, 300 + d as u64).iter().map(|&v| v as f64).collect();
+                let (mut y0, mut y1) = (vec![0f32; d], vec![0f32; d]);
+                fwd_row(&x, &gf, 1e-6, &mut y0);
+                // SAFETY: AVX-512F checked above.
+                unsafe { super::super::norm_x86::x86::fwd_row(&x, &gf, 1e-6, &mut y1) };
+                assert_eq!(y0, y1, "forward d={d}");
+                for r in [None, Some(&res[..])] {
+                    let dg_start: Vec<f64> = (0..d).map(|i| 0.1 * i as f64).collect();
+                    let (mut dx0, mut dx1) = (vec![0f32; d], vec![0f32; d]);
+                    let (mut dg0, mut dg1) = (dg_start.clone(), dg_start);
+                    bwd_row(&x, &dy, &gf, 1e-6, r, &mut dx0, &mut dg0);
+                    // SAFETY: AVX-512F checked above.
+                    unsafe { super::super::norm_x86::x86::bwd_row(&x, &dy, &gf, 1e-6, r, &mut dx1, &mut dg1) };
+                    assert_eq!(dx0, dx1, "dx d={d} residual={}", r.is_some());
+                    assert_eq!(dg0, dg1, "dg d={d}");
+                    assert!(dx0.iter().any(|&v| v != 0.0));
+                }
+            }
+        }
     }
 }
