@@ -362,8 +362,19 @@ fn forward_head<T: Elem>(q: Rows<T>, k: Rows<T>, v: Rows<T>, t: usize, d: usize,
 fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     const R: usize = 16;
     let mut out = super::cpu::take(t * d); // every element is written below
+    let gather = cfg!(target_arch = "x86_64") && T::DTYPE == candle_core::DType::F32 && super::tile_mm::avx512() && 15 * x.stride <= i32::MAX as usize;
     for i0 in (0..t).step_by(R) {
         let n = R.min(t - i0);
+        #[cfg(target_arch = "x86_64")]
+        if gather && n == R {
+            let src = super::zmm_row::f32s(&x.data[i0 * x.stride..]).as_ptr();
+            assert!((i0 + R - 1) * x.stride + d <= x.data.len());
+            // SAFETY: AVX-512F checked (tile_mm::avx512); T = f32 (f32s asserts); rows i0..i0+16
+            // of d columns lie in x.data (asserted) and the 16-wide runs of `out` at columns
+            // c·t + i0 end by (d−1)·t + t.
+            unsafe { super::zmm_row::x86::transpose16(src, x.stride, d, super::zmm_row::f32s_mut(&mut out).as_mut_ptr().add(i0), t) };
+            continue;
+        }
         let rows: [&[T]; R] = std::array::from_fn(|r| if r < n { x.row(i0 + r, d) } else { x.row(i0, d) });
         for c in 0..d {
             for (o, row) in out[c * t + i0..c * t + i0 + n].iter_mut().zip(&rows) {
@@ -533,4 +544,28 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     super::cpu::give(kt);
     super::cpu::give(vt);
     (dq, dg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head transpose (the AVX-512 gather for full 16-row blocks, the scalar loop for the
+    /// rest and for f64) is `out[c·T + i] = x[i·stride + c]`, with a row stride wider than d.
+    #[test]
+    fn transpose_is_exact() {
+        for (t, d, stride) in [(37usize, 32usize, 4 * 32), (64, 24, 24), (5, 3, 7)] {
+            let data: Vec<f32> = (0..t * stride).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let x = Rows { data: &data[..], stride };
+            let out = transpose(x, t, d);
+            let data64: Vec<f64> = data.iter().map(|&v| v as f64).collect();
+            let out64 = transpose(Rows { data: &data64[..], stride }, t, d);
+            for i in 0..t {
+                for c in 0..d {
+                    assert_eq!(out[c * t + i], data[i * stride + c], "t={t} d={d} ({i},{c})");
+                    assert_eq!(out64[c * t + i], data64[i * stride + c]);
+                }
+            }
+        }
+    }
 }
