@@ -108,17 +108,21 @@ impl RopeOp {
         // Every element is written (d is even: checked where the table is built).
         let mut y = super::cpu::take(x.len());
         // Zipped half-rows (no bounds checks), compiled for the widest ISA: the rotation vectorises.
-        y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(bt, (yr, xr))| {
-            let p = bt % t + self.offset;
-            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        // Tasks of TOKENS tokens: one token (h·d values) per task was mostly scheduling.
+        const TOKENS: usize = 16;
+        y.par_chunks_mut(TOKENS * h * d).zip(x.par_chunks(TOKENS * h * d)).enumerate().for_each(|(chunk, (yc, xc))| {
             with_fast_isa(#[inline(always)] || {
-                for (yo, xo) in yr.chunks_exact_mut(d).zip(xr.chunks_exact(d)) {
-                    let (ya, yb) = yo.split_at_mut(half);
-                    let (xa, xb) = xo.split_at(half);
-                    for ((((ya, yb), (&a, &b)), &ci), &si) in ya.iter_mut().zip(yb.iter_mut()).zip(xa.iter().zip(xb)).zip(c).zip(s) {
-                        let (a, b, si) = (a.to_f64(), b.to_f64(), sign * si);
-                        *ya = T::from_f64(a * ci - b * si);
-                        *yb = T::from_f64(a * si + b * ci);
+                for (i, (yr, xr)) in yc.chunks_mut(h * d).zip(xc.chunks(h * d)).enumerate() {
+                    let p = (chunk * TOKENS + i) % t + self.offset;
+                    let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                    for (yo, xo) in yr.chunks_exact_mut(d).zip(xr.chunks_exact(d)) {
+                        let (ya, yb) = yo.split_at_mut(half);
+                        let (xa, xb) = xo.split_at(half);
+                        for ((((ya, yb), (&a, &b)), &ci), &si) in ya.iter_mut().zip(yb.iter_mut()).zip(xa.iter().zip(xb)).zip(c).zip(s) {
+                            let (a, b, si) = (a.to_f64(), b.to_f64(), sign * si);
+                            *ya = T::from_f64(a * ci - b * si);
+                            *yb = T::from_f64(a * si + b * ci);
+                        }
                     }
                 }
             })
