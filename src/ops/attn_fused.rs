@@ -362,7 +362,8 @@ fn forward_head<T: Elem>(q: Rows<T>, k: Rows<T>, v: Rows<T>, t: usize, d: usize,
 fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     const R: usize = 16;
     let mut out = super::cpu::take(t * d); // every element is written below
-    let gather = cfg!(target_arch = "x86_64") && T::DTYPE == candle_core::DType::F32 && super::tile_mm::avx512() && 15 * x.stride <= i32::MAX as usize;
+    #[cfg(target_arch = "x86_64")]
+    let gather = T::DTYPE == candle_core::DType::F32 && super::tile_mm::avx512() && 15 * x.stride <= i32::MAX as usize;
     for i0 in (0..t).step_by(R) {
         let n = R.min(t - i0);
         #[cfg(target_arch = "x86_64")]

@@ -109,6 +109,7 @@ pub fn take<T: WithDType>(n: usize) -> Vec<T> {
 /// zero fill was 1.7% of an attention-preset step and 1.3% of an MoE step (`perf --call-graph
 /// dwarf`: `memset` under `take`). T is one of candle's plain numeric types (every bit pattern is a
 /// value), and [`take`]'s callers assign every element before they read it.
+#[allow(clippy::uninit_vec)] // the point of the function; see above
 fn uninit<T: WithDType>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: `n` elements of capacity were just reserved; see above for why they may keep
