@@ -23,6 +23,7 @@ pub mod moe_experts;
 pub mod norm;
 mod norm_x86;
 pub mod rope;
+mod rope_x86;
 pub mod row_norm;
 pub mod rwkv7;
 pub mod rwkv7_chunk;
