@@ -363,7 +363,7 @@ fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     const R: usize = 16;
     let mut out = super::cpu::take(t * d); // every element is written below
     #[cfg(target_arch = "x86_64")]
-    let gather = T::DTYPE == candle_core::DType::F32 && super::tile_mm::avx512() && 15 * x.stride <= i32::MAX as usize;
+    let gather = super::zmm_row::f32_avx512::<T>() && 15 * x.stride <= i32::MAX as usize;
     for i0 in (0..t).step_by(R) {
         let n = R.min(t - i0);
         #[cfg(target_arch = "x86_64")]

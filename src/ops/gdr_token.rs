@@ -12,7 +12,6 @@
 use super::attn_fused::Elem;
 use super::simd::{axpy, dot};
 use super::zmm_row::{f32s, f32s_mut};
-use candle_core::DType;
 
 /// One token's inputs for one head: q, k rows `[K]`, v row `[V]`, g, β.
 pub(super) struct Tok<'a, T> {
@@ -29,7 +28,7 @@ pub(super) struct Tok<'a, T> {
 pub(super) fn step<T: Elem>(s: &mut [T], x: &Tok<T>, scale: T, r: &mut [T], s_a: Option<&mut [T]>, o: Option<&mut [T]>) {
     let dv = x.v.len();
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::F32 && dv <= 64 && super::tile_mm::avx512() {
+    if dv <= 64 && super::zmm_row::f32_avx512::<T>() {
         let x32 = Tok { q: f32s(x.q), k: f32s(x.k), v: f32s(x.v), g: x.g.to_f64() as f32, beta: x.beta.to_f64() as f32 };
         // SAFETY: T is f32 (checked), so the casts only rename the element type; AVX-512F is
         // present (checked).
@@ -73,7 +72,7 @@ pub(super) fn step<T: Elem>(s: &mut [T], x: &Tok<T>, scale: T, r: &mut [T], s_a:
 pub(super) fn bwd<T: Elem>(x: &Tok<T>, s_a: &[T], r: &[T], d_o: &[T], scale: T, ds: &mut [T], gx: &mut [T], gv: &mut [T], u: &mut [T], du: &mut [T]) {
     let (dk_, dv_) = (x.k.len(), x.v.len());
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::F32 && dv_ <= 64 && super::tile_mm::avx512() {
+    if dv_ <= 64 && super::zmm_row::f32_avx512::<T>() {
         let x32 = Tok { q: f32s(x.q), k: f32s(x.k), v: f32s(x.v), g: x.g.to_f64() as f32, beta: x.beta.to_f64() as f32 };
         // SAFETY: as in `step`.
         unsafe { x86::bwd(&x32, f32s(s_a), f32s(r), f32s(d_o), scale.to_f64() as f32, f32s_mut(ds), f32s_mut(gx), f32s_mut(gv)) };

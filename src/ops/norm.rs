@@ -7,7 +7,7 @@
 //! `dx = r·(dy·g − x̂·mean(dy·g·x̂))`. Row statistics are accumulated in f64.
 
 use super::cpu::{slice, ROW_CHUNK};
-use super::zmm_row::{f32s, f32s_mut};
+use super::zmm_row::{f32_avx512, f32s, f32s_mut};
 use super::simd::{lanes_sum, lanes_total, with_fast_isa, LANES};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -59,7 +59,7 @@ fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
 /// given (the gradient reaching x around a pre-norm sublayer). Row statistics in f64.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64, residual: Option<&[T]>, dx: &mut [T], dg_out: &mut [T]) {
-    let fast = fast_rows::<T>();
+    let fast = f32_avx512::<T>(); // the f32 rows of super::norm_x86
     let partials: Vec<Vec<f64>> = dx
         .par_chunks_mut(ROW_CHUNK * d)
         .enumerate()
@@ -73,7 +73,7 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
                 #[cfg(target_arch = "x86_64")]
                 for (row, ((dxr, xr), dyr)) in rows {
                     let res = res.map(|r| f32s(&r[row * d..(row + 1) * d]));
-                    // SAFETY: fast_rows checked AVX-512F (and T = f32, which f32s asserts).
+                    // SAFETY: f32_avx512 checked AVX-512F (and T = f32, which f32s asserts).
                     unsafe { super::norm_x86::x86::bwd_row(f32s(xr), f32s(dyr), &gf, eps, res, f32s_mut(dxr), &mut dg) };
                 }
             } else {
@@ -89,12 +89,6 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
     for (i, slot) in dg_out.iter_mut().enumerate() {
         *slot = T::from_f64(partials.iter().map(|p| p[i]).sum());
     }
-}
-
-/// Whether the f32 rows run [`super::norm_x86`] (AVX-512; off with `MIXSCALE_NO_TILE_MM`, like
-/// the other AVX-512 kernels).
-fn fast_rows<T: WithDType>() -> bool {
-    cfg!(target_arch = "x86_64") && T::DTYPE == DType::F32 && super::tile_mm::avx512()
 }
 
 /// One row of the backward, generic form: `dg += dy·x̂`, `dx = r·(dy·g − x̂·mean) (+ res)`.
@@ -139,13 +133,13 @@ fn bwd_row<T: WithDType>(xr: &[T], dyr: &[T], gf: &[f64], eps: f64, res: Option<
 
 /// The forward into `y` (len x): `y = x·g/sqrt(mean(x²) + eps)` per row of `d` elements, in f64.
 pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &mut [T]) {
-    let fast = fast_rows::<T>();
+    let fast = f32_avx512::<T>(); // the f32 rows of super::norm_x86
     y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
         let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
         if fast {
             #[cfg(target_arch = "x86_64")]
             for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                // SAFETY: fast_rows checked AVX-512F (and T = f32, which f32s asserts).
+                // SAFETY: f32_avx512 checked AVX-512F (and T = f32, which f32s asserts).
                 unsafe { super::norm_x86::x86::fwd_row(f32s(xr), &gf, eps, f32s_mut(yr)) };
             }
         } else {

@@ -111,7 +111,7 @@ impl RopeOp {
         // Zipped half-rows (no bounds checks), compiled for the widest ISA: the rotation vectorises.
         // Tasks of TOKENS tokens: one token (h·d values) per task was mostly scheduling.
         const TOKENS: usize = 16;
-        let fast = cfg!(target_arch = "x86_64") && T::DTYPE == DType::F32 && super::tile_mm::avx512();
+        let fast = super::zmm_row::f32_avx512::<T>();
         y.par_chunks_mut(TOKENS * h * d).zip(x.par_chunks(TOKENS * h * d)).enumerate().for_each(|(chunk, (yc, xc))| {
             let tokens = yc.chunks_mut(h * d).zip(xc.chunks(h * d)).enumerate();
             let table = |i: usize| {

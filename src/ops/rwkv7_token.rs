@@ -12,7 +12,6 @@
 use super::attn_fused::Elem;
 use super::simd::{axpy, dot};
 use super::zmm_row::{f32s, f32s_mut};
-use candle_core::DType;
 
 /// One token of one head: r, w, k, a, b rows `[K]`, v row `[V]`.
 pub(super) struct Tok<'a, T> {
@@ -36,7 +35,7 @@ impl<'a, T: candle_core::WithDType> Tok<'a, T> {
 pub(super) fn step<T: Elem>(s: &mut [T], x: &Tok<T>, mut o: Option<&mut [T]>) {
     let dk = x.k.len();
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::F32 && dk <= 64 && super::tile_mm::avx512() {
+    if dk <= 64 && super::zmm_row::f32_avx512::<T>() {
         // SAFETY: T is f32 (checked), so the casts only rename the element type; AVX-512F is
         // present (checked).
         unsafe { x86::step(f32s_mut(s), &x.f32(), o.map(f32s_mut)) };
@@ -59,7 +58,7 @@ pub(super) fn step<T: Elem>(s: &mut [T], x: &Tok<T>, mut o: Option<&mut [T]>) {
 pub(super) fn bwd<T: Elem>(sp: &[T], ds: &mut [T], x: &Tok<T>, d_o: &[T], gx: &mut [T], gv: &mut [T], st: &mut [T]) {
     let (dk, dv) = (x.k.len(), x.v.len());
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::F32 && dk <= 64 && super::tile_mm::avx512() {
+    if dk <= 64 && super::zmm_row::f32_avx512::<T>() {
         // SAFETY: as in `step`.
         unsafe { x86::bwd(f32s(sp), f32s_mut(ds), &x.f32(), f32s(d_o), f32s_mut(gx), f32s_mut(gv)) };
         return;

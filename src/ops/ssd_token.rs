@@ -14,7 +14,6 @@
 
 use super::attn_fused::Elem;
 use super::zmm_row::{f32s, f32s_mut};
-use candle_core::DType;
 
 /// Columns per block of the generic forms.
 const L: usize = 16;
@@ -24,7 +23,7 @@ const L: usize = 16;
 #[inline(always)]
 pub(super) fn fwd<T: Elem>(st: &mut [T], c: &[T], b: &[T], cm: &[T], a: T, y: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::F32 && super::tile_mm::avx512() {
+    if super::zmm_row::f32_avx512::<T>() {
         // SAFETY: T is f32 (checked), so the casts only rename the element type; AVX-512F is
         // present (checked).
         unsafe { x86::fwd(f32s_mut(st), f32s(c), f32s(b), f32s(cm), a.to_f64() as f32, f32s_mut(y)) };
@@ -73,7 +72,7 @@ pub(super) struct TokIn<'a, T> {
 #[inline(always)]
 pub(super) fn bwd<T: Elem>(hp: &[T], dh: &mut [T], t: &TokIn<T>, gb: &mut [T], gc: &mut [T], e: &mut [T], scratch: &mut [T]) -> T {
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == DType::F32 && super::tile_mm::avx512() {
+    if super::zmm_row::f32_avx512::<T>() {
         let t32 = TokIn { x: f32s(t.x), dt: t.dt.to_f64() as f32, b: f32s(t.b), c: f32s(t.c), a: t.a.to_f64() as f32, dy: f32s(t.dy) };
         // SAFETY: as in `fwd`.
         let da = unsafe { x86::bwd(f32s(hp), f32s_mut(dh), &t32, f32s_mut(gb), f32s_mut(gc), f32s_mut(e), f32s_mut(scratch)) };

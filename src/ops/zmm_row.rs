@@ -19,6 +19,19 @@ pub(super) fn f32s_mut<T: WithDType>(x: &mut [T]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
 }
 
+/// Whether the AVX-512 f32 kernels run for element type `T`: T is f32, the CPU has AVX-512F and
+/// `MIXSCALE_NO_TILE_MM` is unset ([`super::tile_mm::avx512`]). Always false off x86_64.
+pub(super) fn f32_avx512<T: WithDType>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        T::DTYPE == DType::F32 && super::tile_mm::avx512()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use std::arch::x86_64::*;
