@@ -7,7 +7,7 @@
 //! `dx = r·(dy·g − x̂·mean(dy·g·x̂))`. Row statistics are accumulated in f64.
 
 use super::cpu::{slice, ROW_CHUNK};
-use super::zmm_row::{f32_avx512, f32s, f32s_mut};
+use super::zmm_row::{f32_avx2, f32_avx512, f32s, f32s_mut};
 use super::simd::{lanes_sum, lanes_total, with_fast_isa, LANES};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -59,7 +59,7 @@ fn bwd<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64) -> Vec<T> {
 /// given (the gradient reaching x around a pre-norm sublayer). Row statistics in f64.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: f64, residual: Option<&[T]>, dx: &mut [T], dg_out: &mut [T]) {
-    let fast = f32_avx512::<T>(); // the f32 rows of super::norm_x86
+    let isa = RowIsa::of::<T>();
     let partials: Vec<Vec<f64>> = dx
         .par_chunks_mut(ROW_CHUNK * d)
         .enumerate()
@@ -69,12 +69,18 @@ pub(super) fn bwd_into<T: WithDType>(x: &[T], g: &[T], dy: &[T], d: usize, eps: 
             let mut dg = vec![0f64; d];
             let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
             let rows = dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)).enumerate();
-            if fast {
+            if isa != RowIsa::Generic {
                 #[cfg(target_arch = "x86_64")]
                 for (row, ((dxr, xr), dyr)) in rows {
                     let res = res.map(|r| f32s(&r[row * d..(row + 1) * d]));
-                    // SAFETY: f32_avx512 checked AVX-512F (and T = f32, which f32s asserts).
-                    unsafe { super::norm_x86::x86::bwd_row(f32s(xr), f32s(dyr), &gf, eps, res, f32s_mut(dxr), &mut dg) };
+                    let (x, dy, dx) = (f32s(xr), f32s(dyr), f32s_mut(dxr));
+                    // SAFETY: RowIsa::of checked the ISA (and T = f32, which f32s asserts).
+                    unsafe {
+                        match isa {
+                            RowIsa::Avx512 => super::norm_x86::x86::bwd_row(x, dy, &gf, eps, res, dx, &mut dg),
+                            _ => super::norm_x86::x86_avx2::bwd_row(x, dy, &gf, eps, res, dx, &mut dg),
+                        }
+                    }
                 }
             } else {
                 with_fast_isa(#[inline(always)] || {
@@ -133,14 +139,19 @@ fn bwd_row<T: WithDType>(xr: &[T], dyr: &[T], gf: &[f64], eps: f64, res: Option<
 
 /// The forward into `y` (len x): `y = x·g/sqrt(mean(x²) + eps)` per row of `d` elements, in f64.
 pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &mut [T]) {
-    let fast = f32_avx512::<T>(); // the f32 rows of super::norm_x86
+    let isa = RowIsa::of::<T>();
     y.par_chunks_mut(ROW_CHUNK * d).zip(x.par_chunks(ROW_CHUNK * d)).for_each(|(yc, xc)| {
         let gf: Vec<f64> = g.iter().map(|v| v.to_f64()).collect();
-        if fast {
+        if isa != RowIsa::Generic {
             #[cfg(target_arch = "x86_64")]
             for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                // SAFETY: f32_avx512 checked AVX-512F (and T = f32, which f32s asserts).
-                unsafe { super::norm_x86::x86::fwd_row(f32s(xr), &gf, eps, f32s_mut(yr)) };
+                // SAFETY: RowIsa::of checked the ISA (and T = f32, which f32s asserts).
+                unsafe {
+                    match isa {
+                        RowIsa::Avx512 => super::norm_x86::x86::fwd_row(f32s(xr), &gf, eps, f32s_mut(yr)),
+                        _ => super::norm_x86::x86_avx2::fwd_row(f32s(xr), &gf, eps, f32s_mut(yr)),
+                    }
+                }
             }
         } else {
             with_fast_isa(#[inline(always)] || {
@@ -150,6 +161,27 @@ pub(super) fn fwd_rows<T: WithDType>(x: &[T], g: &[T], d: usize, eps: f64, y: &m
             });
         }
     });
+}
+
+/// Which rows run: the f32 rows of [`super::norm_x86`] in AVX-512 or AVX2 (same bits as the
+/// generic rows), or the generic rows.
+#[derive(Clone, Copy, PartialEq)]
+enum RowIsa {
+    Avx512,
+    Avx2,
+    Generic,
+}
+
+impl RowIsa {
+    fn of<T: WithDType>() -> Self {
+        if f32_avx512::<T>() {
+            Self::Avx512
+        } else if f32_avx2::<T>() {
+            Self::Avx2
+        } else {
+            Self::Generic
+        }
+    }
 }
 
 /// One row of the forward, generic form.
@@ -214,38 +246,46 @@ impl CustomOp3 for RmsNormBwd {
 mod tests {
     use super::*;
 
-    /// The AVX-512 f32 rows give the same bits as the generic rows (forward; backward dx with and
-    /// without the residual, and the f64 dg accumulators), for widths with and without a tail of
-    /// fewer than 8 columns. Skipped (prints why) on CPUs without AVX-512F.
+    /// The AVX-512 and AVX2 f32 rows give the same bits as the generic rows (forward; backward dx
+    /// with and without the residual, and the f64 dg accumulators), for widths with and without a
+    /// tail of fewer than 8 columns. Each form is skipped (prints why) on CPUs without its ISA.
     #[test]
-    fn avx512_rows_match_generic_bits() {
+    fn simd_rows_match_generic_bits() {
         #[cfg(target_arch = "x86_64")]
         {
-            if !is_x86_feature_detected!("avx512f") {
-                eprintln!("avx512_rows_match_generic_bits: no AVX-512F here, skipped");
-                return;
-            }
+            type Fwd = unsafe fn(&[f32], &[f64], f64, &mut [f32]);
+            type Bwd = unsafe fn(&[f32], &[f32], &[f64], f64, Option<&[f32]>, &mut [f32], &mut [f64]);
+            let forms: [(&str, bool, Fwd, Bwd); 2] = [
+                ("AVX-512", is_x86_feature_detected!("avx512f"), super::super::norm_x86::x86::fwd_row, super::super::norm_x86::x86::bwd_row),
+                ("AVX2", is_x86_feature_detected!("avx2"), super::super::norm_x86::x86_avx2::fwd_row, super::super::norm_x86::x86_avx2::bwd_row),
+            ];
             let vals = |n: usize, seed: u64| -> Vec<f32> {
                 crate::testing::rand_tensor(&[n], 1.0, seed).to_dtype(DType::F32).unwrap().to_vec1().unwrap()
             };
-            for d in [128usize, 37, 8, 5, 200] {
-                let (x, dy, res) = (vals(d, d as u64), vals(d, 100 + d as u64), vals(d, 200 + d as u64));
-                let gf: Vec<f64> = vals(d, 300 + d as u64).iter().map(|&v| v as f64).collect();
-                let (mut y0, mut y1) = (vec![0f32; d], vec![0f32; d]);
-                fwd_row(&x, &gf, 1e-6, &mut y0);
-                // SAFETY: AVX-512F checked above.
-                unsafe { super::super::norm_x86::x86::fwd_row(&x, &gf, 1e-6, &mut y1) };
-                assert_eq!(y0, y1, "forward d={d}");
-                for r in [None, Some(&res[..])] {
-                    let dg_start: Vec<f64> = (0..d).map(|i| 0.1 * i as f64).collect();
-                    let (mut dx0, mut dx1) = (vec![0f32; d], vec![0f32; d]);
-                    let (mut dg0, mut dg1) = (dg_start.clone(), dg_start);
-                    bwd_row(&x, &dy, &gf, 1e-6, r, &mut dx0, &mut dg0);
-                    // SAFETY: AVX-512F checked above.
-                    unsafe { super::super::norm_x86::x86::bwd_row(&x, &dy, &gf, 1e-6, r, &mut dx1, &mut dg1) };
-                    assert_eq!(dx0, dx1, "dx d={d} residual={}", r.is_some());
-                    assert_eq!(dg0, dg1, "dg d={d}");
-                    assert!(dx0.iter().any(|&v| v != 0.0));
+            for (name, present, simd_fwd, simd_bwd) in forms {
+                if !present {
+                    eprintln!("simd_rows_match_generic_bits: no {name} here, skipped");
+                    continue;
+                }
+                for d in [128usize, 37, 8, 5, 200] {
+                    let (x, dy, res) = (vals(d, d as u64), vals(d, 100 + d as u64), vals(d, 200 + d as u64));
+                    let gf: Vec<f64> = vals(d, 300 + d as u64).iter().map(|&v| v as f64).collect();
+                    let (mut y0, mut y1) = (vec![0f32; d], vec![0f32; d]);
+                    fwd_row(&x, &gf, 1e-6, &mut y0);
+                    // SAFETY: the ISA was checked above.
+                    unsafe { simd_fwd(&x, &gf, 1e-6, &mut y1) };
+                    assert_eq!(y0, y1, "{name} forward d={d}");
+                    for r in [None, Some(&res[..])] {
+                        let dg_start: Vec<f64> = (0..d).map(|i| 0.1 * i as f64).collect();
+                        let (mut dx0, mut dx1) = (vec![0f32; d], vec![0f32; d]);
+                        let (mut dg0, mut dg1) = (dg_start.clone(), dg_start);
+                        bwd_row(&x, &dy, &gf, 1e-6, r, &mut dx0, &mut dg0);
+                        // SAFETY: the ISA was checked above.
+                        unsafe { simd_bwd(&x, &dy, &gf, 1e-6, r, &mut dx1, &mut dg1) };
+                        assert_eq!(dx0, dx1, "{name} dx d={d} residual={}", r.is_some());
+                        assert_eq!(dg0, dg1, "{name} dg d={d}");
+                        assert!(dx0.iter().any(|&v| v != 0.0));
+                    }
                 }
             }
         }

@@ -111,20 +111,26 @@ impl RopeOp {
         // Zipped half-rows (no bounds checks), compiled for the widest ISA: the rotation vectorises.
         // Tasks of TOKENS tokens: one token (h·d values) per task was mostly scheduling.
         const TOKENS: usize = 16;
-        let fast = super::zmm_row::f32_avx512::<T>();
+        let (avx512, avx2) = (super::zmm_row::f32_avx512::<T>(), super::zmm_row::f32_avx2::<T>());
         y.par_chunks_mut(TOKENS * h * d).zip(x.par_chunks(TOKENS * h * d)).enumerate().for_each(|(chunk, (yc, xc))| {
             let tokens = yc.chunks_mut(h * d).zip(xc.chunks(h * d)).enumerate();
             let table = |i: usize| {
                 let p = (chunk * TOKENS + i) % t + self.offset;
                 (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half])
             };
-            if fast {
+            if avx512 || avx2 {
                 #[cfg(target_arch = "x86_64")]
                 for (i, (yr, xr)) in tokens {
                     let (c, s) = table(i);
                     for (yo, xo) in yr.chunks_exact_mut(d).zip(xr.chunks_exact(d)) {
-                        // SAFETY: `fast` checked AVX-512F (and T = f32, which f32s asserts).
-                        unsafe { super::rope_x86::x86::rotate_row(f32s(xo), c, s, sign, f32s_mut(yo)) };
+                        // SAFETY: f32_avx512 / f32_avx2 checked the ISA (and T = f32, which f32s asserts).
+                        unsafe {
+                            if avx512 {
+                                super::rope_x86::x86::rotate_row(f32s(xo), c, s, sign, f32s_mut(yo))
+                            } else {
+                                super::rope_x86::x86_avx2::rotate_row(f32s(xo), c, s, sign, f32s_mut(yo))
+                            }
+                        }
                     }
                 }
             } else {
@@ -187,27 +193,35 @@ impl CustomOp1 for RopeOp {
 mod tests {
     use super::*;
 
-    /// The AVX-512 f32 row gives the same bits as the generic row, both directions, for half
-    /// widths with and without a tail of fewer than 8. Skipped (prints why) without AVX-512F.
+    /// The AVX-512 and AVX2 f32 rows give the same bits as the generic row, both directions, for
+    /// half widths with and without a vector tail. Each form is skipped (prints why) on CPUs
+    /// without its ISA.
     #[test]
-    fn avx512_row_matches_generic_bits() {
+    fn simd_rows_match_generic_bits() {
         #[cfg(target_arch = "x86_64")]
         {
-            if !is_x86_feature_detected!("avx512f") {
-                eprintln!("avx512_row_matches_generic_bits: no AVX-512F here, skipped");
-                return;
-            }
-            for half in [16usize, 5, 8, 37] {
-                let x: Vec<f32> = crate::testing::rand_tensor(&[2 * half], 1.0, half as u64).to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-                let c: Vec<f64> = (0..half).map(|i| (0.3 * i as f64 + 0.1).cos()).collect();
-                let s: Vec<f64> = (0..half).map(|i| (0.3 * i as f64 + 0.1).sin()).collect();
-                for sign in [1.0, -1.0] {
-                    let (mut y0, mut y1) = (vec![0f32; 2 * half], vec![0f32; 2 * half]);
-                    rotate_row(&x, &c, &s, sign, &mut y0);
-                    // SAFETY: AVX-512F checked above.
-                    unsafe { super::super::rope_x86::x86::rotate_row(&x, &c, &s, sign, &mut y1) };
-                    assert_eq!(y0, y1, "half={half} sign={sign}");
-                    assert!(y0.iter().zip(&x).any(|(a, b)| a != b), "the rotation moved something");
+            type Row = unsafe fn(&[f32], &[f64], &[f64], f64, &mut [f32]);
+            let forms: [(&str, bool, Row); 2] = [
+                ("AVX-512", is_x86_feature_detected!("avx512f"), super::super::rope_x86::x86::rotate_row),
+                ("AVX2", is_x86_feature_detected!("avx2"), super::super::rope_x86::x86_avx2::rotate_row),
+            ];
+            for (name, present, simd_row) in forms {
+                if !present {
+                    eprintln!("simd_rows_match_generic_bits: no {name} here, skipped");
+                    continue;
+                }
+                for half in [16usize, 5, 8, 37, 3] {
+                    let x: Vec<f32> = crate::testing::rand_tensor(&[2 * half], 1.0, half as u64).to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+                    let c: Vec<f64> = (0..half).map(|i| (0.3 * i as f64 + 0.1).cos()).collect();
+                    let s: Vec<f64> = (0..half).map(|i| (0.3 * i as f64 + 0.1).sin()).collect();
+                    for sign in [1.0, -1.0] {
+                        let (mut y0, mut y1) = (vec![0f32; 2 * half], vec![0f32; 2 * half]);
+                        rotate_row(&x, &c, &s, sign, &mut y0);
+                        // SAFETY: the ISA was checked above.
+                        unsafe { simd_row(&x, &c, &s, sign, &mut y1) };
+                        assert_eq!(y0, y1, "{name} half={half} sign={sign}");
+                        assert!(y0.iter().zip(&x).any(|(a, b)| a != b), "the rotation moved something");
+                    }
                 }
             }
         }

@@ -32,6 +32,19 @@ pub(super) fn f32_avx512<T: WithDType>() -> bool {
     }
 }
 
+/// Whether the AVX2 f32 row kernels (RMSNorm, RoPE) run for `T` instead: T is f32, the CPU lacks
+/// AVX-512F but has AVX2 and FMA, and `MIXSCALE_NO_TILE_MM` is unset. Always false off x86_64.
+pub(super) fn f32_avx2<T: WithDType>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        T::DTYPE == DType::F32 && !super::tile_mm::avx512() && super::tile_mm::avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use std::arch::x86_64::*;
