@@ -364,6 +364,8 @@ fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     let mut out = super::cpu::take(t * d); // every element is written below
     #[cfg(target_arch = "x86_64")]
     let gather = super::zmm_row::f32_avx512::<T>() && 15 * x.stride <= i32::MAX as usize;
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = super::zmm_row::f32_avx2::<T>();
     for i0 in (0..t).step_by(R) {
         let n = R.min(t - i0);
         #[cfg(target_arch = "x86_64")]
@@ -374,6 +376,27 @@ fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
             // of d columns lie in x.data (asserted) and the 16-wide runs of `out` at columns
             // c·t + i0 end by (d−1)·t + t.
             unsafe { super::zmm_row::x86::transpose16(src, x.stride, d, super::zmm_row::f32s_mut(&mut out).as_mut_ptr().add(i0), t) };
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2 && n == R {
+            let src = super::zmm_row::f32s(&x.data[i0 * x.stride..]).as_ptr();
+            assert!((i0 + R - 1) * x.stride + d <= x.data.len());
+            let dst = super::zmm_row::f32s_mut(&mut out).as_mut_ptr();
+            let whole = d - d % 8;
+            for c0 in (0..whole).step_by(8) {
+                for r0 in [0, 8] {
+                    // SAFETY: AVX2 checked (f32_avx2); T = f32 (f32s asserts); rows i0+r0..+8,
+                    // columns c0..c0+8 ≤ d lie in x.data (asserted); the runs of `out` at
+                    // (c0+c)·t + i0 + r0 end by (d−1)·t + t.
+                    unsafe { super::zmm_row::x86_avx2::transpose8x8(src.add(r0 * x.stride + c0), x.stride, dst.add(c0 * t + i0 + r0), t) };
+                }
+            }
+            for c in whole..d {
+                for r in 0..R {
+                    out[c * t + i0 + r] = x.data[(i0 + r) * x.stride + c];
+                }
+            }
             continue;
         }
         let rows: [&[T]; R] = std::array::from_fn(|r| if r < n { x.row(i0 + r, d) } else { x.row(i0, d) });
@@ -551,11 +574,12 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
 mod tests {
     use super::*;
 
-    /// The head transpose (the AVX-512 gather for full 16-row blocks, the scalar loop for the
-    /// rest and for f64) is `out[c·T + i] = x[i·stride + c]`, with a row stride wider than d.
+    /// The head transpose (the AVX-512 gather or the AVX2 8×8 blocks for full 16-row blocks, the
+    /// scalar loop for the rest and for f64) is `out[c·T + i] = x[i·stride + c]`, with a row
+    /// stride wider than d. The AVX2 block is also checked directly where AVX-512 is dispatched.
     #[test]
     fn transpose_is_exact() {
-        for (t, d, stride) in [(37usize, 32usize, 4 * 32), (64, 24, 24), (5, 3, 7)] {
+        for (t, d, stride) in [(37usize, 32usize, 4 * 32), (64, 24, 24), (5, 3, 7), (48, 13, 13), (32, 19, 40)] {
             let data: Vec<f32> = (0..t * stride).map(|i| i as f32 * 0.5 - 3.0).collect();
             let x = Rows { data: &data[..], stride };
             let out = transpose(x, t, d);
@@ -565,6 +589,20 @@ mod tests {
                 for c in 0..d {
                     assert_eq!(out[c * t + i], data[i * stride + c], "t={t} d={d} ({i},{c})");
                     assert_eq!(out64[c * t + i], data64[i * stride + c]);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            let (stride, ldo) = (11, 13);
+            let src: Vec<f32> = (0..8 * stride).map(|i| i as f32 + 0.25).collect();
+            let mut out = vec![-1f32; 8 * ldo];
+            // SAFETY: AVX2 checked; 8 rows of stride 11 and 8 runs of 13 fit the buffers.
+            unsafe { crate::ops::zmm_row::x86_avx2::transpose8x8(src.as_ptr(), stride, out.as_mut_ptr(), ldo) };
+            for c in 0..8 {
+                for r in 0..ldo {
+                    let want = if r < 8 { src[r * stride + c] } else { -1.0 };
+                    assert_eq!(out[c * ldo + r], want, "8x8 block ({r},{c})");
                 }
             }
         }

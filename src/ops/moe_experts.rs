@@ -20,7 +20,7 @@
 use super::simd::with_fast_isa;
 use super::attn_fused::{contiguous, cpu_slice, Elem};
 use super::cpu::{give, take, Stash};
-use super::gemm::{mm_par, Mat};
+use super::gemm::{mm, Mat};
 use super::swiglu::{gate_bwd_into, gate_into};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -103,6 +103,17 @@ pub fn moe_experts_composed(x: &Tensor, gates: &Tensor, w_gate: &[Tensor], w_up:
     slots.broadcast_mul(&gates.unsqueeze(2)?)?.sum(1)
 }
 
+/// `buf` (`offsets.last()` rows of `width`) split at the row offsets: one slice per expert.
+fn split_rows<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for w in offsets.windows(2) {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
 struct MoeExperts {
     n: usize,
     d: usize,
@@ -145,21 +156,19 @@ impl MoeExperts {
         let mut b = take(kept * h);
         let mut o = take(kept * d);
         let mut hs = take(kept * h);
-        for e in 0..self.experts() {
-            let (r0, rows) = (off[e], off[e + 1] - off[e]);
-            if rows == 0 {
-                continue;
-            }
-            let xe = &xs[r0 * d..];
-            mm_par(rows, h, d, &mut a[r0 * h..], h, false, Mat::rows(xe, d, 0), Mat::rows(self.weight(p, 0, e), h, 0), T::one());
-            mm_par(rows, h, d, &mut b[r0 * h..], h, false, Mat::rows(xe, d, 0), Mat::rows(self.weight(p, 1, e), h, 0), T::one());
-        }
-        gate_into(&a, &b, &mut hs);
-        for e in 0..self.experts() {
-            let (r0, rows) = (off[e], off[e + 1] - off[e]);
-            if rows > 0 {
-                mm_par(rows, d, h, &mut o[r0 * d..], d, false, Mat::rows(&hs[r0 * h..], h, 0), Mat::rows(self.weight(p, 2, e), d, 0), T::one());
-            }
+        {
+            let tasks = split_rows(&mut a, &off, h).into_iter().zip(split_rows(&mut b, &off, h)).zip(split_rows(&mut hs, &off, h).into_iter().zip(split_rows(&mut o, &off, d)));
+            let tasks: Vec<_> = tasks.enumerate().filter(|(e, _)| off[e + 1] > off[*e]).collect();
+            // One task per expert, each product single-threaded: the experts' products are small
+            // (N·K/E rows), and splitting each over the threads costs a fork-join per product.
+            tasks.into_par_iter().for_each(|(e, ((ae, be), (he, oe)))| {
+                let rows = off[e + 1] - off[e];
+                let xe = &xs[off[e] * d..];
+                mm(rows, h, d, ae, h, false, Mat::rows(xe, d, 0), Mat::rows(self.weight(p, 0, e), h, 0), T::one());
+                mm(rows, h, d, be, h, false, Mat::rows(xe, d, 0), Mat::rows(self.weight(p, 1, e), h, 0), T::one());
+                gate_into(ae, be, he);
+                mm(rows, d, h, oe, d, false, Mat::rows(he, h, 0), Mat::rows(self.weight(p, 2, e), d, 0), T::one());
+            });
         }
         give(xs);
         give(hs);
@@ -207,39 +216,45 @@ impl MoeExperts {
             }
         });
         d_o.par_chunks_mut(d).zip(slot_of.par_iter()).for_each(|(dr, &(t, g))| dr.iter_mut().zip(&dy[t * d..(t + 1) * d]).for_each(|(v, &gy)| *v = g * gy));
-        // Per expert: SwiGLU FFN backward.
+        // Per expert (one task each, products single-threaded as in the forward): the SwiGLU
+        // FFN backward into its rows of dxs and its three weight gradients.
         let xs = self.gather(x);
-        let mut dp = vec![T::zero(); 3 * self.experts() * d * h];
+        let ex = self.experts();
+        let sz = d * h;
+        let mut dp = vec![T::zero(); 3 * ex * sz];
         let mut da = take(kept * h);
-        for e in 0..self.experts() {
-            let (r0, rows) = (off[e], off[e + 1] - off[e]);
-            if rows > 0 {
-                mm_par(rows, h, d, &mut da[r0 * h..], h, false, Mat::rows(&d_o[r0 * d..], d, 0), Mat::rows_t(self.weight(p, 2, e), d, 0), T::one());
-            }
-        }
         let mut db = take(kept * h);
         let mut hs = take(kept * h);
-        gate_bwd_into(a, b, &mut da, &mut db, &mut hs);
-        let sz = d * h;
-        let ex = self.experts();
         let mut dxs = take(kept * d);
-        for e in 0..ex {
-            let (r0, rows) = (off[e], off[e + 1] - off[e]);
-            if rows == 0 {
-                continue;
-            }
-            let (g0, u0, w0) = (e * sz, (ex + e) * sz, (2 * ex + e) * sz);
-            mm_par(h, d, rows, &mut dp[w0..w0 + sz], d, false, Mat::rows_t(&hs[r0 * h..], h, 0), Mat::rows(&d_o[r0 * d..], d, 0), T::one());
-            mm_par(d, h, rows, &mut dp[g0..g0 + sz], h, false, Mat::rows_t(&xs[r0 * d..], d, 0), Mat::rows(&da[r0 * h..], h, 0), T::one());
-            mm_par(d, h, rows, &mut dp[u0..u0 + sz], h, false, Mat::rows_t(&xs[r0 * d..], d, 0), Mat::rows(&db[r0 * h..], h, 0), T::one());
-            mm_par(rows, d, h, &mut dxs[r0 * d..], d, false, Mat::rows(&da[r0 * h..], h, 0), Mat::rows_t(self.weight(p, 0, e), h, 0), T::one());
-            mm_par(rows, d, h, &mut dxs[r0 * d..], d, true, Mat::rows(&db[r0 * h..], h, 0), Mat::rows_t(self.weight(p, 1, e), h, 0), T::one());
+        {
+            // dp is [gate experts ‖ up experts ‖ down experts]: expert e's three blocks.
+            let mut blocks: Vec<&mut [T]> = dp.chunks_mut(sz).collect();
+            let down: Vec<&mut [T]> = blocks.drain(2 * ex..).collect();
+            let up: Vec<&mut [T]> = blocks.drain(ex..).collect();
+            let grads = blocks.into_iter().zip(up).zip(down);
+            let rows_of = split_rows(&mut da, &off, h).into_iter().zip(split_rows(&mut db, &off, h)).zip(split_rows(&mut hs, &off, h).into_iter().zip(split_rows(&mut dxs, &off, d)));
+            let tasks: Vec<_> = grads.zip(rows_of).enumerate().filter(|(e, _)| off[e + 1] > off[*e]).collect();
+            tasks.into_par_iter().for_each(|(e, (((dwg, dwu), dwd), ((dae, dbe), (he, dxe))))| {
+                let (r0, rows) = (off[e], off[e + 1] - off[e]);
+                let (xe, doe) = (&xs[r0 * d..(r0 + rows) * d], &d_o[r0 * d..(r0 + rows) * d]);
+                mm(rows, h, d, dae, h, false, Mat::rows(doe, d, 0), Mat::rows_t(self.weight(p, 2, e), d, 0), T::one());
+                gate_bwd_into(&a[r0 * h..(r0 + rows) * h], &b[r0 * h..(r0 + rows) * h], dae, dbe, he);
+                mm(h, d, rows, dwd, d, false, Mat::rows_t(he, h, 0), Mat::rows(doe, d, 0), T::one());
+                mm(d, h, rows, dwg, h, false, Mat::rows_t(xe, d, 0), Mat::rows(dae, h, 0), T::one());
+                mm(d, h, rows, dwu, h, false, Mat::rows_t(xe, d, 0), Mat::rows(dbe, h, 0), T::one());
+                mm(rows, d, h, dxe, d, false, Mat::rows(dae, h, 0), Mat::rows_t(self.weight(p, 0, e), h, 0), T::one());
+                mm(rows, d, h, dxe, d, true, Mat::rows(dbe, h, 0), Mat::rows_t(self.weight(p, 1, e), h, 0), T::one());
+            });
         }
-        // Each slot's gradient into its token, in slot order.
+        // Each slot's gradient into its token, in slot order; tokens in parallel.
         let mut dx = vec![T::zero(); n * d];
-        for (slot, &(t, _)) in slot_of.iter().enumerate() {
-            dx[t * d..(t + 1) * d].iter_mut().zip(&dxs[slot * d..(slot + 1) * d]).for_each(|(v, &g)| *v += g);
-        }
+        dx.par_chunks_mut(d).enumerate().for_each(|(t, dxr)| {
+            let mut slots: Vec<usize> = (0..k).map(|r| pos[t * k + r] as usize).filter(|&sl| sl < kept).collect();
+            slots.sort_unstable();
+            for sl in slots {
+                dxr.iter_mut().zip(&dxs[sl * d..(sl + 1) * d]).for_each(|(v, &g)| *v += g);
+            }
+        });
         [xs, d_o, da, db, hs, dxs].into_iter().for_each(give);
         (dx, dgates, dp)
     }
