@@ -9,7 +9,9 @@
 //! Each has a generic form (f32/f64, 16-element blocks the compiler vectorises; it still keeps
 //! the block accumulators in memory) and, for f32 on CPUs with AVX-512F, an intrinsic form that
 //! holds up to 4 vectors (64 columns) of every accumulator in zmm registers, fuses the
-//! multiply-adds (FMA) and masks the column edge. Both sum in a fixed order that depends only on
+//! multiply-adds (FMA) and masks the column edge; on CPUs with AVX2+FMA but no AVX-512, the same
+//! intrinsic form in 8-lane ymm registers (up to 32 columns in the forward, 16 in the backward,
+//! for the 16 registers). Each sums in a fixed order that depends only on
 //! the shapes, never on the thread count.
 
 use super::attn_fused::Elem;
@@ -27,6 +29,13 @@ pub(super) fn fwd<T: Elem>(st: &mut [T], c: &[T], b: &[T], cm: &[T], a: T, y: &m
         // SAFETY: T is f32 (checked), so the casts only rename the element type; AVX-512F is
         // present (checked).
         unsafe { x86::fwd(f32s_mut(st), f32s(c), f32s(b), f32s(cm), a.to_f64() as f32, f32s_mut(y)) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::zmm_row::f32_avx2::<T>() {
+        // SAFETY: T is f32 (checked), so the casts only rename the element type; AVX2 and FMA
+        // are present (checked).
+        unsafe { x86_avx2::fwd(f32s_mut(st), f32s(c), f32s(b), f32s(cm), a.to_f64() as f32, f32s_mut(y)) };
         return;
     }
     let p = c.len();
@@ -76,6 +85,13 @@ pub(super) fn bwd<T: Elem>(hp: &[T], dh: &mut [T], t: &TokIn<T>, gb: &mut [T], g
         let t32 = TokIn { x: f32s(t.x), dt: t.dt.to_f64() as f32, b: f32s(t.b), c: f32s(t.c), a: t.a.to_f64() as f32, dy: f32s(t.dy) };
         // SAFETY: as in `fwd`.
         let da = unsafe { x86::bwd(f32s(hp), f32s_mut(dh), &t32, f32s_mut(gb), f32s_mut(gc), f32s_mut(e), f32s_mut(scratch)) };
+        return T::from_f64(da as f64);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::zmm_row::f32_avx2::<T>() {
+        let t32 = TokIn { x: f32s(t.x), dt: t.dt.to_f64() as f32, b: f32s(t.b), c: f32s(t.c), a: t.a.to_f64() as f32, dy: f32s(t.dy) };
+        // SAFETY: as in `fwd`.
+        let da = unsafe { x86_avx2::bwd(f32s(hp), f32s_mut(dh), &t32, f32s_mut(gb), f32s_mut(gc), f32s_mut(e), f32s_mut(scratch)) };
         return T::from_f64(da as f64);
     }
     let (n, p, a) = (t.b.len(), t.x.len(), t.a);
@@ -245,5 +261,219 @@ mod x86 {
             _mm512_mask_storeu_ps(gc.as_mut_ptr().add(j0 + 16 * v), m[v], gcv[v]);
         }
         da
+    }
+}
+
+/// The intrinsic forms in AVX2 + FMA (8 f32 lanes, 16 registers): the forward holds up to 4
+/// vectors (32 columns) per group, the backward 2 (16 columns); `vmaskmovps` at the column edge.
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2 {
+    use super::TokIn;
+    use std::arch::x86_64::*;
+
+    /// Masks of the `NV` vectors of columns `j0 ..` of a row of `n` (all-ones lanes inside).
+    #[inline(always)]
+    unsafe fn masks<const NV: usize>(n: usize, j0: usize) -> [__m256i; NV] {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        std::array::from_fn(|v| {
+            let w = n.saturating_sub(j0 + 8 * v).min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(w), lanes)
+        })
+    }
+
+    /// Load of vector `v` of a group: masked only for the last vector of an edge group (AMD
+    /// CPUs run `vmaskmovps`, above all the store, much slower than a plain access).
+    #[inline(always)]
+    unsafe fn load<const NV: usize, const EDGE: bool>(p: *const f32, m: &[__m256i; NV], v: usize) -> __m256 {
+        if EDGE && v + 1 == NV {
+            _mm256_maskload_ps(p, m[v])
+        } else {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    /// Store of vector `v` of a group (see [`load`]).
+    #[inline(always)]
+    unsafe fn store<const NV: usize, const EDGE: bool>(p: *mut f32, m: &[__m256i; NV], v: usize, x: __m256) {
+        if EDGE && v + 1 == NV {
+            _mm256_maskstore_ps(p, m[v], x)
+        } else {
+            _mm256_storeu_ps(p, x)
+        }
+    }
+
+    /// Lane total in a fixed order.
+    #[inline(always)]
+    unsafe fn total(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fwd(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32]) {
+        let (p, n) = (c.len(), b.len());
+        assert!(st.len() >= n * p && y.len() >= p && cm.len() >= n);
+        let mut p0 = 0;
+        while p0 < p {
+            match ((p - p0).div_ceil(8), p - p0 < 32 && !(p - p0).is_multiple_of(8)) {
+                (1, false) => fwd_group::<1, false>(st, c, b, cm, a, y, p0),
+                (1, true) => fwd_group::<1, true>(st, c, b, cm, a, y, p0),
+                (2, false) => fwd_group::<2, false>(st, c, b, cm, a, y, p0),
+                (2, true) => fwd_group::<2, true>(st, c, b, cm, a, y, p0),
+                (3, false) => fwd_group::<3, false>(st, c, b, cm, a, y, p0),
+                (3, true) => fwd_group::<3, true>(st, c, b, cm, a, y, p0),
+                (_, false) => fwd_group::<4, false>(st, c, b, cm, a, y, p0),
+                (_, true) => fwd_group::<4, true>(st, c, b, cm, a, y, p0),
+            }
+            p0 += 32;
+        }
+    }
+
+    /// Columns `p0 .. p0 + 8·NV` (masked at P) of every row of `st`.
+    #[inline(always)]
+    unsafe fn fwd_group<const NV: usize, const EDGE: bool>(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32], p0: usize) {
+        let p = c.len();
+        let m = masks::<NV>(p, p0);
+        let av = _mm256_set1_ps(a);
+        let cv: [__m256; NV] = std::array::from_fn(|v| load::<NV, EDGE>(c.as_ptr().add(p0 + 8 * v), &m, v));
+        let mut yv = [_mm256_setzero_ps(); NV];
+        let sp = st.as_mut_ptr();
+        for (j, (&bj, &cj)) in b.iter().zip(cm).enumerate() {
+            let (bb, cc) = (_mm256_set1_ps(bj), _mm256_set1_ps(cj));
+            let row = sp.add(j * p + p0);
+            for v in 0..NV {
+                let e = load::<NV, EDGE>(row.add(8 * v), &m, v);
+                let e = _mm256_fmadd_ps(cv[v], bb, _mm256_mul_ps(av, e));
+                store::<NV, EDGE>(row.add(8 * v), &m, v, e);
+                yv[v] = _mm256_fmadd_ps(cc, e, yv[v]);
+            }
+        }
+        for v in 0..NV {
+            store::<NV, EDGE>(y.as_mut_ptr().add(p0 + 8 * v), &m, v, yv[v]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bwd(hp: &[f32], dh: &mut [f32], t: &TokIn<f32>, gb: &mut [f32], gc: &mut [f32], e: &mut [f32], scratch: &mut [f32]) -> f32 {
+        let (n, p) = (t.b.len(), t.x.len());
+        assert!(hp.len() >= n * p && dh.len() >= n * p && t.c.len() >= n && t.dy.len() >= p);
+        assert!(gb.len() >= n && gc.len() >= n && e.len() >= p && scratch.len() >= 8 * p);
+        // One `da` accumulator per vector of a group: a single one would chain every FMA of a row.
+        let mut da = [_mm256_setzero_ps(); 2];
+        let mut j0 = 0;
+        while j0 < n {
+            let first = j0 == 0;
+            da = match ((n - j0).div_ceil(8), n - j0 < 16 && !(n - j0).is_multiple_of(8)) {
+                (1, false) => bwd_group::<1, false>(hp, dh, t, gb, gc, scratch, j0, first, da),
+                (1, true) => bwd_group::<1, true>(hp, dh, t, gb, gc, scratch, j0, first, da),
+                (_, false) => bwd_group::<2, false>(hp, dh, t, gb, gc, scratch, j0, first, da),
+                (_, true) => bwd_group::<2, true>(hp, dh, t, gb, gc, scratch, j0, first, da),
+            };
+            j0 += 16;
+        }
+        for (c, ec) in e[..p].iter_mut().enumerate() {
+            *ec = total(_mm256_loadu_ps(scratch.as_ptr().add(8 * c)));
+        }
+        total(_mm256_add_ps(da[0], da[1]))
+    }
+
+    /// Columns `j0 .. j0 + 8·NV` (masked at N) of every row; the rows' `dh·B` partial sums go to
+    /// `scratch [P,8]` (stored when `first`, added otherwise).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn bwd_group<const NV: usize, const EDGE: bool>(hp: &[f32], dh: &mut [f32], t: &TokIn<f32>, gb: &mut [f32], gc: &mut [f32], scratch: &mut [f32], j0: usize, first: bool, mut da: [__m256; 2]) -> [__m256; 2] {
+        let n = t.b.len();
+        let m = masks::<NV>(n, j0);
+        let a = _mm256_set1_ps(t.a);
+        let bv: [__m256; NV] = std::array::from_fn(|v| load::<NV, EDGE>(t.b.as_ptr().add(j0 + 8 * v), &m, v));
+        let cv: [__m256; NV] = std::array::from_fn(|v| load::<NV, EDGE>(t.c.as_ptr().add(j0 + 8 * v), &m, v));
+        let (mut gbv, mut gcv) = ([_mm256_setzero_ps(); NV], [_mm256_setzero_ps(); NV]);
+        let (hpp, dhp, sp) = (hp.as_ptr(), dh.as_mut_ptr(), scratch.as_mut_ptr());
+        for (c, (&xc, &dyc)) in t.x.iter().zip(t.dy).enumerate() {
+            let (dxc, dyc) = (_mm256_set1_ps(t.dt * xc), _mm256_set1_ps(dyc));
+            let mut ev = if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(sp.add(8 * c)) };
+            for v in 0..NV {
+                let off = c * n + j0 + 8 * v;
+                let h = load::<NV, EDGE>(hpp.add(off), &m, v);
+                let ht = _mm256_fmadd_ps(dxc, bv[v], _mm256_mul_ps(a, h));
+                gcv[v] = _mm256_fmadd_ps(dyc, ht, gcv[v]);
+                let g = _mm256_fmadd_ps(dyc, cv[v], load::<NV, EDGE>(dhp.add(off), &m, v));
+                ev = _mm256_fmadd_ps(g, bv[v], ev);
+                gbv[v] = _mm256_fmadd_ps(dxc, g, gbv[v]);
+                da[v] = _mm256_fmadd_ps(g, h, da[v]);
+                store::<NV, EDGE>(dhp.add(off), &m, v, _mm256_mul_ps(a, g));
+            }
+            _mm256_storeu_ps(sp.add(8 * c), ev);
+        }
+        for v in 0..NV {
+            store::<NV, EDGE>(gb.as_mut_ptr().add(j0 + 8 * v), &m, v, gbv[v]);
+            store::<NV, EDGE>(gc.as_mut_ptr().add(j0 + 8 * v), &m, v, gcv[v]);
+        }
+        da
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize, seed: u64) -> Vec<f64> {
+        crate::testing::rand_tensor(&[n], 1.0, seed).to_vec1().unwrap()
+    }
+
+    fn close(name: &str, got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w}");
+        }
+    }
+
+    /// Each intrinsic f32 form present on this CPU (AVX-512, AVX2) against the generic form in
+    /// f64, forward and backward, with column edges (N, P not multiples of 8 or 16) and several
+    /// groups per row.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn intrinsic_forms_match_generic_f64() {
+        type Fwd = unsafe fn(&mut [f32], &[f32], &[f32], &[f32], f32, &mut [f32]);
+        type Bwd = unsafe fn(&[f32], &mut [f32], &TokIn<f32>, &mut [f32], &mut [f32], &mut [f32], &mut [f32]) -> f32;
+        let forms: [(&str, bool, Fwd, Bwd); 2] = [
+            ("AVX-512", is_x86_feature_detected!("avx512f"), x86::fwd, x86::bwd),
+            ("AVX2", is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"), x86_avx2::fwd, x86_avx2::bwd),
+        ];
+        let f32v = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        for (name, present, simd_fwd, simd_bwd) in forms {
+            if !present {
+                eprintln!("intrinsic_forms_match_generic_f64: no {name} here, skipped");
+                continue;
+            }
+            for (n, p) in [(16usize, 32usize), (5, 7), (37, 70), (64, 9), (24, 40), (13, 35)] {
+                let (st, c, b, cm) = (vals(n * p, 1), vals(p, 2), vals(n, 3), vals(n, 4));
+                let a = 0.9;
+                let (mut st64, mut y64) = (st.clone(), vec![0f64; p]);
+                fwd(&mut st64, &c, &b, &cm, a, &mut y64);
+                let (mut st32, mut y32) = (f32v(&st), vec![0f32; p]);
+                // SAFETY: the ISA was checked above; the slices have the asserted lengths.
+                unsafe { simd_fwd(&mut st32, &f32v(&c), &f32v(&b), &f32v(&cm), a as f32, &mut y32) };
+                close(&format!("{name} fwd st n{n} p{p}"), &st32, &st64);
+                close(&format!("{name} fwd y n{n} p{p}"), &y32, &y64);
+
+                let (hp, dh, x, dy) = (vals(n * p, 5), vals(n * p, 6), vals(p, 7), vals(p, 8));
+                let t64 = TokIn { x: &x, dt: 0.3, b: &b, c: &cm, a, dy: &dy };
+                let (mut dh64, mut gb64, mut gc64, mut e64, mut s64) = (dh.clone(), vec![0f64; n], vec![0f64; n], vec![0f64; p], vec![0f64; 16 * p]);
+                let da64 = bwd(&hp, &mut dh64, &t64, &mut gb64, &mut gc64, &mut e64, &mut s64);
+                let (x32, b32, c32, dy32) = (f32v(&x), f32v(&b), f32v(&cm), f32v(&dy));
+                let t32 = TokIn { x: &x32, dt: 0.3, b: &b32, c: &c32, a: a as f32, dy: &dy32 };
+                let (mut dh32, mut gb32, mut gc32, mut e32, mut s32) = (f32v(&dh), vec![0f32; n], vec![0f32; n], vec![0f32; p], vec![7f32; 16 * p]);
+                // SAFETY: as above.
+                let da32 = unsafe { simd_bwd(&f32v(&hp), &mut dh32, &t32, &mut gb32, &mut gc32, &mut e32, &mut s32) };
+                close(&format!("{name} bwd dh n{n} p{p}"), &dh32, &dh64);
+                close(&format!("{name} bwd gb n{n} p{p}"), &gb32, &gb64);
+                close(&format!("{name} bwd gc n{n} p{p}"), &gc32, &gc64);
+                close(&format!("{name} bwd e n{n} p{p}"), &e32, &e64);
+                close(&format!("{name} bwd da n{n} p{p}"), &[da32], &[da64]);
+            }
+        }
     }
 }
