@@ -223,16 +223,6 @@ impl Fox {
         cur.broadcast_add(&(prev - cur)?.broadcast_mul(alpha)?)
     }
 
-    /// Token shift along T: row t gets row t−1, row 0 gets zeros.
-    fn shifted(x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let zero = x.narrow(1, 0, 1)?.zeros_like()?;
-        if t == 1 {
-            return Ok(zero);
-        }
-        Tensor::cat(&[&zero, &x.narrow(1, 0, t - 1)?], 1)
-    }
-
     /// QK-norm (before RoPE, as attention).
     fn norm_qk(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
         match (&self.q_norm, &self.k_norm) {
@@ -297,12 +287,14 @@ impl Fox {
 impl Mixer for Fox {
     fn forward(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
         let (q, k, v, ak, av, g) = self.project(x)?;
+        // The shifts as one node each (ops::token_shift, whose reference form is the composed
+        // shift and `mix`; the fox tests compare this forward with the token-by-token `step`).
         let k = match &ak {
-            Some(a) => Self::mix(a, &Self::shifted(&k)?, &k)?,
+            Some(a) => crate::ops::token_shift::shift_mix(&k, a)?,
             None => k,
         };
         let v = match &av {
-            Some(a) => Self::mix(a, &Self::shifted(&v)?, &v)?,
+            Some(a) => crate::ops::token_shift::shift_mix(&v, a)?,
             None => v,
         };
         let (mut q, mut k) = self.norm_qk(q, k)?;

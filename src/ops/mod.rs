@@ -41,6 +41,7 @@ mod ssd_token;
 pub mod sublayer_op;
 pub mod swiglu;
 pub mod tile_mm;
+pub mod token_shift;
 mod zmm_row;
 
 use crate::error::{Error, Result};
