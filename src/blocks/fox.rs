@@ -239,7 +239,7 @@ impl Fox {
             None => o.clone(),
         };
         if let Some(w) = &self.wog {
-            o = (o * candle_nn::ops::sigmoid(&linear(x, w, (b, t, h, hd))?)?)?;
+            o = crate::ops::sigmoid_gate::sigmoid_gate(&o, &linear(x, w, (b, t, h, hd))?)?;
         }
         linear(&o, &self.wo, (b, t, self.d_model))
     }

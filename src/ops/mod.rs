@@ -39,6 +39,7 @@ pub mod ssd_chunked;
 pub mod ssd_fused;
 mod ssd_token;
 pub mod sublayer_op;
+pub mod sigmoid_gate;
 pub mod swiglu;
 pub mod tile_mm;
 pub mod token_shift;
