@@ -382,21 +382,10 @@ fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
         if avx2 && n == R {
             let src = super::zmm_row::f32s(&x.data[i0 * x.stride..]).as_ptr();
             assert!((i0 + R - 1) * x.stride + d <= x.data.len());
-            let dst = super::zmm_row::f32s_mut(&mut out).as_mut_ptr();
-            let whole = d - d % 8;
-            for c0 in (0..whole).step_by(8) {
-                for r0 in [0, 8] {
-                    // SAFETY: AVX2 checked (f32_avx2); T = f32 (f32s asserts); rows i0+r0..+8,
-                    // columns c0..c0+8 ≤ d lie in x.data (asserted); the runs of `out` at
-                    // (c0+c)·t + i0 + r0 end by (d−1)·t + t.
-                    unsafe { super::zmm_row::x86_avx2::transpose8x8(src.add(r0 * x.stride + c0), x.stride, dst.add(c0 * t + i0 + r0), t) };
-                }
-            }
-            for c in whole..d {
-                for r in 0..R {
-                    out[c * t + i0 + r] = x.data[(i0 + r) * x.stride + c];
-                }
-            }
+            // SAFETY: AVX2 checked (f32_avx2); T = f32 (f32s asserts); rows i0..i0+16 of d
+            // columns lie in x.data (asserted) and the 16-wide runs of `out` at c·t + i0 end by
+            // (d−1)·t + t.
+            unsafe { super::zmm_row::x86_avx2::transpose16(src, x.stride, d, super::zmm_row::f32s_mut(&mut out).as_mut_ptr().add(i0), t) };
             continue;
         }
         let rows: [&[T]; R] = std::array::from_fn(|r| if r < n { x.row(i0 + r, d) } else { x.row(i0, d) });

@@ -122,6 +122,26 @@ pub(super) mod x86 {
 pub(super) mod x86_avx2 {
     use std::arch::x86_64::*;
 
+    /// [`super::x86::transpose16`] in AVX2: 16 rows and `d` columns as 8×8 register blocks, the
+    /// last `d mod 8` columns element by element.
+    ///
+    /// # Safety
+    /// AVX2; `src[r·stride + c]` readable and `out[c·ldo + r]` writable for r < 16, c < d.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn transpose16(src: *const f32, stride: usize, d: usize, out: *mut f32, ldo: usize) {
+        let whole = d - d % 8;
+        for c0 in (0..whole).step_by(8) {
+            for r0 in [0, 8] {
+                transpose8x8(src.add(r0 * stride + c0), stride, out.add(c0 * ldo + r0), ldo);
+            }
+        }
+        for c in whole..d {
+            for r in 0..16 {
+                *out.add(c * ldo + r) = *src.add(r * stride + c);
+            }
+        }
+    }
+
     /// `out[c·ldo + r] = src[r·stride + c]` for 8 rows r and 8 columns c (unpack, shuffle and
     /// 128-bit lane permutes: the classic 8×8 f32 register transpose).
     ///
