@@ -226,6 +226,7 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2 {
     use super::Tok;
+    use crate::ops::zmm_row::x86_avx2::{lane_mask, total};
     use std::arch::x86_64::*;
 
     /// A row of `8·(NV−1) < V ≤ 8·NV` columns, masked at its end when `EDGE`.
@@ -237,8 +238,7 @@ mod x86_avx2 {
     impl<const NV: usize, const EDGE: bool> Row<NV, EDGE> {
         #[inline(always)]
         unsafe fn new(v: usize) -> Self {
-            let w = (v - 8 * (NV - 1)) as i32;
-            Self { m: _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)) }
+            Self { m: lane_mask((v - 8 * (NV - 1)) as i32) }
         }
         #[inline(always)]
         unsafe fn load(&self, p: *const f32) -> [__m256; NV] {
@@ -263,13 +263,6 @@ mod x86_avx2 {
             }
             total(acc)
         }
-    }
-
-    #[inline(always)]
-    unsafe fn total(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// Calls `$f::<NV, EDGE>` for a row of `$v ≤ 64` columns.

@@ -269,16 +269,13 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2 {
     use super::TokIn;
+    use crate::ops::zmm_row::x86_avx2::{lane_mask, total};
     use std::arch::x86_64::*;
 
     /// Masks of the `NV` vectors of columns `j0 ..` of a row of `n` (all-ones lanes inside).
     #[inline(always)]
     unsafe fn masks<const NV: usize>(n: usize, j0: usize) -> [__m256i; NV] {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        std::array::from_fn(|v| {
-            let w = n.saturating_sub(j0 + 8 * v).min(8) as i32;
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(w), lanes)
-        })
+        std::array::from_fn(|v| lane_mask(n.saturating_sub(j0 + 8 * v).min(8) as i32))
     }
 
     /// Load of vector `v` of a group: masked only for the last vector of an edge group (AMD
@@ -302,13 +299,6 @@ mod x86_avx2 {
         }
     }
 
-    /// Lane total in a fixed order.
-    #[inline(always)]
-    unsafe fn total(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn fwd(st: &mut [f32], c: &[f32], b: &[f32], cm: &[f32], a: f32, y: &mut [f32]) {

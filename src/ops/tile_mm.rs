@@ -192,8 +192,7 @@ mod x86_avx2 {
             let w = (n - j0).min(16);
             let nv = w.div_ceil(8);
             let tail = if w.is_multiple_of(8) { 8 } else { (w % 8) as i32 };
-            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail), lanes);
+            let mask = crate::ops::zmm_row::x86_avx2::lane_mask(tail);
             let s = Strip { k, b: bp.add(j0), ldb, ars, acs, ldc: ldd, accumulate, alpha, mask };
             let c = cp.add(j0);
             match (nv, w.is_multiple_of(8)) {

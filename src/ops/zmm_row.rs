@@ -122,6 +122,26 @@ pub(super) mod x86 {
 pub(super) mod x86_avx2 {
     use std::arch::x86_64::*;
 
+    /// The `vmaskmovps` mask of the first `w` lanes (`w` ≤ 0: none; ≥ 8: all).
+    ///
+    /// # Safety
+    /// Called from code compiled with AVX2.
+    #[inline(always)]
+    pub unsafe fn lane_mask(w: i32) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// The sum of the 8 lanes in a fixed order.
+    ///
+    /// # Safety
+    /// Called from code compiled with AVX.
+    #[inline(always)]
+    pub unsafe fn total(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
     /// [`super::x86::transpose16`] in AVX2: 16 rows and `d` columns as 8×8 register blocks, the
     /// last `d mod 8` columns element by element.
     ///
