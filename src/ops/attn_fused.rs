@@ -369,23 +369,20 @@ fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     for i0 in (0..t).step_by(R) {
         let n = R.min(t - i0);
         #[cfg(target_arch = "x86_64")]
-        if gather && n == R {
+        if (gather || avx2) && n == R {
             let src = super::zmm_row::f32s(&x.data[i0 * x.stride..]).as_ptr();
             assert!((i0 + R - 1) * x.stride + d <= x.data.len());
-            // SAFETY: AVX-512F checked (tile_mm::avx512); T = f32 (f32s asserts); rows i0..i0+16
-            // of d columns lie in x.data (asserted) and the 16-wide runs of `out` at columns
-            // c·t + i0 end by (d−1)·t + t.
-            unsafe { super::zmm_row::x86::transpose16(src, x.stride, d, super::zmm_row::f32s_mut(&mut out).as_mut_ptr().add(i0), t) };
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx2 && n == R {
-            let src = super::zmm_row::f32s(&x.data[i0 * x.stride..]).as_ptr();
-            assert!((i0 + R - 1) * x.stride + d <= x.data.len());
-            // SAFETY: AVX2 checked (f32_avx2); T = f32 (f32s asserts); rows i0..i0+16 of d
-            // columns lie in x.data (asserted) and the 16-wide runs of `out` at c·t + i0 end by
-            // (d−1)·t + t.
-            unsafe { super::zmm_row::x86_avx2::transpose16(src, x.stride, d, super::zmm_row::f32s_mut(&mut out).as_mut_ptr().add(i0), t) };
+            let dst = super::zmm_row::f32s_mut(&mut out).as_mut_ptr();
+            // SAFETY: AVX-512F (f32_avx512) or AVX2 (f32_avx2) checked; T = f32 (f32s asserts);
+            // rows i0..i0+16 of d columns lie in x.data (asserted) and the 16-wide runs of `out`
+            // at c·t + i0 end by (d−1)·t + t.
+            unsafe {
+                if gather {
+                    super::zmm_row::x86::transpose16(src, x.stride, d, dst.add(i0), t)
+                } else {
+                    super::zmm_row::x86_avx2::transpose16(src, x.stride, d, dst.add(i0), t)
+                }
+            }
             continue;
         }
         let rows: [&[T]; R] = std::array::from_fn(|r| if r < n { x.row(i0 + r, d) } else { x.row(i0, d) });
