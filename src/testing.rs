@@ -13,6 +13,20 @@ pub fn rand_tensor(shape: &[usize], std: f64, seed: u64) -> Tensor {
     Tensor::from_vec((0..n).map(|_| r.normal() * std).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
 }
 
+/// `n` values N(0, 1) from `seed` (the values of [`rand_tensor`]).
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f64> {
+    rand_tensor(&[n], 1.0, seed).to_vec1().unwrap()
+}
+
+/// Asserts `|got_i − want_i| ≤ tol·(1 + |want_i|)` element by element: an f32 kernel against its
+/// f64 reference.
+pub fn assert_close_f32(name: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: lengths differ");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w}");
+    }
+}
+
 /// Flattened values as f64.
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()

@@ -392,15 +392,10 @@ mod x86_avx2 {
 mod tests {
     use super::*;
 
-    fn vals(n: usize, seed: u64) -> Vec<f64> {
-        crate::testing::rand_tensor(&[n], 1.0, seed).to_vec1().unwrap()
-    }
+    use crate::testing::rand_vec as vals;
 
     fn close(name: &str, got: &[f32], want: &[f64]) {
-        assert_eq!(got.len(), want.len());
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            assert!((g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{name}[{i}]: {g} vs {w}");
-        }
+        crate::testing::assert_close_f32(name, got, want, 1e-4);
     }
 
     /// Each intrinsic f32 form present on this CPU (AVX-512, AVX2) against the generic form in
