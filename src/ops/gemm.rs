@@ -107,6 +107,18 @@ fn product<T: WithDType>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize
         return;
     }
     check(m, n, k, dst, ldd, a, b);
+    if T::DTYPE == candle_core::DType::F32 && super::sgemm::enabled() && super::sgemm::suits(m, n, k) {
+        let threads = match par {
+            gemm::Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        // SAFETY: T is f32 (checked above), so the casts only rename the element type.
+        let (dst32, a32, b32) = unsafe { (cast_mut(dst), cast(a.data), cast(b.data)) };
+        let (a32, b32) = (super::sgemm::Operand { data: a32, rs: a.rs, cs: a.cs }, super::sgemm::Operand { data: b32, rs: b.rs, cs: b.cs });
+        if super::sgemm::try_sgemm(m, n, k, dst32, ldd, accumulate, a32, b32, alpha.to_f64() as f32, threads) {
+            return;
+        }
+    }
     // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
     // `dst` does not alias `a` or `b` (it is borrowed mutably).
     unsafe {

@@ -30,6 +30,7 @@ pub mod rwkv7_chunk;
 pub mod rwkv7_fused;
 mod rwkv7_token;
 mod scan_op;
+pub mod sgemm;
 pub mod short_conv;
 pub mod short_conv_fused;
 pub mod simd;

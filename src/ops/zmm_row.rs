@@ -169,7 +169,19 @@ pub(super) mod x86_avx2 {
     /// AVX2; `src[r·stride + c]` readable and `out[c·ldo + r]` writable for r, c < 8.
     #[target_feature(enable = "avx2")]
     pub unsafe fn transpose8x8(src: *const f32, stride: usize, out: *mut f32, ldo: usize) {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride)));
+        let cols = transpose8(std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * stride))));
+        for (c, v) in cols.into_iter().enumerate() {
+            _mm256_storeu_ps(out.add(c * ldo), v);
+        }
+    }
+
+    /// The 8×8 register transpose: lane `c` of output `r'` is lane `r'` of input `c`
+    /// (unpack, shuffle and 128-bit lane permutes).
+    ///
+    /// # Safety
+    /// Called from code compiled with AVX2.
+    #[inline(always)]
+    pub unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -186,7 +198,7 @@ pub(super) mod x86_avx2 {
         let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
         let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
         let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let cols = [
+        [
             _mm256_permute2f128_ps::<0x20>(u0, u4),
             _mm256_permute2f128_ps::<0x20>(u1, u5),
             _mm256_permute2f128_ps::<0x20>(u2, u6),
@@ -195,10 +207,7 @@ pub(super) mod x86_avx2 {
             _mm256_permute2f128_ps::<0x31>(u1, u5),
             _mm256_permute2f128_ps::<0x31>(u2, u6),
             _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
-        for (c, v) in cols.into_iter().enumerate() {
-            _mm256_storeu_ps(out.add(c * ldo), v);
-        }
+        ]
     }
 }
 
