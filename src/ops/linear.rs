@@ -6,13 +6,13 @@
 //! block (x `[B,T,d]` → q `[B,T,H,D]`, o `[B,T,H,D]` → `[B,T,d]`, the FFN) were about a quarter of
 //! the gradient traffic of an attention-preset step (`examples/graph_nodes.rs` counts it).
 //!
-//! On the CPU (f32/f64) [`linear`] is a CustomOp over the flattened rows: forward with the `gemm`
-//! crate (as candle's own matmul), backward `dx = dy Wᵀ`, `dW = xᵀ dy` from candle matmuls on
-//! detached 2-D views. Elsewhere it is the composed form.
+//! On the CPU (f32/f64) [`linear`] is a CustomOp over the flattened rows: forward and backward
+//! (`dx = dy Wᵀ`, `dW = xᵀ dy`) with [`mm_par`] on the contiguous buffers, the products of the
+//! fused sublayers. Elsewhere it is the composed form.
 
 use super::cpu::slice;
 use super::gemm::{mm_par, Mat};
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 /// x (any shape whose element count is a multiple of `d = w.dim(0)`; rows of `d` contiguous
 /// elements) times w `[d, n]`, returned in `out_shape` (element count `rows·n`).
@@ -66,12 +66,29 @@ impl CustomOp2 for Linear {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (k, n) = w.dims2()?;
         let m = x.elem_count() / k;
-        let dy = dy.detach().contiguous()?.reshape((m, n))?;
-        let x2 = x.detach().reshape((m, k))?;
-        let dx = dy.matmul(&w.detach().t()?)?.reshape(x.shape())?;
-        let dw = x2.t()?.matmul(&dy)?;
+        let dy = dy.detach().contiguous()?;
+        let (dx, dw) = match x.dtype() {
+            DType::F32 => grads::<f32>(x, w, &dy, (m, k, n))?,
+            DType::F64 => grads::<f64>(x, w, &dy, (m, k, n))?,
+            dt => bail!("linear: unsupported dtype {dt:?}"),
+        };
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// `dx = dy Wᵀ` (`[m, k]`) and `dW = xᵀ dy` (`[k, n]`) with [`mm_par`] (the same products as the
+/// sublayer ops: the packed kernel or the k-split), in place on the contiguous buffers.
+fn grads<T: WithDType>(x: &Tensor, w: &Tensor, dy: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
+    let guards: Vec<_> = [x, w, dy].iter().map(|t| t.storage_and_layout()).collect();
+    let sl = guards.iter().map(|(st, l)| super::attn_fused::cpu_slice::<T>(st, l)).collect::<Result<Vec<_>>>()?;
+    let (xs, ws, dys) = (sl[0], sl[1], sl[2]);
+    let mut dx = super::cpu::take::<T>(m * k); // overwritten (accumulate = false)
+    mm_par(m, k, n, &mut dx, k, false, Mat::rows(dys, n, 0), Mat::rows_t(ws, n, 0), T::one());
+    let mut dw = super::cpu::take::<T>(k * n);
+    mm_par(k, n, m, &mut dw, n, false, Mat::rows_t(xs, k, 0), Mat::rows(dys, n, 0), T::one());
+    drop(sl);
+    drop(guards);
+    Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dw, w.shape(), w.device())?))
 }
 
 #[cfg(test)]
