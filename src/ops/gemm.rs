@@ -1,6 +1,7 @@
-//! Strided matrix products on the `gemm` crate (the library candle's CPU matmul uses), for the
-//! fused CPU kernels: [`mm`] single-threaded inside a kernel's own rayon tasks, [`mm_par`] on
-//! the rayon pool for whole-batch products.
+//! Strided matrix products for the fused CPU kernels, on the `gemm` crate (the library candle's
+//! CPU matmul uses) or, for f32 on CPUs with AVX2 but no AVX-512, [`super::sgemm`]: [`mm`]
+//! single-threaded inside a kernel's own rayon tasks, [`mm_par`] on the rayon pool for
+//! whole-batch products.
 
 use candle_core::WithDType;
 
@@ -107,7 +108,7 @@ fn product<T: WithDType>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize
         return;
     }
     check(m, n, k, dst, ldd, a, b);
-    if T::DTYPE == candle_core::DType::F32 && super::sgemm::enabled() && super::sgemm::suits(m, n, k) {
+    if T::DTYPE == candle_core::DType::F32 && super::sgemm::enabled() {
         let threads = match par {
             gemm::Parallelism::Rayon(t) => t,
             _ => 1,
@@ -168,6 +169,28 @@ unsafe fn cast_mut<T>(x: &mut [T]) -> &mut [f32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// f32 through every path of [`mm_par`] (the k-split, the row split, a transposed B, the small
+    /// single-threaded product), whichever backend runs it, against an f64 triple loop.
+    #[test]
+    fn f32_paths_match_f64() {
+        let val = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 1000) as f32 / 500.0 - 1.0;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (m, n, k, tb) in [(5usize, 7usize, 1100usize, false), (300, 50, 40, false), (300, 50, 40, true), (3, 4, 5, false)] {
+            let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect(); // [m, k]
+            let b: Vec<f32> = (0..k * n).map(|i| val(i, 2)).collect(); // [k, n], or [n, k] when tb
+            let bm = if tb { Mat::rows_t(&b, k, 0) } else { Mat::rows(&b, n, 0) };
+            let mut dst = vec![1f32; m * n];
+            pool.install(|| mm_par(m, n, k, &mut dst, n, true, Mat::rows(&a, k, 0), bm, 0.5f32));
+            for r in 0..m {
+                for c in 0..n {
+                    let dot: f64 = (0..k).map(|i| a[r * k + i] as f64 * if tb { b[c * k + i] } else { b[i * n + c] } as f64).sum();
+                    let want = 1.0 + 0.5 * dot;
+                    assert!((dst[r * n + c] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "m{m} n{n} k{k} tb{tb} ({r},{c}): {} vs {want}", dst[r * n + c]);
+                }
+            }
+        }
+    }
 
     /// The k-split product (3 threads, so the runs are uneven) equals a plain f64 triple loop:
     /// transposed and row-major a, accumulate on and off, alpha ≠ 1, a destination row stride

@@ -1,11 +1,14 @@
-//! Packed f32 GEMM for CPUs with AVX2+FMA but no AVX-512 (AMD Zen 2/3, older Intel): the large
-//! products of the fused sublayers (`[B·T, d] × [d, n]` projections, their `dx = dy Wᵀ` and the
-//! per-thread runs of the k-split weight gradients).
+//! Packed f32 GEMM for CPUs with AVX2+FMA but no AVX-512 (AMD Zen 2/3, older Intel): every f32
+//! product of [`super::gemm`] that is not a small in-kernel tile ([`super::tile_mm`]): the
+//! fused sublayers' `[B·T, d] × [d, n]` projections, their `dx = dy Wᵀ` and the per-thread runs
+//! of the k-split weight gradients `dW = xᵀ dy`.
 //!
 //! Why not the `gemm` crate: on a Zen 3 VM (2 cores, 2.9 GHz, 93 GFLOP/s of FMA per core) gemm ran
 //! these shapes at 45–60% of the FMA peak on 2 threads, while a packed 6×16 micro-kernel reaches
-//! 85–100% of it on L1-resident panels (`examples/gemm_shapes.rs`). The GEMMs were ~75% of the
-//! CPU samples of an attention-preset training step.
+//! 85–100% of it on L1-resident panels. The GEMMs were ~75% of the CPU samples of an
+//! attention-preset training step. A/B of whole training steps (`scripts/ab-bench.sh`, medians):
+//! attention 12927 → 13724 tokens/s with the projections and `dx` on this kernel, then
+//! 12652 → 13410 with the weight gradients too; mtp_deepseek 8374 → 8942 for the latter.
 //!
 //! The scheme is the five-loop blocked algorithm of Goto & van de Geijn (2008, "Anatomy of
 //! high-performance matrix multiplication") as BLIS implements it (Van Zee & van de Geijn 2015;
@@ -61,14 +64,6 @@ pub fn enabled() -> bool {
     {
         false
     }
-}
-
-/// Whether a product is one the packed kernel is for: many rows and an inner dimension no longer
-/// than the row count (the projections and their `dx`). The weight gradients (`m` = a feature
-/// width, `k` = B·T) stay on the `gemm` crate, which ran their single-threaded k-runs 5–15%
-/// faster (its packing of the long `dy` operand costs less than this file's).
-pub fn suits(m: usize, _n: usize, k: usize) -> bool {
-    m >= 1024 && k <= m
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -174,13 +169,23 @@ impl Job<'_> {
 /// B rows `pc .. pc+kc`, columns `jc .. jc+nc` into `ceil(nc/16)` panels of `kc × 16` (column
 /// `jc + 16q + c` of row `pc + p` at `bp[q·16·kc + 16p + c]`), zero past column `jc + nc`.
 fn pack_b(bp: &mut [f32], b: Operand, pc: usize, kc: usize, jc: usize, nc: usize) {
+    let full = nc / NR;
+    if b.cs == 1 && full > 0 {
+        // Whole panels row by row: each source row is read once, in order (a streaming read of
+        // a large B, e.g. `dy`), and scattered into the panels. Panel by panel (a strided read)
+        // made the weight gradients slower than the gemm crate's.
+        for p in 0..kc {
+            let src = &b.data[(pc + p) * b.rs + jc..][..full * NR];
+            for (q, chunk) in src.chunks_exact(NR).enumerate() {
+                bp[q * NR * kc + p * NR..][..NR].copy_from_slice(chunk);
+            }
+        }
+    }
     for (q, panel) in bp.chunks_mut(NR * kc).take(nc.div_ceil(NR)).enumerate() {
         let j0 = jc + q * NR;
         let w = NR.min(jc + nc - j0);
         if b.cs == 1 && w == NR {
-            for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-                row.copy_from_slice(&b.data[(pc + p) * b.rs + j0..][..NR]);
-            }
+            // packed above
         } else if b.cs == 1 {
             for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
                 row[..w].copy_from_slice(&b.data[(pc + p) * b.rs + j0..][..w]);
@@ -206,14 +211,23 @@ fn pack_b(bp: &mut [f32], b: Operand, pc: usize, kc: usize, jc: usize, nc: usize
 fn pack_a(ap: &mut [f32], a: Operand, ic: usize, mc: usize, pc: usize, kc: usize) {
     let panels = mc.div_ceil(MR);
     assert!(ap.len() >= panels * MR * kc + PACK_SLACK);
+    let full = mc / MR;
+    if a.rs == 1 && full > 0 {
+        // Whole panels column by column: each source column (a contiguous run of A's transpose)
+        // is read once, in order, and scattered into the panels.
+        for p in 0..kc {
+            let src = &a.data[ic + (pc + p) * a.cs..][..full * MR];
+            for (q, chunk) in src.chunks_exact(MR).enumerate() {
+                ap[q * MR * kc + p * MR..][..MR].copy_from_slice(chunk);
+            }
+        }
+    }
     for q in 0..panels {
         let i0 = ic + q * MR;
         let h = MR.min(ic + mc - i0);
         let at = q * MR * kc;
         if a.rs == 1 && h == MR {
-            for p in 0..kc {
-                ap[at + p * MR..][..MR].copy_from_slice(&a.data[i0 + (pc + p) * a.cs..][..MR]);
-            }
+            // packed above
         } else if a.cs == 1 {
             let rows: [&[f32]; MR] = std::array::from_fn(|r| if r < h { &a.data[(i0 + r) * a.rs + pc..][..kc] } else { &[][..] });
             #[cfg(target_arch = "x86_64")]
