@@ -1,4 +1,5 @@
-//! GEMM throughput of the `gemm` crate at the projection shapes of a preset step (dev aid):
+//! GEMM throughput of the `gemm` crate at the projection shapes of a preset step, beside
+//! mixscale's packed AVX2 sgemm where it is enabled (dev aid):
 //!     cargo run --release --example gemm_shapes -- [threads] [--tiles | --d512]
 use std::time::Instant;
 fn main() {
@@ -46,6 +47,22 @@ fn main() {
         for _ in 0..reps { let t0 = Instant::now(); run(&mut c); let s = t0.elapsed().as_secs_f64(); best = best.min(s); tot += s; }
         let fl = 2.0 * (m * n * k) as f64;
         print!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+        // mixscale's packed sgemm (CPUs with AVX2 and no AVX-512), same threads
+        if !tiles && mixscale::ops::sgemm::enabled() {
+            use mixscale::ops::sgemm::{try_sgemm, Operand};
+            let (ars, acs) = if ta { (1, m) } else { (k, 1) };
+            let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+            let run_s = |c: &mut Vec<f32>| try_sgemm(m, n, k, c, n, true, Operand { data: &a, rs: ars, cs: acs }, Operand { data: &b, rs: brs, cs: bcs }, 1.0, threads);
+            let (mut best, mut tot) = (f64::MAX, 0.0);
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                run_s(&mut c);
+                let s = t0.elapsed().as_secs_f64();
+                best = best.min(s);
+                tot += s;
+            }
+            print!("   sgemm best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+        }
         // mixscale's unpacked micro-kernel (row-major b only), single-threaded
         if tiles && !tb {
             let (ars, acs) = if ta { (1, m) } else { (k, 1) };

@@ -72,13 +72,16 @@ fn avx2_fma() -> bool {
 }
 
 /// `dst[m×n] (row stride ldd) = (accumulate ? dst : 0) + alpha · A·B` on up to `threads` rayon
-/// threads. Returns `false` without touching `dst` when [`enabled`] is false. The caller has
-/// checked that every index lies inside the three slices and that `m, n, k > 0`.
+/// threads. Returns `false` without touching `dst` when [`enabled`] is false. Panics unless
+/// `m, n, k > 0` and every index lies inside the three slices.
 #[allow(clippy::too_many_arguments)]
 pub fn try_sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], ldd: usize, accumulate: bool, a: Operand, b: Operand, alpha: f32, threads: usize) -> bool {
     if !enabled() {
         return false;
     }
+    assert!(m > 0 && n > 0 && k > 0 && (m == 1 || n <= ldd) && (m - 1) * ldd + n <= dst.len(), "sgemm: destination too short");
+    let last = |x: Operand, r: usize, c: usize| (r - 1) * x.rs + (c - 1) * x.cs;
+    assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len(), "sgemm: operand too short");
     let job = Job { m, n, k, c: dst.as_mut_ptr(), ldd, accumulate, a, b, alpha };
     let threads = threads.max(1);
     if threads > 1 && m >= threads * 4 * MR {
@@ -151,8 +154,9 @@ impl Job<'_> {
                             let bpanel = (&bp[jr * kc..(jr + NR) * kc], NR);
                             for ir in (0..mc).step_by(MR) {
                                 let apanel = &ap[ir * kc..(ir + MR) * kc];
-                                // SAFETY: (ic + ir, jc + jr) lies inside the m × n block the
-                                // caller checked; `tile` writes at most its valid rows/columns.
+                                // SAFETY: (ic + ir, jc + jr) lies inside the m × n block that
+                                // `try_sgemm` checked against `dst`; `tile` writes at most its
+                                // valid rows/columns.
                                 unsafe {
                                     let c = self.c.add((ic + ir) * self.ldd + jc + jr);
                                     tile(kc, apanel, bpanel, c, self.ldd, (MR.min(mc - ir), NR.min(nc - jr)), beta, self.alpha)
