@@ -27,6 +27,26 @@ pub fn assert_close_f32(name: &str, got: &[f32], want: &[f64], tol: f64) {
     }
 }
 
+/// Asserts that `got` (`m` rows of stride `ldd`) is `(accumulate ? init : 0) + alpha · A·B` for
+/// the strided operands `A[i,p] = a.0[i·a.1 + p·a.2]`, `B[p,j] = b.0[p·b.1 + j·b.2]`, within
+/// `tol · (1 + |want|)` against the product in f64, and that columns `n .. ldd` still hold
+/// `init`'s bits: an f32 matrix-product kernel against its reference.
+#[allow(clippy::too_many_arguments)]
+pub fn assert_product(ctx: &str, got: &[f32], init: &[f32], (m, n, k, ldd): (usize, usize, usize, usize), a: (&[f32], usize, usize), b: (&[f32], usize, usize), accumulate: bool, alpha: f64, tol: f64) {
+    for i in 0..m {
+        for j in 0..ldd {
+            let idx = i * ldd + j;
+            if j >= n {
+                assert_eq!(got[idx].to_bits(), init[idx].to_bits(), "{ctx}: padding written at ({i},{j})");
+                continue;
+            }
+            let s: f64 = (0..k).map(|p| a.0[i * a.1 + p * a.2] as f64 * b.0[p * b.1 + j * b.2] as f64).sum();
+            let want = if accumulate { init[idx] as f64 } else { 0.0 } + alpha * s;
+            assert!((got[idx] as f64 - want).abs() < tol * (1.0 + want.abs()), "{ctx} ({i},{j}): {} vs {want}", got[idx]);
+        }
+    }
+}
+
 /// Flattened values as f64.
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()

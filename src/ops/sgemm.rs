@@ -379,7 +379,7 @@ mod x86_avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::rand_vec;
+    use crate::testing::{assert_product, rand_vec};
 
     fn rv(n: usize, seed: u64) -> Vec<f32> {
         rand_vec(n, seed).into_iter().map(|x| x as f32).collect()
@@ -413,19 +413,9 @@ mod tests {
                                 try_sgemm(m, n, k, &mut d, ldd, acc, Operand { data: &a, rs: ars, cs: acs }, Operand { data: &b, rs: brs, cs: bcs }, alpha, t + 1)
                             });
                             assert!(ran);
-                            for i in 0..m {
-                                for j in 0..ldd {
-                                    let idx = i * ldd + j;
-                                    if j >= n {
-                                        assert_eq!(d[idx].to_bits(), init[idx].to_bits(), "padding written at ({i},{j})");
-                                        continue;
-                                    }
-                                    let s: f64 = (0..k).map(|p| a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64).sum();
-                                    let want = if acc { init[idx] as f64 } else { 0.0 } + alpha as f64 * s;
-                                    let tol = 2e-6 * (1.0 + (k as f64).sqrt()) * (1.0 + want.abs());
-                                    assert!((d[idx] as f64 - want).abs() < tol, "m{m} n{n} k{k} ta{ta} tb{tb} acc{acc} threads {} ({i},{j}): {} vs {want}", t + 1, d[idx]);
-                                }
-                            }
+                            let ctx = format!("m{m} n{n} k{k} ta{ta} tb{tb} acc{acc} threads {}", t + 1);
+                            let tol = 2e-6 * (1.0 + (k as f64).sqrt());
+                            assert_product(&ctx, &d, &init, (m, n, k, ldd), (&a, ars, acs), (&b, brs, bcs), acc, alpha as f64, tol);
                         }
                     }
                 }

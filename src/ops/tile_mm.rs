@@ -313,18 +313,8 @@ mod tests {
                         let mut d = init.clone();
                         let (ars, acs) = if ta { (1, m + 2) } else { (lda, 1) };
                         mm(m, n, k, &mut d, ldd, acc, (&a, ars, acs), (&b, ldb), 0.75);
-                        for i in 0..m {
-                            for j in 0..ldd {
-                                let idx = i * ldd + j;
-                                if j >= n {
-                                    assert_eq!(d[idx].to_bits(), init[idx].to_bits(), "padding written at ({i},{j})");
-                                    continue;
-                                }
-                                let s: f64 = (0..k).map(|p| a[i * ars + p * acs] as f64 * b[p * ldb + j] as f64).sum();
-                                let want = if acc { init[idx] as f64 } else { 0.0 } + 0.75 * s;
-                                assert!((d[idx] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "m{m} n{n} k{k} ta{ta} acc{acc} ({i},{j}): {} vs {want}", d[idx]);
-                            }
-                        }
+                        let ctx = format!("m{m} n{n} k{k} ta{ta} acc{acc}");
+                        crate::testing::assert_product(&ctx, &d, &init, (m, n, k, ldd), (&a, ars, acs), (&b, ldb, 1), acc, 0.75, 1e-5);
                     }
                 }
             }
