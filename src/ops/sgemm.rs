@@ -29,15 +29,14 @@
 
 /// Largest inner-dimension block: a `KC × 16` B panel (24 KiB) stays in L1 while the kernel
 /// sweeps the A panels of a row block. `k` is cut into equal blocks of at most `KC`, so the
-/// projections' `k` = 352 or 384 is one block (C is written once); 256 measured ~10% slower on
-/// those shapes.
+/// projections' `k` = 352 or 384 is one block (C is written once). 256 was up to ~10% slower on
+/// those shapes in single-core runs and the same in a preset A/B.
 const KC: usize = 384;
 /// Rows of A packed at a time (`MC × KC` = 108 KiB, L2-resident).
 const MC: usize = 72;
 /// Columns of B packed at a time: up to 2048, so that the projections (n ≤ 1536) pack each A
-/// block once. With 256 (a B block that fits L2) the row-major A transposing pack ran twice for
-/// n = 352..512 and took 5.6% of an attention-preset step; streaming B panels from L3 instead
-/// costs ~4 GB/s at the kernel's rate.
+/// block once (256, a B block that fits L2, packed A twice for n = 352..512). Streaming the B
+/// panels from L3 instead costs ~4 GB/s at the kernel's rate.
 const NC: usize = 2048;
 /// Micro-tile: 6 rows × 16 columns (two ymm vectors).
 const MR: usize = 6;
