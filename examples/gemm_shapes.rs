@@ -42,37 +42,43 @@ fn main() {
         };
         for _ in 0..3 { run(&mut c); }
         let reps = 30;
-        let mut best = f64::MAX;
-        let mut tot = 0.0;
-        for _ in 0..reps { let t0 = Instant::now(); run(&mut c); let s = t0.elapsed().as_secs_f64(); best = best.min(s); tot += s; }
+        let (best, mean) = timed(reps, || run(&mut c));
         let fl = 2.0 * (m * n * k) as f64;
-        print!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+        print!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / mean / 1e9);
         // mixscale's packed sgemm (CPUs with AVX2 and no AVX-512), same threads
         if !tiles && mixscale::ops::sgemm::enabled() {
             use mixscale::ops::sgemm::{try_sgemm, Operand};
             let (ars, acs) = if ta { (1, m) } else { (k, 1) };
             let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
-            let run_s = |c: &mut Vec<f32>| try_sgemm(m, n, k, c, n, true, Operand { data: &a, rs: ars, cs: acs }, Operand { data: &b, rs: brs, cs: bcs }, 1.0, threads);
-            let (mut best, mut tot) = (f64::MAX, 0.0);
-            for _ in 0..reps {
-                let t0 = Instant::now();
-                run_s(&mut c);
-                let s = t0.elapsed().as_secs_f64();
-                best = best.min(s);
-                tot += s;
-            }
-            print!("   sgemm best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / (tot / reps as f64) / 1e9);
+            let (best, mean) = timed(reps, || {
+                try_sgemm(m, n, k, &mut c, n, true, Operand { data: &a, rs: ars, cs: acs }, Operand { data: &b, rs: brs, cs: bcs }, 1.0, threads);
+            });
+            print!("   sgemm best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / mean / 1e9);
         }
         // mixscale's unpacked micro-kernel (row-major b only), single-threaded
         if tiles && !tb {
             let (ars, acs) = if ta { (1, m) } else { (k, 1) };
             let run_t = |c: &mut Vec<f32>| mixscale::ops::tile_mm::try_mm_f32(m, n, k, c, n, false, (&a, ars, acs), (&b, n), 1.0);
             if run_t(&mut c) {
-                let mut best = f64::MAX;
-                for _ in 0..reps { let t0 = Instant::now(); run_t(&mut c); best = best.min(t0.elapsed().as_secs_f64()); }
+                let (best, _) = timed(reps, || {
+                    run_t(&mut c);
+                });
                 print!("   tile_mm best {:6.1} GF/s", fl / best / 1e9);
             }
         }
         println!();
     }
+}
+
+/// Best and mean seconds of `reps` calls of `f`.
+fn timed(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let (mut best, mut tot) = (f64::MAX, 0.0);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f();
+        let s = t0.elapsed().as_secs_f64();
+        best = best.min(s);
+        tot += s;
+    }
+    (best, tot / reps as f64)
 }
