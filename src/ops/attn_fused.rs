@@ -359,7 +359,7 @@ fn forward_head<T: Elem>(q: Rows<T>, k: Rows<T>, v: Rows<T>, t: usize, d: usize,
 /// In blocks of 16 rows: each block's rows stay in L1 while its columns are written out as
 /// 16-element runs (a column-at-a-time loop over the strided rows was ~9% of an attention
 /// fwd+bwd in `perf`, against ~1.6% for a dense copy plus transpose).
-fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
+pub(super) fn transpose<T: Copy + WithDType>(x: Rows<T>, t: usize, d: usize) -> Vec<T> {
     const R: usize = 16;
     let mut out = super::cpu::take(t * d); // every element is written below
     #[cfg(target_arch = "x86_64")]
@@ -406,6 +406,10 @@ pub(super) struct Rows<'a, T> {
 }
 
 impl<'a, T> Rows<'a, T> {
+    /// A dense row-major `[·, d]` matrix.
+    pub(super) fn dense(x: &'a [T], d: usize) -> Self {
+        Self { data: x, stride: d }
+    }
     /// Head `h` of batch `bb` of `[B,T,heads,w]`.
     fn head(x: &'a [T], bb: usize, h: usize, heads: usize, t: usize, w: usize) -> Self {
         Self { data: &x[(bb * t * heads + h) * w..], stride: heads * w }

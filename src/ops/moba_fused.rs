@@ -18,7 +18,7 @@
 //!
 //! The op output is o `[B,T,Hq,D]`; the forward's L `(B·Hq·T)` stays in the op ([`Stash`]).
 
-use super::attn_fused::{contiguous, cpu_slice, gather, pack_heads, scatter, Elem, BLOCK};
+use super::attn_fused::{contiguous, cpu_slice, gather, pack_heads, scatter, transpose, Elem, Rows, BLOCK};
 use super::simd::{dot, max, sum, with_fast_isa};
 use super::gemm::{mm, Mat};
 use super::moba::{block_means, select_blocks};
@@ -109,9 +109,12 @@ fn plan<T: Elem>(q: &[T], k: &[T], t: usize, d: usize, bs: usize, top_k: usize) 
     work
 }
 
-/// Rows `idx` of a dense `[T,D]` matrix, stacked.
-fn pick<T: Elem>(x: &[T], idx: &[usize], d: usize) -> Vec<T> {
-    idx.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect()
+/// Rows `idx` of a dense `[T,D]` matrix, stacked into `out` (cleared first).
+fn pick<T: Elem>(out: &mut Vec<T>, x: &[T], idx: &[usize], d: usize) {
+    out.clear();
+    for &i in idx {
+        out.extend_from_slice(&x[i * d..(i + 1) * d]);
+    }
 }
 
 /// Keys of tile column c (absolute key j) a query at position i may see.
@@ -177,8 +180,11 @@ impl FusedMoba {
         let mut l = vec![T::zero(); t];
         let mut s = vec![T::zero(); BLOCK * BLOCK];
         let mut pv = vec![T::zero(); BLOCK * d];
+        // Kᵀ `[D,T]`: the score tiles' right operand row-major (see `attn_fused::transpose`).
+        let kt = transpose(Rows::dense(k, d), t, d);
+        let mut qg = Vec::with_capacity(BLOCK * d);
         for (rows, k0, klen, causal) in plan(q, k, t, d, self.bs, self.top_k) {
-            let qg = pick(q, &rows, d);
+            pick(&mut qg, q, &rows, d);
             let nr = rows.len();
             for j0 in (k0..k0 + klen).step_by(BLOCK) {
                 let cols = BLOCK.min(k0 + klen - j0);
@@ -186,7 +192,7 @@ impl FusedMoba {
                 if causal && j0 > *rows.last().expect("non-empty group") {
                     break;
                 }
-                mm(nr, cols, d, &mut s, BLOCK, false, Mat::rows(&qg, d, 0), Mat::rows_t(k, d, j0), scale);
+                mm(nr, cols, d, &mut s, BLOCK, false, Mat::rows(&qg, d, 0), Mat::rows(&kt[j0..], t, 0), scale);
                 for (r, &i) in rows.iter().enumerate() {
                     let row = &mut s[r * BLOCK..r * BLOCK + cols];
                     let valid = (0..cols).take_while(|&c| visible(causal, i, j0 + c)).count();
@@ -216,6 +222,7 @@ impl FusedMoba {
             acc[i * d..(i + 1) * d].iter_mut().for_each(|x| *x *= inv);
             lse[i] = m[i] + l[i].ln();
         }
+        super::cpu::give(kt);
         (acc, lse)
     }
 
@@ -282,18 +289,20 @@ impl FusedMoba {
         let mut p = vec![T::zero(); BLOCK * BLOCK];
         let mut ds = vec![T::zero(); BLOCK * BLOCK];
         let mut dqg = vec![T::zero(); BLOCK * d];
+        let (kt, vt) = (transpose(Rows::dense(k, d), t, d), transpose(Rows::dense(v, d), t, d));
+        let (mut qg, mut dog) = (Vec::with_capacity(BLOCK * d), Vec::with_capacity(BLOCK * d));
         for (rows, k0, klen, causal) in plan(q, k, t, d, self.bs, self.top_k) {
             let nr = rows.len();
-            let qg = pick(q, &rows, d);
-            let dog = pick(d_o, &rows, d);
+            pick(&mut qg, q, &rows, d);
+            pick(&mut dog, d_o, &rows, d);
             dqg[..nr * d].fill(T::zero());
             for j0 in (k0..k0 + klen).step_by(BLOCK) {
                 let cols = BLOCK.min(k0 + klen - j0);
                 if causal && j0 > *rows.last().expect("non-empty group") {
                     break;
                 }
-                mm(nr, cols, d, &mut p, BLOCK, false, Mat::rows(&qg, d, 0), Mat::rows_t(k, d, j0), scale);
-                mm(nr, cols, d, &mut ds, BLOCK, false, Mat::rows(&dog, d, 0), Mat::rows_t(v, d, j0), T::one());
+                mm(nr, cols, d, &mut p, BLOCK, false, Mat::rows(&qg, d, 0), Mat::rows(&kt[j0..], t, 0), scale);
+                mm(nr, cols, d, &mut ds, BLOCK, false, Mat::rows(&dog, d, 0), Mat::rows(&vt[j0..], t, 0), T::one());
                 for (r, &i) in rows.iter().enumerate() {
                     let valid = (0..cols).take_while(|&c| visible(causal, i, j0 + c)).count();
                     let prow = &mut p[r * BLOCK..r * BLOCK + cols];
@@ -313,6 +322,8 @@ impl FusedMoba {
                 dq[i * d..(i + 1) * d].iter_mut().zip(&dqg[r * d..(r + 1) * d]).for_each(|(a, &x)| *a += x);
             }
         }
+        super::cpu::give(kt);
+        super::cpu::give(vt);
         dq
     }
 }
