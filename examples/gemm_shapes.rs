@@ -18,6 +18,9 @@ fn main() {
     let shapes_tiles = [
         (64, 32, 256, false, true), (64, 32, 256, false, false), (64, 32, 128, false, true), (64, 32, 128, false, false), (64, 32, 64, false, true), (64, 32, 64, false, false), (64, 256, 32, false, false), (64, 128, 32, false, false),
         (256, 64, 32, true, false), (128, 64, 32, true, false), (256, 256, 32, false, false), (256, 32, 256, false, true),
+        // the MoE preset's expert products (1024 routed rows, d 128, hidden 176): forward, dx, dW
+        (1024, 128, 176, false, false), (1024, 176, 128, false, false), (1024, 128, 176, false, true), (1024, 176, 128, false, true),
+        (176, 1024, 128, true, false), (128, 1024, 176, true, false),
     ];
     // `--d512`: the d_model=512 attention preset's products (qkv, o, FFN 1376, head 512; dx and dW)
     let shapes_d512 = [
@@ -46,7 +49,7 @@ fn main() {
         let fl = 2.0 * (m * n * k) as f64;
         print!("{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  best {:6.1} GF/s  mean {:6.1} GF/s", fl / best / 1e9, fl / mean / 1e9);
         // mixscale's packed sgemm (CPUs with AVX2 and no AVX-512), same threads
-        if !tiles && mixscale::ops::sgemm::enabled() {
+        if mixscale::ops::sgemm::enabled() {
             use mixscale::ops::sgemm::{try_sgemm, Operand};
             let (ars, acs) = if ta { (1, m) } else { (k, 1) };
             let (brs, bcs) = if tb { (1, k) } else { (n, 1) };

@@ -6,7 +6,7 @@
 //! `o[i] = Σ_{j≤i} softmax_j(q_i·k_j/√D) v_j`.
 //!
 //! Forward: one rayon task per (batch, query head). Queries are processed in row blocks of
-//! [`BLOCK`] rows against key chunks of up to [`KEYS`] columns; keys past a block's last row
+//! [`ROWS`] rows against key chunks of up to [`KEYS`] columns; keys past a block's last row
 //! are skipped, softmax is computed online (running max and running sum), so no `T×T` matrix
 //! is ever held. The per-row log-sum-exp `L_i = m_i + ln l_i` is saved for the backward.
 //! Block matmuls use the `gemm` crate single-threaded inside the rayon tasks (at D=32 it took
@@ -41,11 +41,19 @@ use super::simd::{dot, exp_f32, exp_shifted_f32, lanes_sum, max, sum, with_fast_
 /// Rows of a query block and columns of a key block (MoBA's tiles).
 pub const BLOCK: usize = 64;
 
-/// Columns of a key chunk of the causal kernels: a multiple of [`BLOCK`], so every query row of a
+/// Rows of a query block of the causal kernels. A row block computes its products up to its last
+/// row's key, so the masked work above the diagonal is one `ROWS × ROWS` triangle per block: at
+/// T = 256 the score tiles hold 53% of the full `T × T` products with 16 rows, 56% with 32 and
+/// 62.5% with 64 (the attention tiles were ~15% of an attention-preset step). Measured with
+/// `scripts/ab-bench.sh` on the AVX2 VM (medians of 6): 32 → 16 rows, attention 13347 → 13822
+/// tokens/s, mad_in_context_recall (T = 127) 31810 → 33288; 64 → 32 cut `tile_mm`'s share of
+/// the step by 14–17% (perf).
+pub const ROWS: usize = 16;
+
+/// Columns of a key chunk of the causal kernels: a multiple of [`ROWS`], so every query row of a
 /// row block that reaches a chunk has at least one valid key in it. One chunk spans a whole
 /// row at T ≤ 256 (no online-softmax rescaling, one product per row block for S and one for P·V),
-/// and the products get K = 256 instead of 64 in the backward; the scratch stays
-/// `BLOCK × KEYS` (64 KiB in f32) at any T.
+/// and the score products get N = 256; the scratch stays `ROWS × KEYS` at any T.
 pub const KEYS: usize = 256;
 
 /// Valid keys of row `row` in a chunk starting at key `j0` with `cols` columns (causal).
@@ -309,12 +317,12 @@ fn forward_head<T: Elem>(q: Rows<T>, k: Rows<T>, v: Rows<T>, t: usize, d: usize,
     let mut o = vec![T::zero(); t * d];
     let mut lse = vec![T::zero(); t];
     // Scratch: each tile's products are written before they are read.
-    let mut s = super::cpu::take(BLOCK * KEYS);
-    let mut m = [T::NEG_INF; BLOCK];
-    let mut l = [T::zero(); BLOCK];
+    let mut s = super::cpu::take(ROWS * KEYS);
+    let mut m = [T::NEG_INF; ROWS];
+    let mut l = [T::zero(); ROWS];
     let kt = transpose(k, t, d);
-    for i0 in (0..t).step_by(BLOCK) {
-        let rows = BLOCK.min(t - i0);
+    for i0 in (0..t).step_by(ROWS) {
+        let rows = ROWS.min(t - i0);
         m.fill(T::NEG_INF);
         l.fill(T::zero());
         let acc = &mut o[i0 * d..(i0 + rows) * d];
@@ -511,11 +519,11 @@ fn backward_head<T: Elem>(x: &Head<T>, t: usize, d: usize, scale: T, dk: &mut [T
     let mut d_cum = vec![0f64; if x.cum.is_some() { t } else { 0 }];
     let dvec: Vec<T> = (0..t).map(|i| dot(x.d_o.row(i, d), x.o.row(i, d))).collect();
     // Scratch: each tile's products are written before they are read.
-    let mut p = super::cpu::take(BLOCK * KEYS);
-    let mut ds = super::cpu::take(BLOCK * KEYS);
+    let mut p = super::cpu::take(ROWS * KEYS);
+    let mut ds = super::cpu::take(ROWS * KEYS);
     let (kt, vt) = (transpose(x.k, t, d), transpose(x.v, t, d));
-    for i0 in (0..t).step_by(BLOCK) {
-        let rows = BLOCK.min(t - i0);
+    for i0 in (0..t).step_by(ROWS) {
+        let rows = ROWS.min(t - i0);
         for j0 in (0..i0 + rows).step_by(KEYS) {
             let cols = KEYS.min(i0 + rows - j0);
             mm(rows, cols, d, &mut p, KEYS, false, x.q.mat(i0), Mat::rows(&kt[j0..], t, 0), scale);

@@ -99,14 +99,33 @@ pub fn block_means<T: WithDType>(k: &[T], t: usize, d: usize, bs: usize) -> Vec<
 /// ties go to the lower index. `kbar` is [`block_means`].
 pub fn select_blocks<T: WithDType>(q: &[T], kbar: &[f64], t: usize, d: usize, bs: usize, top_k: usize) -> Vec<Vec<usize>> {
     let want = top_k.saturating_sub(1);
+    let nb = t.div_ceil(bs);
+    // kbar transposed to `[D, nb]`, so that one query's scores of all past blocks advance together
+    // over x: each score is still summed in order x = 0..d from −0.0 (the bits of
+    // `Iterator::sum`), but the adds of different blocks overlap (and vectorise) instead of forming
+    // one dependent chain per block.
+    let mut kbar_t = vec![0f64; d * nb];
+    for n in 0..nb {
+        for x in 0..d {
+            kbar_t[x * nb + n] = kbar[n * d + x];
+        }
+    }
+    let mut dots = vec![0f64; nb];
+    let mut scored: Vec<(f64, usize)> = Vec::with_capacity(nb);
     (0..t)
         .map(|i| {
             let c = i / bs;
             if c <= want {
                 return (0..c).collect();
             }
-            let mut scored: Vec<(f64, usize)> =
-                (0..c).map(|n| ((0..d).map(|x| q[i * d + x].to_f64() * kbar[n * d + x]).sum::<f64>(), n)).collect();
+            let dots = &mut dots[..c];
+            dots.fill(-0.0);
+            for (x, qx) in q[i * d..(i + 1) * d].iter().enumerate() {
+                let qx = qx.to_f64();
+                dots.iter_mut().zip(&kbar_t[x * nb..x * nb + c]).for_each(|(acc, &kb)| *acc += qx * kb);
+            }
+            scored.clear();
+            scored.extend(dots.iter().enumerate().map(|(n, &s)| (s, n)));
             scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             let mut picked: Vec<usize> = scored[..want].iter().map(|&(_, n)| n).collect();
             picked.sort_unstable();
