@@ -44,10 +44,11 @@ pub const BLOCK: usize = 64;
 /// Rows of a query block of the causal kernels. A row block computes its products up to its last
 /// row's key, so the masked work above the diagonal is one `ROWS × ROWS` triangle per block: at
 /// T = 256 the score tiles hold 53% of the full `T × T` products with 16 rows, 56% with 32 and
-/// 62.5% with 64 (the attention tiles were ~15% of an attention-preset step). Measured with
-/// `scripts/ab-bench.sh` on the AVX2 VM (medians of 6): 32 → 16 rows, attention 13347 → 13822
-/// tokens/s, mad_in_context_recall (T = 127) 31810 → 33288; 64 → 32 cut `tile_mm`'s share of
-/// the step by 14–17% (perf).
+/// 62.5% with 64. Fewer rows also make the `dV`/`dK` products shorter (K = ROWS), but
+/// `examples/foxmoba_speed.rs` (forward + backward at the preset shape B=16, T=256, H=4, D=32,
+/// one thread, best of 10 per run, runs alternating with the other build on the noisy AVX2 VM)
+/// measured attention 43.6–51.3 ms with 16 rows (6 runs) against 49.6–58.3 with 64 and
+/// 46.9–67.5 with 32 (3 runs each); FoX 48.8–65.1 against 52.3–73.8 (64) and 52.6–57.7 (32).
 pub const ROWS: usize = 16;
 
 /// Columns of a key chunk of the causal kernels: a multiple of [`ROWS`], so every query row of a
