@@ -180,15 +180,11 @@ mod tests {
             let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect(); // [m, k]
             let b: Vec<f32> = (0..k * n).map(|i| val(i, 2)).collect(); // [k, n], or [n, k] when tb
             let bm = if tb { Mat::rows_t(&b, k, 0) } else { Mat::rows(&b, n, 0) };
-            let mut dst = vec![1f32; m * n];
+            let init = vec![1f32; m * n];
+            let mut dst = init.clone();
             pool.install(|| mm_par(m, n, k, &mut dst, n, true, Mat::rows(&a, k, 0), bm, 0.5f32));
-            for r in 0..m {
-                for c in 0..n {
-                    let dot: f64 = (0..k).map(|i| a[r * k + i] as f64 * if tb { b[c * k + i] } else { b[i * n + c] } as f64).sum();
-                    let want = 1.0 + 0.5 * dot;
-                    assert!((dst[r * n + c] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "m{m} n{n} k{k} tb{tb} ({r},{c}): {} vs {want}", dst[r * n + c]);
-                }
-            }
+            let (brs, bcs) = if tb { (1, k) } else { (n, 1) };
+            crate::testing::assert_product(&format!("m{m} n{n} k{k} tb{tb}"), &dst, &init, (m, n, k, n), (&a, k, 1), (&b, brs, bcs), true, 0.5, 1e-4);
         }
     }
 
