@@ -104,15 +104,10 @@ pub fn select_blocks<T: WithDType>(q: &[T], kbar: &[f64], t: usize, d: usize, bs
     // over x: each score is still summed in order x = 0..d from −0.0 (the bits of
     // `Iterator::sum`), but the adds of different blocks overlap (and vectorise) instead of forming
     // one dependent chain per block.
-    let mut kbar_t = vec![0f64; d * nb];
-    for n in 0..nb {
-        for x in 0..d {
-            kbar_t[x * nb + n] = kbar[n * d + x];
-        }
-    }
+    let kbar_t = super::attn_fused::transpose(super::attn_fused::Rows::dense(kbar, d), nb, d);
     let mut dots = vec![0f64; nb];
     let mut scored: Vec<(f64, usize)> = Vec::with_capacity(nb);
-    (0..t)
+    let picks = (0..t)
         .map(|i| {
             let c = i / bs;
             if c <= want {
@@ -131,7 +126,9 @@ pub fn select_blocks<T: WithDType>(q: &[T], kbar: &[f64], t: usize, d: usize, bs
             picked.sort_unstable();
             picked
         })
-        .collect()
+        .collect();
+    super::cpu::give(kbar_t);
+    picks
 }
 
 /// Plain f64 reference, row-major slices q `[B,T,Hq,D]`, k, v `[B,T,Hkv,D]`: every query scores
