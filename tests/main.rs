@@ -26,6 +26,8 @@ mod rwkv7;
 mod config_errors;
 /// Training: determinism, bit-exact resume, accumulation, divergence, outputs.
 mod training;
+/// Data-parallel shards of a micro-batch: same gradients as the whole one; exact splits only.
+mod shard;
 /// Every preset in architectures/ parses, resolves and builds.
 mod presets;
 /// PyTorch references in bench/ vs mixscale: parameter tables, loss trends (skipped without torch).

@@ -67,6 +67,11 @@ impl ParamStore {
         }
     }
 
+    /// Whether the model keeps compute-dtype copies of its weights (mixed precision).
+    pub fn has_casts(&self) -> bool {
+        !self.casts.is_empty()
+    }
+
     /// The compute-dtype copy of parameter `name` (mixed precision only).
     pub fn cast_of(&self, name: &str) -> Option<&Tensor> {
         self.casts.iter().find(|(n, _)| n == name).map(|(_, t)| t)

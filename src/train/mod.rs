@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod optim;
 pub mod record;
 pub mod schedule;
+pub mod shard;
 pub mod tensorboard;
 
 use crate::config::RunSpec;
@@ -352,7 +353,7 @@ pub fn compute_grads_with_stats(
     objective::begin_step(model);
     for m in 0..accum {
         let b = batch(m)?;
-        let out = objective::micro_grads(model, &b, 1.0 / accum as f64, &mut grads)?;
+        let out = shard::micro_grads(model, &b, 1.0 / accum as f64, &mut grads)?;
         loss_sum += out.main;
         stats.add(&out);
     }
