@@ -39,13 +39,19 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 /// pre-scaled (`scale` 0.5) and added onto gradients already in the map, as in accumulation.
 #[test]
 fn shards_give_the_whole_micro_batch_gradients() {
-    let cases: [(&[&str], usize, bool); 6] = [
+    let moe = "model.moe={num_experts: 4, top_k: 2, expert_hidden_size: 8, z_loss_coef: 0.001, balance: {aux_loss_coef: 0.01}}";
+    let moe_seq = "model.moe={num_experts: 4, top_k: 1, expert_hidden_size: 8, balance: {stats: sequence, aux_loss_coef: 0.1}}";
+    let moe_ds = "model.moe={num_experts: 8, top_k: 2, num_shared_experts: 1, expert_hidden_size: 8, score: sigmoid, balance: {aux_loss_coef: 0.01, bias_update_rate: 0.001}}";
+    let cases: [(&[&str], usize, bool); 9] = [
         (&[], 4, false),
         (&[], 5, false),
         (&[], 6, true),
         (&["model.mtp={kind: gloeckle, n: 2}"], 4, false),
         (&["model.mtp={kind: deepseek, depth: 2, lambda: 0.6}"], 5, false),
         (&["model.layer_pattern=[gated_deltanet, attention]"], 3, false),
+        (&[moe], 4, false),
+        (&[moe_seq, "model.mtp={kind: gloeckle, n: 2}"], 5, false),
+        (&[moe_ds, "model.mtp={kind: deepseek, depth: 1}"], 4, false),
     ];
     for (ci, (sets, rows, masked)) in cases.into_iter().enumerate() {
         let m = model(sets);
@@ -68,6 +74,12 @@ fn shards_give_the_whole_micro_batch_gradients() {
                 let (a, e) = (a.unwrap(), e.unwrap());
                 assert!((a - e).abs() < 1e-12 * (1.0 + e.abs()), "{ctx}: extra {a} vs {e}");
             }
+            // MoE statistics per layer: counts of the whole micro-batch, loss values as its means.
+            assert_eq!(s.routes.len(), w.routes.len(), "{ctx}");
+            for (a, e) in s.routes.iter().zip(&w.routes) {
+                assert_eq!((&a.selected, a.dropped, a.slots), (&e.selected, e.dropped, e.slots), "{ctx}");
+                assert!((a.aux_loss - e.aux_loss).abs() < 1e-12 && (a.z_loss - e.z_loss).abs() < 1e-12, "{ctx}: aux {} vs {}, z {} vs {}", a.aux_loss, e.aux_loss, a.z_loss, e.z_loss);
+            }
             assert_eq!(g.keys().collect::<Vec<_>>(), whole.keys().collect::<Vec<_>>(), "{ctx}");
             let mut moved = 0.0f64;
             for (k, v) in &whole {
@@ -82,13 +94,17 @@ fn shards_give_the_whole_micro_batch_gradients() {
     }
 }
 
-/// Where one weight per shard would not be exact, the micro-batch runs whole: MoE (balance
-/// statistics of the whole micro-batch), a mask with MTP heads (each head has its own count),
-/// one row, one thread. `MIXSCALE_SHARDS` is not set in the test environment.
+/// Where shards would not be exact, the micro-batch runs whole: MoE with global-batch statistics
+/// or a capacity factor, a mask with MoE or MTP heads (each term has its own count), one row,
+/// one thread. `MIXSCALE_SHARDS` is not set in the test environment.
 #[test]
 fn inexact_splits_run_whole() {
     let moe = model(&["model.moe={num_experts: 4, top_k: 2}"]);
-    assert_eq!(shard::shards_for(&moe, &batch(4, 1, false), 2).unwrap(), 1);
+    assert_eq!(shard::shards_for(&moe, &batch(4, 1, false), 2).unwrap(), 2);
+    assert_eq!(shard::shards_for(&moe, &batch(4, 1, true), 2).unwrap(), 1);
+    for other in ["model.moe={num_experts: 4, top_k: 2, balance: {stats: global_batch}}", "model.moe={num_experts: 4, top_k: 2, capacity_factor: 1.25}"] {
+        assert_eq!(shard::shards_for(&model(&[other]), &batch(4, 1, false), 2).unwrap(), 1, "{other}");
+    }
     let mtp = model(&["model.mtp={kind: deepseek, depth: 1}"]);
     assert_eq!(shard::shards_for(&mtp, &batch(4, 2, true), 2).unwrap(), 1);
     assert_eq!(shard::shards_for(&mtp, &batch(4, 2, false), 2).unwrap(), 2);

@@ -5,6 +5,7 @@
 //! `embed`, `layers.<i>.{norm1,mixer.*,norm2,ffn.*}`, `final_norm`, `head` (untied only),
 //! `mtp.*` (multi-token prediction modules, [`mtp`]). The feed-forward is dense or MoE ([`moe`]).
 
+pub mod collective;
 pub mod count;
 pub mod ffn;
 pub mod moe;

@@ -330,15 +330,22 @@ impl Moe {
             };
             let aux = match self.spec.balance.stats {
                 BalanceStats::MicroBatch | BalanceStats::GlobalBatch => {
-                    let counts = if self.spec.balance.stats == BalanceStats::GlobalBatch {
+                    let (counts, tokens) = if self.spec.balance.stats == BalanceStats::GlobalBatch {
                         let mut run = self.running.lock().expect("moe stats lock");
                         run.0.iter_mut().zip(selected).for_each(|(a, s)| *a += s);
                         run.1 += 1;
-                        run.0.iter().map(|c| c / run.1 as f64).collect()
+                        (run.0.iter().map(|c| c / run.1 as f64).collect(), n as f64)
                     } else {
-                        selected.to_vec()
+                        // The whole micro-batch's counts and tokens when it runs as concurrent
+                        // shards (`model::collective`); this shard's mean of p below is weighted
+                        // by its share of the tokens, so the shards' terms add up to this one.
+                        let mut v = selected.to_vec();
+                        v.push(n as f64);
+                        let mut all = super::collective::all_sum(&v)?;
+                        let tokens = all.pop().expect("token count");
+                        (all, tokens)
                     };
-                    let f = Tensor::from_vec(counts.iter().map(|c| c / (n * k) as f64).collect::<Vec<_>>(), e, dev)?.to_dtype(dt)?;
+                    let f = Tensor::from_vec(counts.iter().map(|c| c / (tokens * k as f64)).collect::<Vec<_>>(), e, dev)?.to_dtype(dt)?;
                     (p.mean(0)? * f)?.sum_all()?
                 }
                 BalanceStats::Sequence => {

@@ -15,16 +15,24 @@
 //! cores meet once per micro-batch. A/B (`mixscale bench`, 2 threads, alternating runs, tokens/s):
 //! see the README's CPU training speed section.
 //!
+//! MoE layers: the auxiliary balance loss with micro-batch statistics needs the whole
+//! micro-batch's selection counts, which the shards sum between them at each MoE layer
+//! ([`crate::model::collective`]); with per-sequence statistics a shard's term is already
+//! exact. The z-loss is a mean over tokens, weighted like the cross-entropy.
+//!
 //! Exactness limits where it applies ([`shards_for`]); elsewhere the micro-batch runs whole:
-//! - MoE models: the balance loss uses statistics of the whole micro-batch (or its sequences,
-//!   or the global batch); shards would change them.
-//! - A mask together with MTP heads: each head's mean has its own count of scored positions, so
-//!   one weight per shard would not be exact (without MTP, or without a mask, it is).
+//! - MoE with global-batch statistics (running counts across micro-batches) or a capacity
+//!   factor (which slots are dropped depends on every token of the micro-batch).
+//! - A mask together with MTP heads or MoE layers: each head's mean has its own count of scored
+//!   positions and the MoE terms count every token, so one weight per shard would not be exact
+//!   (the cross-entropy alone, masked or not, is).
 //! - Mixed precision: the compute copies are refreshed in place at every forward.
 //! - Devices other than the CPU (one device, nothing to split).
 
 use crate::error::Result;
-use crate::model::{objective, LanguageModel};
+use crate::config::moe::BalanceStats;
+use crate::model::moe::RouteStats;
+use crate::model::{collective, objective, LanguageModel};
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -61,12 +69,19 @@ pub fn micro_grads(model: &LanguageModel, b: &crate::data::Batch, scale: f64, gr
         return Ok(objective::micro_grads(model, b, scale, grads)?);
     }
     let pools = pools(shards);
+    // Shards without a scored position (masks without MoE only) sit out, also of the MoE sums.
+    let group = collective::Group::new(counts.iter().filter(|&&c| c > 0.0).count());
     let run = |s: usize| -> Result<Option<(objective::MicroOut, BTreeMap<String, Tensor>)>> {
         if counts[s] == 0.0 {
             return Ok(None);
         }
         let mut g = BTreeMap::new();
-        let out = pools[s].install(|| objective::micro_grads(model, &parts[s], scale * counts[s] / total, &mut g))?;
+        let out = pools[s].install(|| {
+            let member = collective::join(&group);
+            let out = objective::micro_grads(model, &parts[s], scale * counts[s] / total, &mut g)?;
+            member.done();
+            Ok::<_, crate::error::Error>(out)
+        })?;
         Ok(Some((out, g)))
     };
     let results: Vec<Result<_>> = std::thread::scope(|sc| {
@@ -78,7 +93,7 @@ pub fn micro_grads(model: &LanguageModel, b: &crate::data::Batch, scale: f64, gr
     });
     let mut main = 0.0;
     let mut extra: Vec<Option<f64>> = Vec::new();
-    let mut routes = Vec::new();
+    let mut routes: Vec<RouteStats> = Vec::new();
     for (s, r) in results.into_iter().enumerate() {
         let Some((out, g)) = r? else { continue };
         let w = counts[s] / total;
@@ -94,7 +109,17 @@ pub fn micro_grads(model: &LanguageModel, b: &crate::data::Batch, scale: f64, gr
                 _ => None,
             };
         }
-        routes.extend(out.routes);
+        // Per MoE layer: counts add up; the loss values are token means, weighted as the loss.
+        if routes.is_empty() {
+            routes = out.routes.iter().map(|r| RouteStats { selected: vec![0.0; r.selected.len()], dropped: 0, slots: 0, aux_loss: 0.0, z_loss: 0.0 }).collect();
+        }
+        for (acc, r) in routes.iter_mut().zip(&out.routes) {
+            acc.selected.iter_mut().zip(&r.selected).for_each(|(a, b)| *a += b);
+            acc.dropped += r.dropped;
+            acc.slots += r.slots;
+            acc.aux_loss += w * r.aux_loss;
+            acc.z_loss += w * r.z_loss;
+        }
         for (name, gi) in g {
             let sum = match grads.remove(&name) {
                 Some(prev) => (prev + gi)?,
@@ -115,9 +140,11 @@ pub fn shards_for(model: &LanguageModel, b: &crate::data::Batch, threads: usize)
         Err(_) => threads,
     };
     let rows = b.inputs.dim(0)?;
+    let has_moe = objective::all_moe(model).next().is_some();
+    let moe_exact = objective::all_moe(model).all(|m| m.spec.capacity_factor.is_none() && m.spec.balance.stats != BalanceStats::GlobalBatch);
     let exact = b.inputs.device().is_cpu()
-        && objective::all_moe(model).next().is_none()
-        && !(b.mask.is_some() && model.mtp.as_ref().is_some_and(|m| m.extra() > 0))
+        && moe_exact
+        && !(b.mask.is_some() && (has_moe || model.mtp.as_ref().is_some_and(|m| m.extra() > 0)))
         && !model.params.has_casts();
     Ok(if exact { threads.min(rows).max(1) } else { 1 })
 }
