@@ -95,7 +95,8 @@ pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>,
         let t0 = Instant::now();
         let mut marks: Vec<(&str, Instant)> = Vec::new();
         let (loss, grads) = if o.profile && !matches!(model.mtp, Some(crate::model::mtp::Mtp::Gloeckle { .. })) {
-            // The same computation as `compute_grads` (one micro-batch), split at the phases.
+            // The same computation as `compute_grads` (one micro-batch), split at the phases;
+            // run whole (`compute_grads` runs it as concurrent shards: `super::shard`).
             crate::model::objective::begin_step(&model);
             let terms = crate::model::mtp::loss_terms(&model, &b.inputs, &b.targets, b.mask.as_ref())?;
             let total = terms.total()?;
