@@ -33,7 +33,7 @@ fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
 }
 
-/// 2 and 3 shards against one pass over the micro-batch (f64 model, so only the order of
+/// 2, 3 and up to 8 shards against one pass over the micro-batch (f64 model, so only the order of
 /// additions differs): plain attention with even and odd row counts, a mask with a shard that
 /// scores nothing, Gloeckle and DeepSeek MTP (extra-head losses too). The gradients are
 /// pre-scaled (`scale` 0.5) and added onto gradients already in the map, as in accumulation.
@@ -61,7 +61,8 @@ fn shards_give_the_whole_micro_batch_gradients() {
         };
         let mut whole = seed_grads(&m);
         let w = pool(1).install(|| micro_grads(&m, &b, 0.5, &mut whole)).unwrap();
-        for threads in [2, 3] {
+        // 8 threads: fewer sequences than threads, so each shard gets a multi-threaded pool.
+        for threads in [2, 3, 8] {
             let p = pool(threads);
             let shards = p.install(|| shard::shards_for(&m, &b, rayon::current_num_threads())).unwrap();
             assert_eq!(shards, threads.min(rows), "case {ci}: {sets:?}");

@@ -1,8 +1,8 @@
 //! Data parallelism across the cores inside one micro-batch.
 //!
 //! A micro-batch's sequences are cut into `S` contiguous shards (S = the rayon pool's threads,
-//! at most one per sequence); each shard's forward and backward runs on its own single-threaded
-//! rayon pool, all shards at once, and shard `s` contributes `w_s ×` the gradients of its mean
+//! at most one per sequence); each shard's forward and backward runs on its own rayon pool (one
+//! thread, or threads / S of them when there are more threads than sequences), all at once, and shard `s` contributes `w_s ×` the gradients of its mean
 //! loss, with `w_s` its share of the micro-batch's scored positions. The sum is the gradient of
 //! the micro-batch's mean loss, as with one pass over the whole micro-batch (PyTorch DDP's
 //! gradient averaging, Li et al. 2020, arXiv:2006.15704, inside one process), up to the order of
@@ -68,7 +68,8 @@ pub fn micro_grads(model: &LanguageModel, b: &crate::data::Batch, scale: f64, gr
         // No scored position: the whole micro-batch reports it as it always does.
         return Ok(objective::micro_grads(model, b, scale, grads)?);
     }
-    let pools = pools(shards);
+    // More threads than sequences: each shard's ops use threads / shards of them.
+    let pools = pools(shards, (rayon::current_num_threads() / shards).max(1));
     // Shards without a scored position (masks without MoE only) sit out, also of the MoE sums.
     let group = collective::Group::new(counts.iter().filter(|&&c| c > 0.0).count());
     let run = |s: usize| -> Result<Option<(objective::MicroOut, BTreeMap<String, Tensor>)>> {
@@ -94,6 +95,7 @@ pub fn micro_grads(model: &LanguageModel, b: &crate::data::Batch, scale: f64, gr
     let mut main = 0.0;
     let mut extra: Vec<Option<f64>> = Vec::new();
     let mut routes: Vec<RouteStats> = Vec::new();
+    let mut shard_grads: Vec<BTreeMap<String, Tensor>> = Vec::with_capacity(shards);
     for (s, r) in results.into_iter().enumerate() {
         let Some((out, g)) = r? else { continue };
         let w = counts[s] / total;
@@ -120,14 +122,27 @@ pub fn micro_grads(model: &LanguageModel, b: &crate::data::Batch, scale: f64, gr
             acc.aux_loss += w * r.aux_loss;
             acc.z_loss += w * r.z_loss;
         }
-        for (name, gi) in g {
-            let sum = match grads.remove(&name) {
-                Some(prev) => (prev + gi)?,
-                None => gi,
-            };
-            grads.insert(name, sum);
-        }
+        shard_grads.push(g);
     }
+    // Per parameter, in shard order after what `grads` held: prev + g_0 + g_1 + …; parameters
+    // summed in parallel (one core would otherwise add while the other waits).
+    let mut names: Vec<String> = shard_grads.iter().flat_map(|g| g.keys().cloned()).collect();
+    names.sort();
+    names.dedup();
+    let sums: Vec<(String, Tensor)> = {
+        use rayon::prelude::*;
+        let grads = &*grads;
+        names
+            .into_par_iter()
+            .map(|name| {
+                let mut parts = grads.get(&name).into_iter().chain(shard_grads.iter().filter_map(|g| g.get(&name)));
+                let first = parts.next().expect("a name from the shards").clone();
+                let sum = parts.try_fold(first, |acc, g| acc + g)?;
+                Ok((name, sum))
+            })
+            .collect::<Result<_>>()?
+    };
+    grads.extend(sums);
     Ok(objective::MicroOut { main, extra, routes })
 }
 
@@ -154,13 +169,22 @@ fn scored(mask: &Tensor) -> Result<f64> {
     Ok(mask.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
 }
 
-/// `n` single-threaded rayon pools, created once and kept (thread `mixscale-shard-<i>`).
-fn pools(n: usize) -> Vec<Arc<rayon::ThreadPool>> {
-    static POOLS: Mutex<Vec<Arc<rayon::ThreadPool>>> = Mutex::new(Vec::new());
-    let mut p = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+/// `n` rayon pools of `size` threads each, created once and kept (threads `mixscale-shard-<i>`).
+fn pools(n: usize, size: usize) -> Vec<Arc<rayon::ThreadPool>> {
+    type Pools = Vec<(usize, Vec<Arc<rayon::ThreadPool>>)>;
+    static POOLS: Mutex<Pools> = Mutex::new(Vec::new());
+    let mut all = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let at = match all.iter().position(|(s, _)| *s == size) {
+        Some(i) => i,
+        None => {
+            all.push((size, Vec::new()));
+            all.len() - 1
+        }
+    };
+    let p = &mut all[at].1;
     while p.len() < n {
         let i = p.len();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(move |_| format!("mixscale-shard-{i}")).build().expect("shard thread pool");
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(size).thread_name(move |_| format!("mixscale-shard-{i}")).build().expect("shard thread pool");
         p.push(Arc::new(pool));
     }
     p[..n].to_vec()
