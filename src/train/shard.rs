@@ -2,8 +2,9 @@
 //!
 //! A micro-batch's sequences are cut into `S` contiguous shards (S = the rayon pool's threads,
 //! at most one per sequence); each shard's forward and backward runs on its own rayon pool (one
-//! thread, or threads / S of them when there are more threads than sequences), all at once, and shard `s` contributes `w_s ×` the gradients of its mean
-//! loss, with `w_s` its share of the micro-batch's scored positions. The sum is the gradient of
+//! thread, or threads / S of them when there are more threads than sequences), all at once, and
+//! shard `s` contributes `w_s ×` the gradients of its mean loss, with `w_s` its share of the
+//! micro-batch's scored positions. The sum is the gradient of
 //! the micro-batch's mean loss, as with one pass over the whole micro-batch (PyTorch DDP's
 //! gradient averaging, Li et al. 2020, arXiv:2006.15704, inside one process), up to the order of
 //! floating-point additions. Gradients are added in shard order, so a run is reproducible for a
