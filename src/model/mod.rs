@@ -18,7 +18,7 @@ use crate::blocks::{self, BlockDims, ForwardCtx, Mixer};
 use crate::config::model::ModelSpec;
 use crate::ops::norm::rms_norm;
 use crate::ops::reduction_dtype;
-use crate::ops::softmax::{cross_entropy, cross_entropy_each};
+use crate::ops::softmax::cross_entropy_each;
 use candle_core::{DType, Device, Result, Tensor};
 use moe::{FeedForward, RouteStats};
 use params::{ParamBuilder, ParamKind, ParamStore};
@@ -156,6 +156,14 @@ impl LanguageModel {
         linear(h, &w.t()?.contiguous()?, (b * t, w.dim(0)?))
     }
 
+    /// Per-position cross-entropy `[B·T]` of the head on normalized hidden states `[B, T, d]`
+    /// against `targets` (`B·T` elements): the head and the loss as one node on the CPU
+    /// ([`crate::ops::head_ce`]), the logits never a graph tensor.
+    pub(crate) fn head_ce_each(&self, hn: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let w = self.head.as_ref().unwrap_or(&self.embed);
+        crate::ops::head_ce::head_ce(hn, w, &targets.flatten_all()?)
+    }
+
     /// Logits `[B, T, V]`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
@@ -164,14 +172,12 @@ impl LanguageModel {
 
     /// Mean next-token cross-entropy; inputs and targets `[B, T]`.
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.logits_flat(&self.hidden(inputs)?)?;
-        cross_entropy(&logits.to_dtype(reduction_dtype(logits.dtype()))?, &targets.flatten_all()?)
+        self.head_ce_each(&self.hidden(inputs)?, targets)?.mean_all()
     }
 
     /// Per-position cross-entropy `[B·T]` (nats), no gradient needed.
     pub fn loss_each(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.logits_flat(&self.hidden(inputs)?)?;
-        cross_entropy_each(&logits.to_dtype(reduction_dtype(logits.dtype()))?, &targets.flatten_all()?)
+        self.head_ce_each(&self.hidden(inputs)?, targets)
     }
 
     /// Per-position cross-entropy `[B·T]` (as [`Self::loss_each`]) and whether the argmax of the

@@ -34,8 +34,7 @@ use crate::blocks::{BlockDims, ForwardCtx};
 use crate::config::model::ModelSpec;
 use crate::config::mtp::MtpSpec;
 use crate::ops::norm::rms_norm;
-use crate::ops::reduction_dtype;
-use crate::ops::softmax::{cross_entropy, cross_entropy_each};
+
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -153,18 +152,16 @@ impl Mtp {
 /// over the positions where `mask` `[B, S]` is nonzero (all without a mask). None when no
 /// position is scored.
 pub fn mean_ce(model: &LanguageModel, hn: &Tensor, targets: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let logits = model.logits_flat(hn)?;
-    let logits = logits.to_dtype(reduction_dtype(logits.dtype()))?;
-    let t = targets.flatten_all()?;
+    let each = model.head_ce_each(hn, targets)?;
     match mask {
-        None => Ok(Some(cross_entropy(&logits, &t)?)),
+        None => Ok(Some(each.mean_all()?)),
         Some(m) => {
-            let w = m.flatten_all()?.to_dtype(logits.dtype())?;
+            let w = m.flatten_all()?.to_dtype(each.dtype())?;
             let n = w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             if n == 0.0 {
                 return Ok(None);
             }
-            Ok(Some(((cross_entropy_each(&logits, &t)? * w)?.sum_all()? / n)?))
+            Ok(Some(((each * w)?.sum_all()? / n)?))
         }
     }
 }

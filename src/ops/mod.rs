@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod ffn_fused;
 pub mod fox;
 pub mod gated_delta_rule;
+pub mod head_ce;
 pub mod gdn_sublayer;
 pub mod gemm;
 pub mod gdr_fused;

@@ -56,7 +56,7 @@ struct CrossEntropy {
 /// Row kernels of the fused cross-entropy. f64 runs libm's `exp` in f64; f32 runs the vectorised
 /// [`exp_f32_fma`] (called under [`with_fast_isa`] only) on `x − max` (in `[−∞, 0]`, so no overflow), sums in 16 f32 lanes and takes the log
 /// in f64: libm's scalar f64 `exp` was ~5% of an attention-preset training step.
-trait CeElem: WithDType {
+pub(super) trait CeElem: WithDType {
     /// `log Σ_j exp(row_j)`.
     fn lse(row: &[Self]) -> f64;
     /// `out_j = exp(row_j − l) · g`.
@@ -100,7 +100,7 @@ impl CeElem for f32 {
     }
 }
 
-fn check_targets(t: &[u32], v: usize) -> Result<()> {
+pub(super) fn check_targets(t: &[u32], v: usize) -> Result<()> {
     if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
         candle_core::bail!("cross_entropy: target {bad} ≥ vocabulary size {v}");
     }
