@@ -34,7 +34,6 @@ use crate::blocks::{BlockDims, ForwardCtx};
 use crate::config::model::ModelSpec;
 use crate::config::mtp::MtpSpec;
 use crate::ops::norm::rms_norm;
-
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 

@@ -4,10 +4,9 @@
 //! at most one per sequence); each shard's forward and backward runs on its own rayon pool (one
 //! thread, or threads / S of them when there are more threads than sequences), all at once, and
 //! shard `s` contributes `w_s ×` the gradients of its mean loss, with `w_s` its share of the
-//! micro-batch's scored positions. The sum is the gradient of
-//! the micro-batch's mean loss, as with one pass over the whole micro-batch (PyTorch DDP's
-//! gradient averaging, Li et al. 2020, arXiv:2006.15704, inside one process), up to the order of
-//! floating-point additions. Gradients are added in shard order, so a run is reproducible for a
+//! micro-batch's scored positions. The sum is the gradient of the micro-batch's mean loss, as
+//! with one pass over the whole micro-batch (PyTorch DDP's gradient averaging, Li et al. 2020,
+//! arXiv:2006.15704, inside one process), up to the order of floating-point additions. Gradients are added in shard order, so a run is reproducible for a
 //! given thread count (`MIXSCALE_SHARDS` fixes `S` independently of it; `1` turns this off).
 //!
 //! Why: at the quickstart sizes (d_model 128, 4096 tokens per step) the fused kernels split
