@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--profile", action="store_true", help="print top ops of one step to stderr")
     p.add_argument("--params-only", action="store_true", help="build the model, print the parameter table, no training")
+    p.add_argument("--serve", action="store_true", help="one job, timed steps on demand (mixscale bench --interleave): "
+                   "after the warmup print {\"ready\": true}; per stdin line `run N` time the next N steps and print "
+                   "{\"elapsed\": seconds}; on `done` print the result line and exit")
     a = p.parse_args(argv)
     a.head_dim = a.head_dim or a.d_model // a.n_heads
     if a.model_json:
@@ -83,6 +86,8 @@ def parse_args(argv=None):
                "optimizer": {"lr": a.lr, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}}]
     if any(j["steps"] < 1 for j in jobs) and not a.params_only:
         p.error("steps must be >= 1")
+    if a.serve and len(jobs) != 1:
+        p.error("--serve takes exactly one job")
     return a, jobs
 
 
@@ -172,10 +177,13 @@ def run(a, job):
 
     norms = []
     losses = [step(i) for i in range(job["warmup"])]
-    t0 = time.perf_counter()
-    for i in range(job["warmup"], job["warmup"] + job["steps"]):
-        losses.append(step(i))
-    elapsed = time.perf_counter() - t0
+    if a.serve:
+        elapsed, timed = serve(step, losses, job["warmup"], job["steps"])
+    else:
+        t0 = time.perf_counter()
+        for i in range(job["warmup"], job["warmup"] + job["steps"]):
+            losses.append(step(i))
+        elapsed, timed = time.perf_counter() - t0, job["steps"]
 
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -183,14 +191,37 @@ def run(a, job):
             step(len(data) - 1)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
 
-    tokens = job["batch"] * job["seq_len"] * job["steps"]
+    tokens = job["batch"] * job["seq_len"] * timed
     print(json.dumps({
         "impl": "torch", "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "tokens_per_s": tokens / elapsed, "step_ms": 1000.0 * elapsed / job["steps"],
+        "tokens_per_s": tokens / elapsed, "step_ms": 1000.0 * elapsed / timed,
         "params_total": total, "param_table": table,
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "losses": losses, "grad_norms": norms[: len(losses)], "loss_first": losses[0], "loss_last": losses[-1],
         "config": {k: job[k] for k in ("batch", "seq_len", "warmup", "steps", "seed")}}))
+
+
+def serve(step, losses, first, limit):
+    """--serve: timed steps on demand from stdin (`run N`, `done`); returns (seconds, steps)."""
+    print(json.dumps({"ready": True}), flush=True)
+    elapsed, i = 0.0, first
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd == ["done"]:
+            break
+        if len(cmd) != 2 or cmd[0] != "run" or not cmd[1].isdigit():
+            raise SystemExit(f"torch_lm.py --serve: unknown command {line.strip()!r} (run N, done)")
+        n = int(cmd[1])
+        if i + n > first + limit:
+            raise SystemExit(f"torch_lm.py --serve: {n} more steps asked for, {first + limit - i} prepared")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            losses.append(step(i))
+            i += 1
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        print(json.dumps({"elapsed": dt}), flush=True)
+    return elapsed, i - first
 
 
 if __name__ == "__main__":

@@ -155,6 +155,11 @@ enum Cmd {
         /// Also print the time per step of each phase (forward, backward, grad norm, clip, optimizer).
         #[arg(long)]
         profile: bool,
+        /// Run each side once as a long-lived process and let the two take turns: every round
+        /// is `--steps` timed steps of one side, then of the other (ABBA order), seconds apart,
+        /// so a shared machine's changing speed moves both sides of a round alike.
+        #[arg(long)]
+        interleave: bool,
     },
 }
 
@@ -217,9 +222,14 @@ fn bench_command(configs: Vec<PathBuf>, all: bool, sets: &[String], opts: &bench
     let best = peaks.iter().copied().fold(0.0, f64::max);
     let worst = peaks.iter().copied().fold(f64::INFINITY, f64::min);
     rows.iter_mut().for_each(|r| r.sgemm_flops = best);
+    let timing = if opts.interleave {
+        format!("{} rounds of {} timed steps per side taking turns (--interleave) after {} warmup", opts.rounds, opts.steps, opts.warmup)
+    } else {
+        format!("{} timed steps after {} warmup", opts.steps, opts.warmup)
+    };
     let header = format!(
-        "mixscale bench | batch {} x seq {}, {} threads, {} timed steps after {} warmup, {}\nsgemm peak measured {} times (before each preset, after the last): {:.1}–{:.1} GFLOP/s",
-        opts.batch, common, opts.threads, opts.steps, opts.warmup, mixscale::device::describe(&opts.device), peaks.len(), worst / 1e9, best / 1e9
+        "mixscale bench | batch {} x seq {}, {} threads, {timing}, {}\nsgemm peak measured {} times (before each preset, after the last): {:.1}–{:.1} GFLOP/s",
+        opts.batch, common, opts.threads, mixscale::device::describe(&opts.device), peaks.len(), worst / 1e9, best / 1e9
     );
     bench::print_table(&mut std::io::stdout(), &rows, &header)?;
     for l in &own_len {
@@ -325,13 +335,13 @@ pub fn run() -> Result<i32> {
         Cmd::Fit { input, law, out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots } => {
             fit_command(&input, law, &out, options, columns, drop_highest, bootstrap, predict_at, runs, no_plots)
         }
-        Cmd::Bench { configs, all, sets, batch, seq_len, steps, rounds, warmup, threads, torch_python, bench_dir, json, device, precision, worker, profile } => {
+        Cmd::Bench { configs, all, sets, batch, seq_len, steps, rounds, warmup, threads, torch_python, bench_dir, json, device, precision, worker, profile, interleave } => {
             let sets = with_precision(sets, precision);
             let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             // candle's CPU kernels read the same variable as rayon; set before the first op.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
             let dev = mixscale::device::parse(&device)?;
-            let mut opts = bench::BenchOptions { batch, seq_len: seq_len.unwrap_or(0), steps, warmup, threads, torch_python, bench_dir, device: dev, profile, rounds: rounds as usize };
+            let mut opts = bench::BenchOptions { batch, seq_len: seq_len.unwrap_or(0), steps, warmup, threads, torch_python, bench_dir, device: dev, profile, rounds: rounds as usize, interleave };
             if let Some(dir) = worker {
                 let spec = load_run(&configs[0], &sets)?;
                 opts.seq_len = seq_len.unwrap_or(spec.train.seq_len);

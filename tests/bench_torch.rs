@@ -45,7 +45,7 @@ fn presets(sets: &[&str]) -> Vec<(String, RunSpec)> {
 }
 
 fn opts(python: &Path, batch: usize, seq_len: usize, warmup: usize, steps: usize) -> bench::BenchOptions {
-    bench::BenchOptions { batch, seq_len, steps, warmup, threads: 1, torch_python: python.to_path_buf(), bench_dir: root().join("bench"), device: Device::Cpu, profile: false, rounds: 1 }
+    bench::BenchOptions { batch, seq_len, steps, warmup, threads: 1, torch_python: python.to_path_buf(), bench_dir: root().join("bench"), device: Device::Cpu, profile: false, rounds: 1, interleave: false }
 }
 
 /// Parameter tables equal for every preset at its real size (one python process, no training).
@@ -176,4 +176,42 @@ fn trend_check(select: &dyn Fn(&str) -> bool) {
     }
     assert!(!ours.is_empty());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `bench --interleave` (`bench::pair`): one long-lived worker per side, taking turns. Every
+/// round is a turn of each side; the worker trains on the same batches in the same order as the
+/// in-process run (its losses match `run_mixscale`'s over warmup + rounds × steps); the PyTorch
+/// side, when there is one, reports as many losses and one ratio per round; without it the
+/// mixscale side still runs every round and the row says why there is no comparison.
+#[test]
+fn interleaved_bench_takes_turns_on_the_same_batches() {
+    let dir = crate::util::tempdir();
+    let cfg = root().join("architectures/attention.yaml");
+    let sets = ["model.d_model=64", "model.n_layers=1"];
+    let spec = crate::util::spec_from(&std::fs::read_to_string(&cfg).unwrap(), &sets).unwrap();
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_mixscale"));
+    let py = python().unwrap_or_else(|| PathBuf::from("/nonexistent/python"));
+    let mut o = opts(&py, 2, 64, 1, 2);
+    o.rounds = 3;
+    o.interleave = true;
+    let row = bench::bench_preset(&exe, "attention", &cfg, &sets, &spec, &o, "cpu", dir.path(), 1e9).unwrap();
+    let plain = bench::run_mixscale(&spec, &bench::BenchOptions { steps: 6, interleave: false, ..o.clone() }, None, None).unwrap();
+    assert_eq!(row.mixscale.losses.len(), 7, "warmup + rounds × steps");
+    for (i, (a, b)) in row.mixscale.losses.iter().zip(&plain.losses).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "step {i}: interleaved worker loss {a} vs in-process {b}");
+    }
+    assert!(row.mixscale.tokens_per_s.is_finite() && row.mixscale.tokens_per_s > 0.0);
+    match &row.torch {
+        Some(t) => {
+            assert!(row.comparable, "{:?}", row.note);
+            assert_eq!(t.losses.len(), 7);
+            assert_eq!(row.round_ratios.len(), 3);
+            assert!(row.round_ratios.iter().all(|r| r.is_finite() && *r > 0.0));
+        }
+        None => {
+            assert!(row.round_ratios.is_empty());
+            assert!(row.note.as_deref().unwrap_or("").contains("not found"), "{:?}", row.note);
+        }
+    }
 }

@@ -15,6 +15,8 @@
 
 #[path = "bench_torch.rs"]
 pub mod torch;
+#[path = "bench_pair.rs"]
+pub mod pair;
 
 use super::{compute_grads_with_stats, global_norm, optim::{clip_coef, AdamW}};
 use crate::config::RunSpec;
@@ -47,6 +49,8 @@ pub struct BenchOptions {
     /// of each side's tokens/s and the median of the per-round ratios, so that load changes on
     /// a shared machine, which move both sides of a round together, move the ratio less.
     pub rounds: usize,
+    /// Rounds as turns of two long-lived processes, `steps` steps each ([`pair`]).
+    pub interleave: bool,
 }
 
 /// The mixscale side of one preset.
@@ -74,84 +78,159 @@ pub struct MixscaleRun {
 /// `weights_out`, the initial weights (safetensors, mixscale's names) so PyTorch can start from
 /// the very same values.
 pub fn run_mixscale(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>, weights_out: Option<&Path>) -> Result<MixscaleRun> {
-    let dev = o.device.clone();
-    // f32 master weights; bf16 compute under `train.precision: bf16` (as `mixscale train`).
-    let model = LanguageModel::new_mixed(&spec.model, o.seq_len, spec.train.seed, DType::F32, spec.train.precision.compute_dtype(DType::F32), &dev)?;
-    let acc = Accounting::of(&model, o.seq_len);
-    let data = DataSource::new(&spec.data, spec.train.seed, o.seq_len)?;
-    let mut opt = AdamW::new(&spec.train.optimizer, &model.params)?;
-    let batches: Vec<_> = (0..o.warmup + o.steps).map(|i| data.train_batch((i * o.batch) as u64, o.batch, &dev)).collect::<Result<_>>()?;
-    if let Some(path) = tokens_out {
-        write_tokens(&batches, path)?;
+    let mut s = MixSession::new(spec, o, tokens_out, weights_out)?;
+    s.warmup()?;
+    s.run(o.steps)?;
+    Ok(s.finish())
+}
+
+/// The mixscale side of a benchmark as steps on demand: the model, optimizer and the
+/// `o.warmup + o.steps` batches, the next step to run, and what the timed steps measured.
+/// [`run_mixscale`] runs it in one go; [`pair`] interleaves its chunks with PyTorch's.
+pub struct MixSession {
+    model: LanguageModel,
+    opt: AdamW,
+    batches: Vec<crate::data::Batch>,
+    o: BenchOptions,
+    lr: f64,
+    grad_clip: f64,
+    flops_per_token: f64,
+    params_total: usize,
+    next: usize,
+    timed: usize,
+    elapsed: f64,
+    losses: Vec<f64>,
+    grad_norms: Vec<f64>,
+    /// Summed milliseconds of each phase over the timed steps.
+    phases: Vec<(String, f64)>,
+}
+
+impl MixSession {
+    pub fn new(spec: &RunSpec, o: &BenchOptions, tokens_out: Option<&Path>, weights_out: Option<&Path>) -> Result<Self> {
+        let dev = o.device.clone();
+        // f32 master weights; bf16 compute under `train.precision: bf16` (as `mixscale train`).
+        let model = LanguageModel::new_mixed(&spec.model, o.seq_len, spec.train.seed, DType::F32, spec.train.precision.compute_dtype(DType::F32), &dev)?;
+        let acc = Accounting::of(&model, o.seq_len);
+        let data = DataSource::new(&spec.data, spec.train.seed, o.seq_len)?;
+        let opt = AdamW::new(&spec.train.optimizer, &model.params)?;
+        let batches: Vec<_> = (0..o.warmup + o.steps).map(|i| data.train_batch((i * o.batch) as u64, o.batch, &dev)).collect::<Result<_>>()?;
+        if let Some(path) = tokens_out {
+            write_tokens(&batches, path)?;
+        }
+        if let Some(path) = weights_out {
+            candle_core::safetensors::save(&model.params.tensors(), path)?;
+        }
+        let n = batches.len();
+        Ok(Self {
+            model,
+            opt,
+            batches,
+            o: o.clone(),
+            lr: spec.train.optimizer.lr,
+            grad_clip: spec.train.grad_clip,
+            flops_per_token: acc.flops_per_token,
+            params_total: acc.params_total,
+            next: 0,
+            timed: 0,
+            elapsed: 0.0,
+            losses: Vec::with_capacity(n),
+            grad_norms: Vec::with_capacity(n),
+            phases: Vec::new(),
+        })
     }
-    if let Some(path) = weights_out {
-        candle_core::safetensors::save(&model.params.tensors(), path)?;
+
+    /// The `o.warmup` untimed steps (once, before any timed step).
+    pub fn warmup(&mut self) -> Result<()> {
+        while self.next < self.o.warmup {
+            self.step()?;
+        }
+        Ok(())
     }
-    let mut elapsed = 0.0;
-    let mut losses = Vec::with_capacity(batches.len());
-    let mut grad_norms = Vec::with_capacity(batches.len());
-    let mut phases: Vec<(String, f64)> = Vec::new();
-    for (i, b) in batches.iter().enumerate() {
+
+    /// The next `n` timed steps; returns their seconds. Errors past the prepared batches.
+    pub fn run(&mut self, n: usize) -> Result<f64> {
+        self.warmup()?;
+        if self.next + n > self.batches.len() {
+            return Err(Error::Other(format!("bench: {n} more steps asked for, {} of {} prepared left", self.batches.len() - self.next, self.batches.len())));
+        }
+        let mut secs = 0.0;
+        for _ in 0..n {
+            secs += self.step()?;
+        }
+        Ok(secs)
+    }
+
+    /// One optimizer step on the next batch; returns its seconds (added to the totals when it
+    /// is past the warmup).
+    fn step(&mut self) -> Result<f64> {
+        let (model, o) = (&self.model, &self.o);
+        let b = &self.batches[self.next];
         let t0 = Instant::now();
         let mut marks: Vec<(&str, Instant)> = Vec::new();
         let (loss, grads) = if o.profile && !matches!(model.mtp, Some(crate::model::mtp::Mtp::Gloeckle { .. })) {
             // The same computation as `compute_grads` (one micro-batch), split at the phases;
             // run whole (`compute_grads` runs it as concurrent shards: `super::shard`).
-            crate::model::objective::begin_step(&model);
-            let terms = crate::model::mtp::loss_terms(&model, &b.inputs, &b.targets, b.mask.as_ref())?;
+            crate::model::objective::begin_step(model);
+            let terms = crate::model::mtp::loss_terms(model, &b.inputs, &b.targets, b.mask.as_ref())?;
             let total = terms.total()?;
             let loss = total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             marks.push(("forward", Instant::now()));
             let g = total.backward()?;
             let mut grads = std::collections::BTreeMap::new();
-            crate::model::mtp::collect_grads(&model, &g, &mut grads)?;
+            crate::model::mtp::collect_grads(model, &g, &mut grads)?;
             drop(g);
             marks.push(("backward", Instant::now()));
             // The objective including auxiliary terms (MoE balance, MTP), not only the main head.
             (loss, grads)
         } else {
-            let (loss, grads, _) = compute_grads_with_stats(&model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
+            let (loss, grads, _) = compute_grads_with_stats(model, 1, |_| Ok(crate::data::Batch { inputs: b.inputs.clone(), targets: b.targets.clone(), true_nlp: None, mask: b.mask.clone() }))?;
             marks.push(("forward+backward", Instant::now()));
             (loss, grads)
         };
         let n = global_norm(&grads)?;
         marks.push(("grad norm", Instant::now()));
         // As the training loop: clipping folded into the fused AdamW step.
-        opt.step_clipped(&model.params, &grads, spec.train.optimizer.lr, clip_coef(n, spec.train.grad_clip))?;
+        self.opt.step_clipped(&model.params, &grads, self.lr, clip_coef(n, self.grad_clip))?;
         o.device.synchronize()?;
         marks.push(("optimizer", Instant::now()));
         drop(grads);
         marks.push(("free", Instant::now()));
-        if i >= o.warmup {
-            elapsed += t0.elapsed().as_secs_f64();
+        let secs = t0.elapsed().as_secs_f64();
+        if self.next >= o.warmup {
+            self.elapsed += secs;
+            self.timed += 1;
             let mut prev = t0;
             for (k, (name, t)) in marks.iter().enumerate() {
-                let ms = 1000.0 * (*t - prev).as_secs_f64() / o.steps as f64;
-                match phases.get_mut(k) {
+                let ms = 1000.0 * (*t - prev).as_secs_f64();
+                match self.phases.get_mut(k) {
                     Some(p) => p.1 += ms,
-                    None => phases.push((name.to_string(), ms)),
+                    None => self.phases.push((name.to_string(), ms)),
                 }
                 prev = *t;
             }
         }
-        losses.push(loss);
-        grad_norms.push(n);
+        self.losses.push(loss);
+        self.grad_norms.push(n);
+        self.next += 1;
+        Ok(secs)
     }
-    if !o.profile {
-        phases.clear();
+
+    /// What the timed steps so far measured (phase times per step with `o.profile`).
+    pub fn finish(self) -> MixscaleRun {
+        let steps = self.timed.max(1) as f64;
+        let phases = if self.o.profile { self.phases.into_iter().map(|(k, ms)| (k, ms / steps)).collect() } else { Vec::new() };
+        MixscaleRun {
+            tokens_per_s: (self.timed * self.o.batch * self.o.seq_len) as f64 / self.elapsed,
+            step_ms: 1000.0 * self.elapsed / steps,
+            flops_per_token: self.flops_per_token,
+            params_total: self.params_total,
+            param_table: torch::param_table(&self.model),
+            losses: self.losses,
+            grad_norms: self.grad_norms,
+            peak_rss_kb: peak_rss_kb(),
+            phases,
+        }
     }
-    let tps = (o.steps * o.batch * o.seq_len) as f64 / elapsed;
-    Ok(MixscaleRun {
-        tokens_per_s: tps,
-        step_ms: 1000.0 * elapsed / o.steps.max(1) as f64,
-        flops_per_token: acc.flops_per_token,
-        params_total: acc.params_total,
-        param_table: torch::param_table(&model),
-        losses,
-        grad_norms,
-        peak_rss_kb: peak_rss_kb(),
-        phases,
-    })
 }
 
 /// Per step: inputs `[B,T]`, targets `[B,T]`, mask `[B,T]` (1 = scored), u32 little-endian.
@@ -211,6 +290,19 @@ pub fn sgemm_peak(dev: &Device, reps: usize) -> Result<f64> {
 /// Runs the mixscale side in a child process (`exe bench CONFIG --worker DIR ...`), so its peak
 /// RSS is its own; the batches land in `DIR/tokens.u32`.
 pub fn run_worker(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, device: &str, dir: &Path) -> Result<MixscaleRun> {
+    let mut cmd = worker_command(exe, config, sets, o, device, dir);
+    let out = cmd.output().map_err(|e| Error::Other(format!("could not run {}: {e}", exe.display())))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Other(format!("mixscale bench worker for {} failed: {}", config.display(), err.trim())));
+    }
+    let path = dir.join("mixscale.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+/// `exe bench CONFIG --worker DIR` with the options (and `--interleave` when `o.interleave`).
+fn worker_command(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, device: &str, dir: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("bench").arg(config).arg("--worker").arg(dir);
     for s in sets {
@@ -222,19 +314,18 @@ pub fn run_worker(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, 
     if o.profile {
         cmd.arg("--profile");
     }
-    cmd.arg("--device").arg(device).env("RAYON_NUM_THREADS", o.threads.to_string());
-    let out = cmd.output().map_err(|e| Error::Other(format!("could not run {}: {e}", exe.display())))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::Other(format!("mixscale bench worker for {} failed: {}", config.display(), err.trim())));
+    if o.interleave {
+        cmd.arg("--interleave");
     }
-    let path = dir.join("mixscale.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
-    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    cmd.arg("--device").arg(device).env("RAYON_NUM_THREADS", o.threads.to_string());
+    cmd
 }
 
 /// The worker's side: run in-process and write `DIR/mixscale.json` (+ `DIR/tokens.u32`).
 pub fn worker_main(spec: &RunSpec, o: &BenchOptions, dir: &Path) -> Result<()> {
+    if o.interleave {
+        return pair::serve_worker(spec, o, dir);
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let r = run_mixscale(spec, o, Some(&dir.join("tokens.u32")), None)?;
     let path = dir.join("mixscale.json");
@@ -385,6 +476,9 @@ pub fn print_table(out: &mut dyn Write, rows: &[BenchRow], header: &str) -> std:
 /// `work` is a scratch folder for this preset.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_preset(exe: &Path, name: &str, config: &Path, sets: &[String], spec: &RunSpec, o: &BenchOptions, device: &str, work: &Path, sgemm: f64) -> Result<BenchRow> {
+    if o.interleave {
+        return pair::bench_preset(exe, name, config, sets, spec, o, device, work, sgemm);
+    }
     let mut rounds = Vec::new();
     for _ in 0..o.rounds.max(1) {
         let m = run_worker(exe, config, sets, o, device, work)?;

@@ -115,6 +115,27 @@ pub fn python_exists(p: &Path) -> bool {
 /// Runs `torch_lm.py` (in `bench_dir`) on the jobs (written under `work`), one JSON line each;
 /// `params_only` builds the models without training. Errors are one-line messages.
 pub fn run_torch(python: &Path, bench_dir: &Path, work: &Path, jobs: &[TorchJob], params_only: bool) -> Result<Vec<TorchRun>, String> {
+    let mut cmd = torch_command(python, bench_dir, work, jobs, params_only)?;
+    let out = cmd.output().map_err(|e| format!("could not run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("PyTorch reference failed: {}", err.lines().last().unwrap_or("(no message)")));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let runs: Vec<TorchRun> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("unreadable PyTorch output ({e}): {}", l.chars().take(200).collect::<String>())))
+        .collect::<Result<_, _>>()?;
+    if runs.len() != jobs.len() {
+        return Err(format!("PyTorch reference printed {} results for {} jobs", runs.len(), jobs.len()));
+    }
+    Ok(runs)
+}
+
+/// The `torch_lm.py` command for the jobs (their files written under `work`), with the thread
+/// count of the first job in OpenMP's and MKL's variables.
+pub fn torch_command(python: &Path, bench_dir: &Path, work: &Path, jobs: &[TorchJob], params_only: bool) -> Result<std::process::Command, String> {
     if !python_exists(python) {
         return Err(format!("{} not found; run bench/setup_torch.sh to compare with PyTorch", python.display()));
     }
@@ -136,19 +157,5 @@ pub fn run_torch(python: &Path, bench_dir: &Path, work: &Path, jobs: &[TorchJob]
     if let Some(t) = jobs.first().map(|j| j.threads.to_string()) {
         cmd.env("OMP_NUM_THREADS", &t).env("MKL_NUM_THREADS", &t);
     }
-    let out = cmd.output().map_err(|e| format!("could not run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("PyTorch reference failed: {}", err.lines().last().unwrap_or("(no message)")));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let runs: Vec<TorchRun> = text
-        .lines()
-        .filter(|l| l.trim_start().starts_with('{'))
-        .map(|l| serde_json::from_str(l).map_err(|e| format!("unreadable PyTorch output ({e}): {}", l.chars().take(200).collect::<String>())))
-        .collect::<Result<_, _>>()?;
-    if runs.len() != jobs.len() {
-        return Err(format!("PyTorch reference printed {} results for {} jobs", runs.len(), jobs.len()));
-    }
-    Ok(runs)
+    Ok(cmd)
 }
