@@ -482,17 +482,27 @@ pub fn bench_preset(exe: &Path, name: &str, config: &Path, sets: &[String], spec
     let mut rounds = Vec::new();
     for _ in 0..o.rounds.max(1) {
         let m = run_worker(exe, config, sets, o, device, work)?;
-        let torch = if !spec.train.precision.is_f32() {
-            Err("the PyTorch reference runs in f32 only".into())
-        } else if o.device.is_cpu() {
-            let job = TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, o.threads, Some(work.join("tokens.u32")));
-            torch::run_torch(&o.torch_python, &o.bench_dir, work, &[job], false).map(|mut v| v.remove(0))
-        } else {
-            Err("the PyTorch reference runs on the CPU only".into())
+        let torch = match no_torch_reference(spec, o) {
+            Some(why) => Err(why),
+            None => {
+                let job = TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, o.threads, Some(work.join("tokens.u32")));
+                torch::run_torch(&o.torch_python, &o.bench_dir, work, &[job], false).map(|mut v| v.remove(0))
+            }
         };
         rounds.push(BenchRow::new(name.to_string(), m, torch, sgemm));
     }
     Ok(BenchRow::from_rounds(rounds).expect("at least one round"))
+}
+
+/// Why there is no PyTorch side to compare with at these settings (it runs f32 on the CPU only).
+fn no_torch_reference(spec: &RunSpec, o: &BenchOptions) -> Option<String> {
+    if !spec.train.precision.is_f32() {
+        Some("the PyTorch reference runs in f32 only".into())
+    } else if !o.device.is_cpu() {
+        Some("the PyTorch reference runs on the CPU only".into())
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -206,11 +206,8 @@ pub fn bench_preset(exe: &Path, name: &str, config: &Path, sets: &[String], spec
 /// Starts `torch_lm.py --serve` on the job (the batches the worker wrote); an error when there
 /// is no comparison to run (no torch, not f32, not the CPU).
 fn torch_side(spec: &RunSpec, o: &BenchOptions, work: &Path) -> std::result::Result<Side, String> {
-    if !spec.train.precision.is_f32() {
-        return Err("the PyTorch reference runs in f32 only".into());
-    }
-    if !o.device.is_cpu() {
-        return Err("the PyTorch reference runs on the CPU only".into());
+    if let Some(why) = super::no_torch_reference(spec, o) {
+        return Err(why);
     }
     let job = TorchJob::new(spec, o.batch, o.seq_len, o.warmup, o.steps, o.threads, Some(work.join("tokens.u32")));
     let mut cmd = torch::torch_command(&o.torch_python, &o.bench_dir, work, &[job], false)?;
