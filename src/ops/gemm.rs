@@ -24,10 +24,19 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
+/// Inner dimension from which a product with a transposed left operand (`Aᵀ·B`, e.g. the MoE
+/// experts' weight gradients `xₑᵀ·daₑ` over the expert's rows) goes to the packed
+/// [`super::sgemm`] where it is enabled, instead of [`super::tile_mm`], whose broadcasts then
+/// read A down a column. One core, hot caches (`examples/gemm_shapes.rs -- 1 --tiles`, two
+/// runs): 176×128 and 128×176 over k = 1024 at 65.6–70.4 GFLOP/s packed vs 54.0–57.8 tile_mm.
+/// The attention kernels' `Pᵀ dO`, `dSᵀ Q` (k = a 16-row block) stay on tile_mm.
+const PACKED_AT_MIN_K: usize = 256;
+
 /// `dst[m×n] (row stride ldd) = (accumulate ? dst : 0) + alpha · a[m×k] · b[k×n]`, single-threaded.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn mm<T: WithDType>(m: usize, n: usize, k: usize, dst: &mut [T], ldd: usize, accumulate: bool, a: Mat<T>, b: Mat<T>, alpha: T) {
-    if T::DTYPE == candle_core::DType::F32 && b.cs == 1 && m > 0 && n > 0 && k > 0 {
+    let packed_at = a.rs == 1 && a.cs != 1 && k >= PACKED_AT_MIN_K && super::sgemm::enabled();
+    if T::DTYPE == candle_core::DType::F32 && b.cs == 1 && m > 0 && n > 0 && k > 0 && !packed_at {
         check(m, n, k, dst, ldd, a, b);
         // SAFETY: T is f32 (checked above), so the casts only rename the element type.
         let (dst32, a32, b32) = unsafe { (cast_mut(dst), cast(a.data), cast(b.data)) };
@@ -191,6 +200,28 @@ mod tests {
     /// The k-split product (3 threads, so the runs are uneven) equals a plain f64 triple loop:
     /// transposed and row-major a, accumulate on and off, alpha ≠ 1, a destination row stride
     /// wider than the result; and it leaves the padding columns alone.
+    /// `mm` with a transposed left operand on both sides of [`PACKED_AT_MIN_K`] (tile_mm below,
+    /// the packed sgemm from it where enabled), row-major A alongside: f32 against f64.
+    #[test]
+    fn mm_transposed_left_operand_matches_f64() {
+        let val = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 1000) as f32 / 500.0 - 1.0;
+        for (m, n, k) in [(13usize, 21usize, PACKED_AT_MIN_K - 1), (13, 21, PACKED_AT_MIN_K), (176, 40, 517)] {
+            for ta in [false, true] {
+                let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect(); // [m, k], or [k, m] when ta
+                let b: Vec<f32> = (0..k * n).map(|i| val(i, 2)).collect(); // [k, n]
+                let (am, ars, acs) = if ta { (Mat::rows_t(&a, m, 0), 1, m) } else { (Mat::rows(&a, k, 0), k, 1) };
+                let ldd = n + 3;
+                let init: Vec<f32> = (0..m * ldd).map(|i| val(i, 3)).collect();
+                for accumulate in [false, true] {
+                    let mut dst = init.clone();
+                    mm(m, n, k, &mut dst, ldd, accumulate, am, Mat::rows(&b, n, 0), 0.75f32);
+                    let ctx = format!("m{m} n{n} k{k} ta{ta} acc{accumulate}");
+                    crate::testing::assert_product(&ctx, &dst, &init, (m, n, k, ldd), (&a, ars, acs), (&b, n, 1), accumulate, 0.75, 1e-4);
+                }
+            }
+        }
+    }
+
     #[test]
     fn split_k_matches_reference() {
         let (m, n, k, ldd) = (5usize, 7usize, 1100usize, 9usize);
