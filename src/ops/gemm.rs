@@ -197,9 +197,6 @@ mod tests {
         }
     }
 
-    /// The k-split product (3 threads, so the runs are uneven) equals a plain f64 triple loop:
-    /// transposed and row-major a, accumulate on and off, alpha ≠ 1, a destination row stride
-    /// wider than the result; and it leaves the padding columns alone.
     /// `mm` with a transposed left operand on both sides of [`PACKED_AT_MIN_K`] (tile_mm below,
     /// the packed sgemm from it where enabled), row-major A alongside: f32 against f64.
     #[test]
@@ -222,6 +219,9 @@ mod tests {
         }
     }
 
+    /// The k-split product (3 threads, so the runs are uneven) equals a plain f64 triple loop:
+    /// transposed and row-major a, accumulate on and off, alpha ≠ 1, a destination row stride
+    /// wider than the result; and it leaves the padding columns alone.
     #[test]
     fn split_k_matches_reference() {
         let (m, n, k, ldd) = (5usize, 7usize, 1100usize, 9usize);

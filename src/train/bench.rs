@@ -296,9 +296,21 @@ pub fn run_worker(exe: &Path, config: &Path, sets: &[String], o: &BenchOptions, 
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(Error::Other(format!("mixscale bench worker for {} failed: {}", config.display(), err.trim())));
     }
+    read_run(dir)
+}
+
+/// The worker's result, `DIR/mixscale.json`.
+fn read_run(dir: &Path) -> Result<MixscaleRun> {
     let path = dir.join("mixscale.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
     serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+/// Writes the worker's result to `DIR/mixscale.json`.
+fn write_run(dir: &Path, r: &MixscaleRun) -> Result<()> {
+    let path = dir.join("mixscale.json");
+    let text = serde_json::to_string(r).map_err(|e| Error::Other(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })
 }
 
 /// `exe bench CONFIG --worker DIR` with the options (and `--interleave` when `o.interleave`).
@@ -328,9 +340,7 @@ pub fn worker_main(spec: &RunSpec, o: &BenchOptions, dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     let r = run_mixscale(spec, o, Some(&dir.join("tokens.u32")), None)?;
-    let path = dir.join("mixscale.json");
-    let text = serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?;
-    std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })
+    write_run(dir, &r)
 }
 
 /// One row of the table.

@@ -20,7 +20,7 @@
 //! worker writes them before it reports ready) and report the usual losses, norms and peak RSS.
 
 use super::torch::{self, TorchJob, TorchRun};
-use super::{BenchOptions, BenchRow, MixSession, MixscaleRun};
+use super::{BenchOptions, BenchRow, MixSession};
 use crate::config::RunSpec;
 use crate::error::{Error, Result};
 use std::io::{BufRead, BufReader, Write};
@@ -55,9 +55,7 @@ pub fn serve_worker(spec: &RunSpec, o: &BenchOptions, dir: &Path) -> Result<()> 
             _ => return Err(Error::Other(format!("bench worker: unknown command {line:?} (run N, done)"))),
         }
     }
-    let path = dir.join("mixscale.json");
-    let text = serde_json::to_string(&s.finish()).map_err(|e| Error::Other(e.to_string()))?;
-    std::fs::write(&path, text).map_err(|e| Error::Io { path, source: e })
+    super::write_run(dir, &s.finish())
 }
 
 /// One side as a child process speaking the protocol above; its stderr goes to a file whose
@@ -170,9 +168,7 @@ pub fn bench_preset(exe: &Path, name: &str, config: &Path, sets: &[String], spec
         pairs.push((m, t));
     }
     mix.finish(false)?;
-    let path = work.join("mixscale.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
-    let mrun: MixscaleRun = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let mrun = super::read_run(work)?;
     let trun: std::result::Result<TorchRun, String> = match th {
         Ok(mut side) => match side.finish(true) {
             Ok(Some(v)) => serde_json::from_value(v).map_err(|e| format!("unreadable PyTorch result: {e}")),
